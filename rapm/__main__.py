@@ -1,0 +1,6 @@
+"""``python -m rapm`` entry point."""
+
+from rapm.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Command-line interface: ``python -m rapm <stage> ...`` (also installed as ``rapm``).
+
+Every stage takes ``--config FILE`` (repeatable; later files win) and ``--set KEY=VALUE``
+(dotted key, YAML value). The merged config is validated against the schema before any
+work starts. Heavy libraries are imported inside the stage functions, so ``rapm --help``
+and config validation stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+from rapm.config import ConfigError, load_config, require
+
+log = logging.getLogger("rapm")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", required=True, metavar="FILE",
+                   help="config YAML (repeatable; later files override earlier ones)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one key, e.g. --set prompts.seed=3 (repeatable)")
+
+
+def stage_config(args: argparse.Namespace, *sections: str) -> dict:
+    """Load and validate the stage's config; the sections it needs must be present."""
+    cfg = load_config(args.config, args.overrides, partial=True)
+    require(cfg, *sections, source=", ".join(args.config))
+    return cfg
+
+
+# --- stages -----------------------------------------------------------------------------
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.files, args.overrides, partial=args.partial)
+    sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False))
+    return 0
+
+
+def _cmd_fetch_coco(args: argparse.Namespace) -> int:
+    from rapm.coco import fetch_captions
+
+    cfg = stage_config(args, "data")
+    fetch_captions(cfg["data"]["coco"], out_dir=args.out_dir, cache_dir=args.cache_dir)
+    return 0
+
+
+def _cmd_toy_captions(args: argparse.Namespace) -> int:
+    from rapm.toy.captions import write_captions
+
+    cfg = stage_config(args, "data")
+    write_captions(cfg["data"]["toy"], out_dir=args.out_dir)
+    return 0
+
+
+def _cmd_prompts(args: argparse.Namespace) -> int:
+    from rapm.prompts import make_prompt_sets
+
+    cfg = stage_config(args, "prompts")
+    make_prompt_sets(cfg["prompts"], captions_dir=args.captions_dir, out_dir=args.out_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    def add(name: str, func, help: str, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, allow_abbrev=False)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("validate-config", _cmd_validate, "validate config file(s) and print the resolved config")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    p.add_argument("--partial", action="store_true", help="accept a config with only some sections")
+
+    p = add("fetch-coco", _cmd_fetch_coco,
+            "download (or copy from data.coco.local_path) and verify the COCO 2014 captions")
+    _add_config_args(p)
+    p.add_argument("--out-dir", required=True, help="where captions_{train,val}2014.json are written")
+    p.add_argument("--cache-dir", required=True,
+                   help="where the archive is downloaded (kept across runs so a download resumes)")
+
+    p = add("prompts", _cmd_prompts, "select training and evaluation prompt sets from a captions directory")
+    _add_config_args(p)
+    p.add_argument("--captions-dir", required=True, help="directory with captions_{train,val}2014.json")
+    p.add_argument("--out-dir", required=True, help="where train.csv, eval.csv and manifest.json go")
+
+    toy = add("toy", None, "the embedded toy dataset and models").add_subparsers(
+        dest="toy_command", required=True, metavar="<toy-stage>")
+    p = add("captions", _cmd_toy_captions,
+            "render-free toy captions in the COCO captions schema (captions_{train,val}2014.json)", parent=toy)
+    _add_config_args(p)
+    p.add_argument("--out-dir", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"rapm: config error: {err}", file=sys.stderr)
+        return 2

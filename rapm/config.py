@@ -1,0 +1,168 @@
+"""Configuration: load YAML files, merge them, validate against the JSON schema.
+
+The schema (``rapm/schemas/config.schema.yaml``, also reachable as
+``workflow/schemas/config.schema.yaml``) is the single description of every key. It is
+applied when the workflow starts (``Snakefile``) and when any CLI stage starts, so a typo
+fails before any job runs, with a message that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed or does not satisfy the schema."""
+
+
+@functools.lru_cache(maxsize=1)
+def load_schema() -> dict:
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read one YAML mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """Return ``base`` with ``override`` merged in; nested mappings merge, everything else replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``a.b.c=value`` (value in YAML) into ``{"a": {"b": {"c": value}}}``."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE (dotted key), got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set: malformed key {key!r} in {text!r}")
+    value: Any = yaml.safe_load(raw) if raw else None
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _key(path: Iterable) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _schema_at(schema: dict, path: Iterable) -> dict:
+    """The sub-schema describing the object at ``path`` (object keys only)."""
+    node = schema
+    for part in path:
+        props = node.get("properties", {})
+        if part in props:
+            node = props[part]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        elif "items" in node:
+            node = node["items"]
+        else:
+            return {}
+    return node
+
+
+def _describe(error, schema: dict) -> list[str]:
+    """One line per offending key, naming it with its dotted path."""
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(_schema_at(schema, path).get("properties", {}))
+        lines = []
+        for extra in sorted(set(error.instance) - set(allowed)):
+            hint = difflib.get_close_matches(extra, allowed, n=1)
+            tip = f" (did you mean {hint[0]!r}?)" if hint else f" (allowed: {', '.join(allowed)})"
+            lines.append(f"{_key(path + [extra])}: unknown key{tip}")
+        return lines
+    if error.validator == "required":
+        return [f"{_key(path)}: {error.message}"]
+    return [f"{_key(path)}: {error.message}"]
+
+
+def _fill_defaults(instance: Any, schema: dict) -> None:
+    """Insert schema ``default`` values for keys absent from ``instance`` (in place)."""
+    if not isinstance(instance, dict):
+        return
+    for name, sub in schema.get("properties", {}).items():
+        if name not in instance and "default" in sub:
+            instance[name] = copy.deepcopy(sub["default"])
+        if name in instance:
+            _fill_defaults(instance[name], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for name, value in instance.items():
+            if name not in schema.get("properties", {}):
+                _fill_defaults(value, extra)
+
+
+def validate(config: Mapping, source: str = "<config>", partial: bool = False) -> dict:
+    """Validate ``config`` and return a copy with schema defaults filled in.
+
+    ``source`` names the file(s) the values came from, for the error message.
+    ``partial=True`` accepts a config that holds only some top-level sections (the per-stage
+    config files the workflow writes); everything present is still checked in full.
+    """
+    import jsonschema
+
+    schema = load_schema()
+    instance = json.loads(json.dumps(config))  # plain types only; also a deep copy
+    _fill_defaults(instance, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    lines: list[str] = []
+    for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
+        if partial and error.validator == "required" and not list(error.absolute_path):
+            continue
+        lines.extend(_describe(error, schema))
+    if lines:
+        body = "\n".join(f"  - {line}" for line in lines)
+        raise ConfigError(f"{source}: invalid configuration\n{body}")
+    return instance
+
+
+def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = (), partial: bool = False) -> dict:
+    """Read, merge (later files win), apply ``--set`` overrides and validate."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ConfigError("no config file given")
+    merged: dict = {}
+    for path in paths:
+        merged = deep_merge(merged, read_yaml(path))
+    for text in overrides:
+        merged = deep_merge(merged, parse_override(text))
+    source = ", ".join(str(p) for p in paths)
+    return validate(merged, source=source, partial=partial)
+
+
+def require(config: Mapping, *sections: str, source: str = "<config>") -> None:
+    """Fail clearly when a stage is given a config without the sections it needs."""
+    missing = [s for s in sections if s not in config]
+    if missing:
+        raise ConfigError(f"{source}: this stage needs the section(s) {', '.join(missing)}")
