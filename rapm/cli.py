@@ -26,10 +26,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one key, e.g. --set prompts.seed=3 (repeatable)")
 
 
-def stage_config(args: argparse.Namespace, *sections: str) -> dict:
-    """Load and validate the stage's config; the sections it needs must be present."""
+def stage_config(args: argparse.Namespace, *keys: str) -> dict:
+    """Load and validate the stage's config; the (dotted) keys it needs must be present."""
     cfg = load_config(args.config, args.overrides, partial=True)
-    require(cfg, *sections, source=", ".join(args.config))
+    require(cfg, *keys, source=", ".join(args.config))
     return cfg
 
 
@@ -42,25 +42,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_coco(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data.coco")
     from rapm.coco import fetch_captions
 
-    cfg = stage_config(args, "data")
     fetch_captions(cfg["data"]["coco"], out_dir=args.out_dir, cache_dir=args.cache_dir)
     return 0
 
 
 def _cmd_toy_captions(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data.toy")
     from rapm.toy.captions import write_captions
 
-    cfg = stage_config(args, "data")
     write_captions(cfg["data"]["toy"], out_dir=args.out_dir)
     return 0
 
 
 def _cmd_prompts(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "prompts")
     from rapm.prompts import make_prompt_sets
 
-    cfg = stage_config(args, "prompts")
     make_prompt_sets(cfg["prompts"], captions_dir=args.captions_dir, out_dir=args.out_dir)
     return 0
 

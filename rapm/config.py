@@ -127,8 +127,9 @@ def validate(config: Mapping, source: str = "<config>", partial: bool = False) -
     """Validate ``config`` and return a copy with schema defaults filled in.
 
     ``source`` names the file(s) the values came from, for the error message.
-    ``partial=True`` accepts a config that holds only some top-level sections (the per-stage
-    config files the workflow writes); everything present is still checked in full.
+    ``partial=True`` accepts a config that holds only some keys (the per-stage config files the
+    workflow writes); every key present is still checked in full, and a stage states the keys
+    it needs with :func:`require`.
     """
     import jsonschema
 
@@ -138,7 +139,7 @@ def validate(config: Mapping, source: str = "<config>", partial: bool = False) -
     validator = jsonschema.Draft202012Validator(schema)
     lines: list[str] = []
     for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
-        if partial and error.validator == "required" and not list(error.absolute_path):
+        if partial and error.validator == "required":
             continue
         lines.extend(_describe(error, schema))
     if lines:
@@ -161,8 +162,42 @@ def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = (), part
     return validate(merged, source=source, partial=partial)
 
 
-def require(config: Mapping, *sections: str, source: str = "<config>") -> None:
-    """Fail clearly when a stage is given a config without the sections it needs."""
-    missing = [s for s in sections if s not in config]
+def _lookup(config: Mapping, dotted: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def require(config: Mapping, *keys: str, source: str = "<config>") -> None:
+    """Fail clearly when a stage is given a config without the (dotted) keys it needs."""
+    missing = [k for k in keys if not _lookup(config, k)[0]]
     if missing:
-        raise ConfigError(f"{source}: this stage needs the section(s) {', '.join(missing)}")
+        raise ConfigError(f"{source}: this stage needs the key(s) {', '.join(missing)}")
+
+
+def select_keys(config: Mapping, keys: Iterable[str]) -> dict:
+    """The sub-config holding only the given dotted keys (nested as in the full config)."""
+    out: dict = {}
+    for dotted in keys:
+        found, value = _lookup(config, dotted)
+        if not found:
+            raise ConfigError(f"config has no key {dotted!r}")
+        *parents, last = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = copy.deepcopy(value)
+    return out
+
+
+def write_yaml(data: Mapping, path: str | Path) -> None:
+    """Write ``data`` as YAML atomically (temp file, then rename); keys keep their order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(json.loads(json.dumps(data)), f, sort_keys=False)
+    tmp.replace(path)

@@ -1,0 +1,20 @@
+# rapm: single-GPU diffusion distillation (RAPM, MSD) as a Snakemake workflow.
+# Run: snakemake --cores 1 --resources gpu=1 all   (see README.md)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/config.smk"
+include: "workflow/rules/data.smk"
+
+
+# Default target: every final output of the configured profile.
+rule all:
+    default_target: True
+    input:
+        get_final_targets(),

@@ -1,0 +1,180 @@
+"""The config schema and validator: every profile validates, typos fail loudly with the key named."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rapm.cli import main
+from rapm.config import (
+    ConfigError,
+    deep_merge,
+    load_config,
+    load_schema,
+    parse_override,
+    select_keys,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted((ROOT / "config").glob("*.yaml")) + [ROOT / ".test" / "config" / "config.yaml"]
+
+
+@pytest.fixture
+def toy_config():
+    return load_config([ROOT / "config" / "config.yaml"])
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_profile_validates(path):
+    # Profiles other than the default are layered on top of it, as Snakemake does.
+    cfg = load_config([ROOT / "config" / "config.yaml", path])
+    assert cfg["profile"] == yaml.safe_load(path.read_text())["profile"]
+
+
+def _walk(schema, path="<root>"):
+    yield path, schema
+    for name, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}.*")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+
+
+def test_schema_is_strict_and_described():
+    schema = load_schema()
+    for path, node in _walk(schema):
+        if path.endswith("[]"):
+            continue
+        assert node.get("description"), f"{path} has no description"
+        if node.get("type") == "object" and "properties" in node:
+            assert node.get("additionalProperties") is False or isinstance(
+                node.get("additionalProperties"), dict
+            ), f"{path} must set additionalProperties"
+
+
+def test_every_schema_key_is_in_the_default_profile_with_a_comment():
+    text = (ROOT / "config" / "config.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    schema = load_schema()
+
+    def keys(node, sub, prefix=""):
+        for name, child in sub.get("properties", {}).items():
+            if name not in node:
+                continue
+            yield prefix + name
+            if isinstance(node[name], dict) and "properties" in child:
+                yield from keys(node[name], child, prefix + name + ".")
+
+    for key in keys(cfg, schema):
+        leaf = key.split(".")[-1]
+        lines = [line for line in text.splitlines() if line.strip().startswith(leaf + ":")]
+        assert lines and all("#" in line for line in lines), f"config.yaml key {key} lacks a comment"
+
+
+def test_unknown_key_is_named_with_the_file(toy_config):
+    bad = deep_merge(toy_config, {"prompts": {"num_tain": 5}})
+    with pytest.raises(ConfigError) as err:
+        validate(bad, source="my/config.yaml")
+    msg = str(err.value)
+    assert "my/config.yaml" in msg
+    assert "prompts.num_tain: unknown key" in msg
+    assert "did you mean 'num_train'" in msg
+
+
+def test_unknown_top_level_key(toy_config):
+    with pytest.raises(ConfigError, match=r"trian: unknown key"):
+        validate({**toy_config, "trian": {}}, source="x.yaml")
+
+
+def test_wrong_type_is_named(toy_config):
+    bad = deep_merge(toy_config, {"prompts": {"seed": "seven"}})
+    with pytest.raises(ConfigError, match=r"prompts\.seed: 'seven' is not of type 'integer'"):
+        validate(bad, source="x.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"prompts": {"num_eval": 0}}, "prompts.num_eval"),
+        ({"data": {"toy": {"image_size": 31}}}, "data.toy.image_size"),
+        ({"data": {"source": "imagenet"}}, "data.source"),
+        ({"data": {"coco": {"sha256": "abc"}}}, "data.coco.sha256"),
+        ({"data": {"coco": {"url": "ftp://x/y.zip"}}}, "data.coco.url"),
+    ],
+)
+def test_bad_values_are_named(toy_config, override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(deep_merge(toy_config, override), source="x.yaml")
+    assert f"  - {key}: " in str(err.value)
+
+
+def test_all_errors_reported_at_once(toy_config):
+    bad = deep_merge(toy_config, {"prompts": {"seed": -1, "num_train": "many"}})
+    with pytest.raises(ConfigError) as err:
+        validate(bad, source="x.yaml")
+    assert "prompts.seed" in str(err.value) and "prompts.num_train" in str(err.value)
+
+
+def test_source_section_required_only_for_the_chosen_source(toy_config):
+    cfg = deep_merge(toy_config, {})
+    del cfg["data"]["coco"]
+    validate(cfg)  # toy source: the coco section may be absent
+    cfg["data"]["source"] = "coco"
+    with pytest.raises(ConfigError, match=r"'coco' is a required property"):
+        validate(cfg)
+
+
+def test_defaults_filled(toy_config):
+    cfg = deep_merge(toy_config, {})
+    del cfg["data"]["coco"]["retries"]
+    assert validate(cfg)["data"]["coco"]["retries"] == 5
+
+
+def test_partial_config_checks_what_is_present():
+    assert validate({"prompts": {"seed": 1, "num_train": 2, "num_eval": 3}}, partial=True)
+    with pytest.raises(ConfigError, match="prompts.seed"):
+        validate({"prompts": {"seed": "x"}}, partial=True)
+
+
+def test_overrides_and_merge(tmp_path):
+    assert parse_override("a.b=3") == {"a": {"b": 3}}
+    assert parse_override("a=[1, 2]") == {"a": [1, 2]}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("a.b")
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 5}}) == {"a": {"b": 5, "c": 2}}
+
+
+def test_select_keys(toy_config):
+    sub = select_keys(toy_config, ["data.toy", "prompts.seed"])
+    assert sub == {"data": {"toy": toy_config["data"]["toy"]}, "prompts": {"seed": 2014}}
+    with pytest.raises(ConfigError, match="nope"):
+        select_keys(toy_config, ["data.nope"])
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("prompts: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config([bad])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config([tmp_path / "missing.yaml"])
+
+
+def test_cli_rejects_bad_config_before_work(tmp_path, capsys):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["prompts"]["num_evla"] = 3
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    rc = main(["prompts", "--config", str(path), "--captions-dir", str(tmp_path), "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "typo.yaml" in err and "prompts.num_evla: unknown key" in err
+    assert not out.exists()
+
+
+def test_cli_rejects_abbreviated_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["validate-config", str(ROOT / "config" / "config.yaml"), "--par"])

@@ -1,0 +1,16 @@
+# Per-stage config files: each CLI stage reads only the keys it needs.
+
+
+# Write the keys one stage reads to results/config/<stage>.yaml; rules take that file as input.
+rule stage_config:
+    output:
+        "results/config/{stage}.yaml",
+    log:
+        "logs/config/{stage}.log",
+    localrule: True
+    params:
+        values=get_stage_config,
+    run:
+        from rapm.config import write_yaml
+
+        write_yaml(params["values"], output[0])
