@@ -1,0 +1,485 @@
+"""COCO 2014 captions: resumable, verified download of the annotations archive, and loading.
+
+``fetch_captions`` produces ``captions_train2014.json`` and ``captions_val2014.json`` in an
+output directory, from one of three sources (``data.coco`` in the config):
+
+* ``local_path`` is a directory holding the two files: they are validated and copied in;
+* ``local_path`` is a local copy of the archive: its SHA-256 is checked, the two files extracted;
+* otherwise ``url`` is downloaded into ``cache_dir`` (``<archive>.part`` while incomplete, resumed
+  with HTTP ``Range`` requests, retried with exponential backoff on transient errors), verified
+  against ``sha256`` and extracted.
+
+Every output is written under a temporary name in the output directory and renamed into place
+only after both files have been read in full and validated, so a failure never leaves a
+partial or half-trusted file behind. ``load_captions`` reads one captions file with pycocotools
+into a tidy, sorted DataFrame; it does not care whether the file came from COCO or the toy dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import io
+import json
+import locale
+import logging
+import os
+import secrets
+import shutil
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+import pandas as pd
+from tqdm import tqdm
+
+import rapm
+
+log = logging.getLogger(__name__)
+
+CAPTION_FILES = ("captions_train2014.json", "captions_val2014.json")
+DEFAULT_ARCHIVE_NAME = "annotations_trainval2014.zip"
+CHUNK_BYTES = 1 << 20
+# Delay before retry k (k = 1, 2, ...) is BACKOFF_BASE_S * 2**(k-1), capped at BACKOFF_MAX_S.
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+_USER_AGENT = f"rapm/{rapm.__version__} (python-urllib)"
+
+
+class FetchError(RuntimeError):
+    """The captions could not be downloaded, verified or extracted."""
+
+
+class CaptionsFormatError(ValueError):
+    """A file is not a COCO captions file (JSON with images and annotations)."""
+
+
+# --- small file helpers -------------------------------------------------------------------
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it onto ``final`` if the block succeeds.
+
+    The caller writes the temporary path. On an exception it is removed and ``final`` is left
+    untouched, so readers only ever see complete files.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- captions schema and loading ----------------------------------------------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_captions(data: Any, source: str) -> None:
+    """Raise ``CaptionsFormatError`` unless ``data`` follows the COCO captions schema.
+
+    Required: ``images`` (each with integer ``id`` and string ``file_name``) and ``annotations``
+    (each with integer ``id``, integer ``image_id`` of a listed image and string ``caption``).
+    """
+    def fail(why: str) -> CaptionsFormatError:
+        return CaptionsFormatError(f"{source}: not a COCO captions file: {why}")
+
+    if not isinstance(data, dict):
+        raise fail(f"the top level is a {type(data).__name__}, expected an object")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise fail(f"missing list {key!r}")
+    image_ids = set()
+    for i, img in enumerate(data["images"]):
+        if not (isinstance(img, dict) and _is_int(img.get("id")) and isinstance(img.get("file_name"), str)):
+            raise fail(f"images[{i}] needs an integer 'id' and a string 'file_name': {img!r:.200}")
+        image_ids.add(img["id"])
+    if not data["annotations"]:
+        raise fail("'annotations' is empty")
+    ann_ids = set()
+    for i, ann in enumerate(data["annotations"]):
+        if not (isinstance(ann, dict) and _is_int(ann.get("id")) and _is_int(ann.get("image_id"))
+                and isinstance(ann.get("caption"), str)):
+            raise fail(f"annotations[{i}] needs integer 'id' and 'image_id' and a string 'caption': {ann!r:.200}")
+        if ann["image_id"] not in image_ids:
+            raise fail(f"annotations[{i}] refers to image_id {ann['image_id']}, which is not in 'images'")
+        if ann["id"] in ann_ids:
+            raise fail(f"annotations[{i}] repeats annotation id {ann['id']}")
+        ann_ids.add(ann["id"])
+
+
+def check_captions_file(path: str | Path, source: str | None = None) -> None:
+    """Parse a JSON file (UTF-8) and check it with :func:`check_captions`."""
+    source = source or str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CaptionsFormatError(f"{source}: not valid UTF-8 JSON: {err}") from err
+    check_captions(data, source)
+
+
+def normalise_caption(text: str) -> str:
+    """Strip and collapse all internal whitespace (spaces, tabs, newlines) to single spaces."""
+    return " ".join(text.split())
+
+
+def _read_coco(path: Path):
+    """Load a captions file with pycocotools, silencing its progress prints."""
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+            return COCO(str(path))
+        # COCO() opens the file in the locale's encoding; COCO files are UTF-8.
+        coco = COCO()
+        with open(path, encoding="utf-8") as f:
+            coco.dataset = json.load(f)
+        coco.createIndex()
+        return coco
+
+
+def load_captions(path: str | Path) -> pd.DataFrame:
+    """Read a COCO captions file with pycocotools.
+
+    Returns one row per caption with columns ``image_id``, ``caption_id`` (the annotation id),
+    ``caption`` (whitespace-normalised) and ``file_name``, sorted by (image_id, caption_id), so
+    the result does not depend on the order of the JSON arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    try:
+        coco = _read_coco(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CaptionsFormatError(f"{path}: not valid UTF-8 JSON: {err}") from err
+    except (AssertionError, KeyError, TypeError) as err:  # pycocotools indexing a foreign file
+        raise CaptionsFormatError(f"{path}: not a COCO captions file ({type(err).__name__}: {err})") from err
+    check_captions(coco.dataset, str(path))
+
+    anns = coco.loadAnns(coco.getAnnIds())
+    images = {img["id"]: img for img in coco.loadImgs(sorted({a["image_id"] for a in anns}))}
+    frame = pd.DataFrame({
+        "image_id": pd.Series([a["image_id"] for a in anns], dtype="int64"),
+        "caption_id": pd.Series([a["id"] for a in anns], dtype="int64"),
+        "caption": pd.Series([normalise_caption(a["caption"]) for a in anns], dtype=object),
+        "file_name": pd.Series([images[a["image_id"]]["file_name"] for a in anns], dtype=object),
+    })
+    return frame.sort_values(["image_id", "caption_id"], kind="stable", ignore_index=True)
+
+
+# --- download ------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    """An open byte stream positioned at ``start``; ``total`` is the full size when known."""
+
+    stream: IO[bytes]
+    start: int
+    total: int | None
+
+
+def _content_range(header: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total size) from ``Content-Range: bytes a-b/total`` (or ``bytes */total``)."""
+    if not header or not header.startswith("bytes "):
+        return None, None
+    span, _, total = header[6:].partition("/")
+    first = span.split("-")[0]
+    return (int(first) if first.isdigit() else None), (int(total) if total.isdigit() else None)
+
+
+def _open_http(url: str, offset: int, timeout_s: float) -> _Source:
+    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:  # the partial file is at least as long as the resource
+            _, total = _content_range(err.headers.get("Content-Range"))
+            err.close()
+            if total == offset:
+                return _Source(io.BytesIO(b""), offset, total)
+            log.warning("%s: server rejected the range at byte %d; restarting the download", url, offset)
+            return _open_http(url, 0, timeout_s)
+        raise
+    length = resp.headers.get("Content-Length")
+    length = int(length) if length and length.isdigit() else None
+    if resp.status == 206:
+        first, total = _content_range(resp.headers.get("Content-Range"))
+        if first != offset:
+            resp.close()
+            log.warning("%s: server answered a range starting at %s, not %d; restarting", url, first, offset)
+            return _open_http(url, 0, timeout_s)
+        return _Source(resp, offset, total if total is not None else (offset + length if length is not None else None))
+    if offset:
+        log.warning("%s: server ignored the Range request (HTTP %d); restarting from byte 0", url, resp.status)
+    return _Source(resp, 0, length)
+
+
+def _open_file(url: str, offset: int) -> _Source:
+    parts = urllib.parse.urlsplit(url)
+    path = Path(urllib.request.url2pathname(parts.path))
+    if parts.netloc not in ("", "localhost"):
+        raise FetchError(f"{url}: file:// URLs must name a local path (host {parts.netloc!r} is not supported)")
+    if not path.is_file():
+        raise FetchError(f"{url}: no such file: {path}")
+    size = path.stat().st_size
+    if offset > size:
+        log.warning("%s: partial download is longer than the source; restarting", url)
+        offset = 0
+    stream = open(path, "rb")
+    stream.seek(offset)
+    return _Source(stream, offset, size)
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Whether a failed attempt is worth retrying (network trouble, not a wrong URL)."""
+    if isinstance(err, urllib.error.HTTPError):
+        return err.code in (408, 429) or 500 <= err.code < 600
+    if isinstance(err, urllib.error.URLError):
+        return not isinstance(err.reason, ssl.SSLCertVerificationError)
+    return isinstance(err, (TimeoutError, ConnectionError, http.client.HTTPException))
+
+
+def _attempt(url: str, part: Path, timeout_s: float) -> None:
+    """One download attempt: continue ``part`` from its current size to the end of ``url``."""
+    offset = part.stat().st_size if part.exists() else 0
+    if offset:
+        log.info("%s: resuming %s at byte %d", url, part.name, offset)
+    source = _open_file(url, offset) if url.startswith("file:") else _open_http(url, offset, timeout_s)
+    written = source.start
+    with source.stream, open(part, "ab" if source.start else "wb") as out, tqdm(
+        total=source.total, initial=source.start, desc=part.name.removesuffix(".part"), unit="B",
+        unit_scale=True, unit_divisor=1024, file=sys.stderr, mininterval=1.0,
+    ) as bar:
+        while chunk := source.stream.read(CHUNK_BYTES):
+            out.write(chunk)
+            written += len(chunk)
+            bar.update(len(chunk))
+    if source.total is not None and written != source.total:
+        if written > source.total:
+            part.unlink()  # longer than the resource: start over on the next attempt
+        raise ConnectionError(f"connection closed at byte {written} of {source.total}")
+
+
+def download(url: str, dest: str | Path, *, retries: int = 5, timeout_s: float = 60.0,
+             backoff_s: float | None = None) -> Path:
+    """Download ``url`` (http, https or file) to ``dest``, resumably.
+
+    Bytes go to ``<dest>.part``; an existing ``.part`` is continued (HTTP ``Range``; a server
+    that answers 200 instead of 206 makes the download start over). Transient errors (URLError,
+    timeouts, connection resets, truncated bodies, HTTP 408/429/5xx) are retried up to
+    ``retries`` attempts in all, waiting ``backoff_s * 2**(k-1)`` seconds before retry k
+    (``backoff_s`` defaults to ``BACKOFF_BASE_S``). Other errors (HTTP 404, 403, ...) fail at
+    once. On success the ``.part`` file is renamed to ``dest``.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    base = BACKOFF_BASE_S if backoff_s is None else backoff_s
+    for attempt in range(1, retries + 1):
+        try:
+            _attempt(url, part, timeout_s)
+            break
+        except Exception as err:  # noqa: BLE001 - classified right below
+            if not _is_transient(err):
+                if isinstance(err, urllib.error.HTTPError):
+                    raise FetchError(f"{url}: HTTP {err.code} {err.reason} (not retried)") from err
+                raise
+            if attempt == retries:
+                raise FetchError(
+                    f"{url}: download failed after {retries} attempt(s): {type(err).__name__}: {err}; "
+                    f"{part} is kept, so running again resumes it") from err
+            delay = min(base * 2 ** (attempt - 1), BACKOFF_MAX_S)
+            log.warning("%s: attempt %d/%d failed (%s: %s); retrying in %.3g s",
+                        url, attempt, retries, type(err).__name__, err, delay)
+            time.sleep(delay)
+    os.replace(part, dest)
+    return dest
+
+
+# --- verify and extract --------------------------------------------------------------------
+
+def verify_sha256(path: Path, expected: str | None, origin: str, *, remove_bad: bool) -> str:
+    """Return the file's SHA-256; raise ``FetchError`` if it differs from ``expected``.
+
+    ``expected=None`` skips the check with a warning. ``remove_bad`` deletes a mismatching file
+    (a cached download), so a later run does not trust it.
+    """
+    found = sha256_file(path)
+    if expected is None:
+        log.warning("%s: no data.coco.sha256 configured; NOT verified (found sha256 %s)", path, found)
+        return found
+    if found != expected.lower():
+        size = path.stat().st_size
+        if remove_bad:
+            path.unlink(missing_ok=True)
+        raise FetchError(
+            f"{origin}: SHA-256 mismatch for {path.name} ({size} bytes): expected {expected}, found {found}"
+            + ("; the file was removed" if remove_bad else ""))
+    log.info("%s: sha256 verified (%s)", path.name, found)
+    return found
+
+
+def _find_members(zf: zipfile.ZipFile, archive: Path) -> dict[str, zipfile.ZipInfo]:
+    """The archive members holding the caption files, located by basename."""
+    found: dict[str, list[zipfile.ZipInfo]] = {name: [] for name in CAPTION_FILES}
+    for info in zf.infolist():
+        name = PurePosixPath(info.filename).name
+        if name in found and not info.is_dir():
+            found[name].append(info)
+    missing = [name for name, infos in found.items() if not infos]
+    if missing:
+        raise FetchError(f"{archive}: archive lacks {', '.join(missing)} "
+                         f"(it holds {len(zf.infolist())} members, e.g. {zf.namelist()[:5]})")
+    ambiguous = {name: [i.filename for i in infos] for name, infos in found.items() if len(infos) > 1}
+    if ambiguous:
+        raise FetchError(f"{archive}: several members match: {ambiguous}")
+    return {name: infos[0] for name, infos in found.items()}
+
+
+def extract_captions(archive: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Extract and validate the two caption files from ``archive`` into ``out_dir``.
+
+    Both are written to temporary names and renamed only once both are complete and valid;
+    any failure (not a zip, truncated, CRC error, missing member, bad JSON) raises
+    ``FetchError`` naming the archive and leaves no output behind.
+    """
+    archive, out_dir = Path(archive), Path(out_dir)
+    outputs = {name: out_dir / name for name in CAPTION_FILES}
+    try:
+        with zipfile.ZipFile(archive) as zf, contextlib.ExitStack() as stack:
+            for name, info in _find_members(zf, archive).items():
+                tmp = stack.enter_context(atomic_path(outputs[name]))
+                with zf.open(info) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK_BYTES)  # the CRC is checked at the end
+                check_captions_file(tmp, source=f"{archive}:{info.filename}")
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        raise FetchError(f"{archive}: corrupt or truncated archive: {type(err).__name__}: {err}") from err
+    except CaptionsFormatError as err:
+        raise FetchError(f"{archive}: {err}") from err
+    return outputs
+
+
+def _copy_captions_dir(src_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """Validate and copy the two caption files from a directory (or its ``annotations/``)."""
+    sources = {}
+    for name in CAPTION_FILES:
+        candidates = [src_dir / name, src_dir / "annotations" / name]
+        hit = next((p for p in candidates if p.is_file()), None)
+        if hit is None:
+            raise FetchError(f"data.coco.local_path: directory {src_dir} has no {name} "
+                             f"(looked for {', '.join(map(str, candidates))})")
+        sources[name] = hit
+    outputs = {name: out_dir / name for name in CAPTION_FILES}
+    with contextlib.ExitStack() as stack:
+        for name, src in sources.items():
+            try:
+                check_captions_file(src)
+            except CaptionsFormatError as err:
+                raise FetchError(f"data.coco.local_path: {err}") from err
+            tmp = stack.enter_context(atomic_path(outputs[name]))
+            shutil.copyfile(src, tmp)
+    return outputs
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+def archive_name(url: str) -> str:
+    """File name of the archive a URL points to (used for the cache)."""
+    return PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or DEFAULT_ARCHIVE_NAME
+
+
+def _cached_archive(coco_cfg: Mapping[str, Any], cache_dir: Path) -> tuple[Path, str]:
+    """The archive in ``cache_dir`` and its SHA-256, verified; downloaded (or resumed) when needed."""
+    url, expected = coco_cfg["url"], coco_cfg.get("sha256")
+    archive = cache_dir / archive_name(url)
+    if archive.is_file():
+        found = sha256_file(archive)
+        if expected is None or found == expected.lower():
+            log.info("using cached %s", archive)
+            if expected is None:
+                log.warning("%s: no data.coco.sha256 configured; NOT verified (found sha256 %s)", archive, found)
+            return archive, found
+        log.warning("cached %s does not match data.coco.sha256; removing it and downloading again", archive)
+        archive.unlink()
+    log.info("downloading %s to %s", url, archive)
+    download(url, archive, retries=int(coco_cfg.get("retries", 5)), timeout_s=float(coco_cfg.get("timeout_s", 60)))
+    return archive, verify_sha256(archive, expected, url, remove_bad=True)
+
+
+def fetch_captions(coco_cfg: Mapping[str, Any], out_dir: str | Path, cache_dir: str | Path) -> dict[str, Any]:
+    """Produce ``captions_train2014.json`` and ``captions_val2014.json`` in ``out_dir``.
+
+    ``coco_cfg`` is the ``data.coco`` config section (url, sha256, local_path, retries,
+    timeout_s). Writes ``summary.json`` next to the captions (source, hashes, sizes, wall time)
+    and returns the same dictionary. Raises ``FetchError`` on any failure.
+    """
+    started = time.monotonic()
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    expected = coco_cfg.get("sha256")
+    local = coco_cfg.get("local_path")
+    archive: Path | None = None
+    archive_sha: str | None = None
+
+    if local is not None:
+        local_path = Path(local)
+        if local_path.is_dir():
+            log.info("copying captions from directory %s (data.coco.local_path)", local_path)
+            outputs = _copy_captions_dir(local_path, out_dir)
+        elif local_path.is_file():
+            log.info("extracting captions from local archive %s (data.coco.local_path)", local_path)
+            archive = local_path
+            archive_sha = verify_sha256(local_path, expected, "data.coco.local_path", remove_bad=False)
+            outputs = extract_captions(local_path, out_dir)  # never delete the user's own file
+        else:
+            raise FetchError(f"data.coco.local_path: no such file or directory: {local_path}")
+    else:
+        archive, archive_sha = _cached_archive(coco_cfg, cache_dir)
+        try:
+            outputs = extract_captions(archive, out_dir)
+        except FetchError:
+            archive.unlink(missing_ok=True)
+            log.error("removed the unusable cached archive %s", archive)
+            raise
+
+    summary = {
+        "stage": "fetch-coco",
+        "rapm_version": rapm.__version__,
+        "source": str(local) if local is not None else coco_cfg["url"],
+        "archive": None if archive is None else archive.name,
+        "archive_sha256_expected": expected,
+        "archive_sha256_found": archive_sha,
+        "archive_verified": archive is not None and expected is not None,
+        "files": {name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+                  for name, path in outputs.items()},
+        "wall_time_s": round(time.monotonic() - started, 3),
+    }
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("wrote %s to %s", ", ".join(CAPTION_FILES), out_dir)
+    return summary
