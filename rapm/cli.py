@@ -15,6 +15,7 @@ import sys
 import yaml
 
 from rapm.config import ConfigError, load_config, require
+from rapm.errors import RapmError
 
 log = logging.getLogger("rapm")
 
@@ -54,6 +55,31 @@ def _cmd_toy_captions(args: argparse.Namespace) -> int:
     from rapm.toy.captions import write_captions
 
     write_captions(cfg["data"]["toy"], out_dir=args.out_dir)
+    return 0
+
+
+def _cmd_toy_train_clip(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data.toy", "toy_clip")
+    from rapm.toy.clip import train_toy_clip
+
+    train_toy_clip(cfg["toy_clip"], cfg["data"]["toy"], out_dir=args.out_dir, threads=args.threads)
+    return 0
+
+
+def _cmd_toy_train_teacher(args: argparse.Namespace) -> int:
+    from rapm.toy.train_teacher import train_teacher
+
+    cfg = stage_config(args, "data.toy", "toy_teacher")
+    train_teacher(cfg, out_dir=args.out_dir, state_dir=args.state_dir,
+                  command=" ".join(["python -m rapm"] + sys.argv[1:]))
+    return 0
+
+
+def _cmd_toy_eval_teacher(args: argparse.Namespace) -> int:
+    from rapm.toy.eval_teacher import eval_teacher
+
+    cfg = stage_config(args, "data.toy", "toy_teacher")
+    eval_teacher(cfg, teacher=args.teacher, out_dir=args.out_dir)
     return 0
 
 
@@ -98,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
             "render-free toy captions in the COCO captions schema (captions_{train,val}2014.json)", parent=toy)
     _add_config_args(p)
     p.add_argument("--out-dir", required=True)
+    p = add("train-teacher", _cmd_toy_train_teacher,
+            "train TinySD, the toy teacher (a StableDiffusionPipeline directory); run again to resume", parent=toy)
+    _add_config_args(p)
+    p.add_argument("--out-dir", required=True, help="the pipeline directory to write (e.g. rapm/assets/tinysd)")
+    p.add_argument("--state-dir", default=None,
+                   help="resumable training state (default: <out-dir>.state); keep it outside declared outputs")
+    p = add("eval-teacher", _cmd_toy_eval_teacher,
+            "sample held-out toy val prompts with a teacher and score them with the attribute reader", parent=toy)
+    _add_config_args(p)
+    p.add_argument("--teacher", required=True, help="StableDiffusionPipeline directory (e.g. rapm/assets/tinysd)")
+    p.add_argument("--out-dir", required=True, help="where metrics.json and samples.png go")
+    p = add("train-clip", _cmd_toy_train_clip,
+            "train the toy evaluator CLIP (open_clip custom config + safetensors); rerun to resume", parent=toy)
+    _add_config_args(p)
+    p.add_argument("--out-dir", required=True, help="where rapm-toyclip.{json,safetensors}, train_log.jsonl, summary.json go")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return parser
 
 
@@ -107,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"rapm: config error: {err}", file=sys.stderr)
-        return 2
+    except RapmError as err:
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"rapm: {kind}: {err}", file=sys.stderr)
+        return err.exit_code

@@ -44,6 +44,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import rapm
+from rapm.errors import RapmError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,11 @@ BACKOFF_MAX_S = 60.0
 _USER_AGENT = f"rapm/{rapm.__version__} (python-urllib)"
 
 
-class FetchError(RuntimeError):
+class FetchError(RapmError, RuntimeError):
     """The captions could not be downloaded, verified or extracted."""
 
 
-class CaptionsFormatError(ValueError):
+class CaptionsFormatError(RapmError, ValueError):
     """A file is not a COCO captions file (JSON with images and annotations)."""
 
 

@@ -17,11 +17,15 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from rapm.errors import RapmError
+
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(RapmError, ValueError):
     """A configuration file is missing, malformed or does not satisfy the schema."""
+
+    exit_code = 2
 
 
 @functools.lru_cache(maxsize=1)
