@@ -77,7 +77,11 @@ class ToyObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """Objects (stored in reading order of their cells, so equal scenes compare equal) on a background."""
+    """Objects (stored in reading order of their cells, so equal scenes compare equal) on a background.
+
+    Sampled and parsed scenes hold 1..max_objects objects; an empty scene is allowed only as
+    what :func:`rapm.toy.reader.read_scene` finds in an image with no recognisable object.
+    """
 
     objects: tuple[ToyObject, ...]
     background: str
@@ -85,8 +89,6 @@ class Scene:
     def __post_init__(self) -> None:
         _check("background", self.background, BACKGROUNDS)
         objects = tuple(self.objects)
-        if not objects:
-            raise ValueError("a scene needs at least one object")
         if not all(isinstance(o, ToyObject) for o in objects):
             raise ValueError("Scene.objects must hold ToyObject instances")
         positions = [o.position for o in objects]
@@ -127,7 +129,7 @@ def sample_scene(rng: np.random.Generator, *, max_objects: int = 2, holdout_pair
 
     n = int(rng.integers(1, max_objects + 1))
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-    cells = rng.choice(len(POSITIONS), size=n, replace=False)
+    cells = rng.permutation(len(POSITIONS))[:n]
     forced = int(rng.integers(n)) if split == "val" and held else -1
     objects = []
     for k, cell in enumerate(cells):
@@ -160,14 +162,25 @@ def scene_for(toy_cfg: Mapping, split: str, image_id: int) -> Scene:
     _check("split", split, SPLITS)
     cfg = toy_settings(toy_cfg)
     count = cfg[f"num_{split}_images"]
-    if not 0 <= image_id < count:
-        raise ValueError(f"image_id {image_id} out of range for the toy {split} split ({count} images)")
-    rng = np.random.default_rng([int(cfg["seed"]), SPLITS.index(split), int(image_id)])
-    return sample_scene(rng, max_objects=int(cfg["max_objects"]), holdout_pairs=cfg["holdout_pairs"], split=split)
+    if int(image_id) != image_id or not 0 <= image_id < count:
+        raise ValueError(f"image_id {image_id!r} out of range for the toy {split} split ({count} images)")
+    return split_scenes(cfg, split, [int(image_id)])[0]
+
+
+def split_scenes(toy_cfg: Mapping, split: str, image_ids: Iterable[int]) -> list[Scene]:
+    """``[scene_for(toy_cfg, split, i) for i in image_ids]`` without re-checking the config per scene."""
+    _check("split", split, SPLITS)
+    cfg = toy_settings(toy_cfg)
+    seed, index = int(cfg["seed"]), SPLITS.index(split)
+    max_objects, held = int(cfg["max_objects"]), tuple(cfg["holdout_pairs"])
+    return [sample_scene(np.random.default_rng([seed, index, int(i)]), max_objects=max_objects,
+                         holdout_pairs=held, split=split) for i in image_ids]
 
 
 def caption(scene: Scene) -> str:
     """E.g. "a small red circle at the top left and a large blue square at the center on a gray background"."""
+    if not scene.objects:
+        raise ValueError("an empty scene has no caption")
     parts = [f"a {o.size} {o.colour} {o.shape} at the {o.position}" for o in scene.objects]
     return f"{' and '.join(parts)} on a {scene.background} background"
 
