@@ -17,6 +17,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from rapm.config import ConfigError, load_schema
+
 # Object colours (name -> sRGB). Saturated and far apart in RGB, and none is close to a
 # background, so nearest-colour classification of a blurred image stays unambiguous.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -99,17 +101,20 @@ class Scene:
 
 
 def check_holdout_pairs(pairs: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """Validate ``data.toy.holdout_pairs`` entries ("colour shape") and return them as tuples."""
+    """Validate ``data.toy.holdout_pairs`` entries ("colour shape") and return them as tuples.
+
+    Raises :class:`rapm.config.ConfigError` (a ValueError) naming the key and the bad entry.
+    """
     out = []
     for entry in pairs:
         parts = entry.split(" ") if isinstance(entry, str) else []
         if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
-            raise ValueError(
+            raise ConfigError(
                 f"data.toy.holdout_pairs: bad entry {entry!r}; expected 'colour shape' with colour in "
                 f"{{{', '.join(COLOURS)}}} and shape in {{{', '.join(SHAPES)}}}")
         out.append((parts[0], parts[1]))
     if len(set(out)) == len(COLOURS) * len(SHAPES):
-        raise ValueError("data.toy.holdout_pairs: every colour-shape pair is held out; the train split would be empty")
+        raise ConfigError("data.toy.holdout_pairs: every colour-shape pair is held out; the train split would be empty")
     return tuple(out)
 
 
@@ -148,8 +153,6 @@ def sample_scene(rng: np.random.Generator, *, max_objects: int = 2, holdout_pair
 
 def toy_settings(toy_cfg: Mapping) -> dict:
     """``toy_cfg`` with schema defaults filled in for absent optional keys (max_objects, holdout_pairs)."""
-    from rapm.config import load_schema
-
     props = load_schema()["properties"]["data"]["properties"]["toy"]["properties"]
     out = {k: v["default"] for k, v in props.items() if "default" in v}
     out.update(toy_cfg)
