@@ -66,7 +66,7 @@ def test_reference_image_renders_the_caption_with_the_image_id_as_seed(tmp_path)
         image = reference_image(ann["caption"], ann["image_id"], 32)
         assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
         assert np.array_equal(image, render(scene_for(TOY, "val", ann["image_id"]), 32, seed=ann["image_id"]))
-    assert reference_image(anns[0]["caption"], 0, 64).shape == (64, 64, 3)
+    assert reference_image(caption=anns[0]["caption"], image_id=0, size=64).shape == (64, 64, 3)
     with pytest.raises(ValueError, match="not a toy caption"):
         reference_image("a photo of a cat", 0, 32)
 

@@ -17,7 +17,8 @@ from typing import Mapping
 import numpy as np
 
 from rapm.toy.render import render
-from rapm.toy.scene import SPLITS, caption, parse_caption, split_scenes, toy_settings
+from rapm.toy.scene import SPLITS, parse_caption, split_scenes, toy_settings
+from rapm.toy.scene import caption as scene_caption
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def captions_document(toy_cfg: Mapping, split: str) -> dict:
         "licenses": [LICENSE],
         "images": [{"id": i, "file_name": file_name(split, i), "width": size, "height": size, "license": 0}
                    for i in range(n)],
-        "annotations": [{"id": i, "image_id": i, "caption": caption(s)} for i, s in enumerate(scenes)],
+        "annotations": [{"id": i, "image_id": i, "caption": scene_caption(s)} for i, s in enumerate(scenes)],
     }
 
 
@@ -77,6 +78,9 @@ def write_captions(toy_cfg: Mapping, out_dir: str | os.PathLike) -> dict[str, Pa
     return paths
 
 
-def reference_image(text: str, image_id: int, size: int) -> np.ndarray:
-    """The toy image of a caption: ``render(parse_caption(text), size, seed=image_id)``, uint8 (size, size, 3)."""
-    return render(parse_caption(text), size, seed=image_id)
+def reference_image(caption: str, image_id: int, size: int) -> np.ndarray:
+    """The toy image of a caption: ``render(parse_caption(caption), size, seed=image_id)``, uint8 (size, size, 3).
+
+    With the ids of the captions files this is exactly the image the caption was written for.
+    """
+    return render(parse_caption(caption), size, seed=image_id)
