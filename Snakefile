@@ -1,5 +1,5 @@
 # rapm: single-GPU diffusion distillation (RAPM, MSD) as a Snakemake workflow.
-# Run: snakemake --cores 1 --resources gpu=1 all   (see README.md)
+# Run: snakemake all --cores 1 --resources gpu=1   (see README.md)
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -1,9 +1,12 @@
 """The Snakemake workflow: lint, formatting, a DAG for every profile, and the .test profile end to end."""
 
+import hashlib
+import json
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -47,8 +50,8 @@ def test_snakefmt_clean():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_dry_run_builds_dag(config, tmp_path):
-    proc = snakemake("-n", "--configfile", str(config), "--directory", str(tmp_path), "-s",
-                     str(ROOT / "Snakefile"), "all")
+    proc = snakemake("-n", "all", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
+                     "--configfile", str(config))
     assert "make_prompt_sets" in proc.stdout
     source = yaml.safe_load(config.read_text())["data"]["source"]
     expected = {"coco": "fetch_coco_captions", "toy": "make_toy_captions"}[source]
@@ -62,33 +65,104 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert "prompts.num_tain: unknown key" in err and "config/config.yaml" in err
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A copy of the workflow (not the package) where the .test profile runs for real."""
-    wd = tmp_path_factory.mktemp("wf")
-    for name in ["Snakefile", "workflow", "config", "profiles", ".test"]:
+def copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow files (not the package), as a user's checkout would hold them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ["Snakefile", "workflow", "config", "profiles", ".test", "environment.yml"]:
         src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, wd / name, symlinks=True)
-    return wd
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
 
 
-def test_whole_dag_runs_end_to_end(workdir):
-    snakemake("--cores", "1", "--resources", "gpu=1", "--configfile", ".test/config/config.yaml",
-              "all", cwd=workdir)
-    train = (workdir / "results/prompts/train.csv").read_text().splitlines()
-    evals = (workdir / "results/prompts/eval.csv").read_text().splitlines()
+def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
+    wd = copy_workflow(tmp_path)
+    cfg = ".test/config/config.yaml"
+    snakemake("all", "--cores", "1", "--resources", "gpu=1", "--configfile", cfg, cwd=wd)
+    train = (wd / "results/prompts/train.csv").read_text().splitlines()
+    evals = (wd / "results/prompts/eval.csv").read_text().splitlines()
     assert len(train) == 64 + 1 and len(evals) == 100 + 1
-    # Nothing left to do on a rerun.
-    assert planned_jobs("--configfile", ".test/config/config.yaml", "all", cwd=workdir) == {}
+    assert json.loads((wd / "results/prompts/manifest.json").read_text())["seed"] == 2014
+
+    # A no-op rerun schedules nothing.
+    assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {}
+
+    # Editing one key reruns only the stages that read it.
+    edited = yaml.safe_load((wd / cfg).read_text())
+    edited["prompts"]["seed"] = 7
+    (wd / "edited.yaml").write_text(yaml.safe_dump(edited))
+    assert planned_jobs("all", "--configfile", "edited.yaml", cwd=wd) == {
+        "stage_config": 1, "make_prompt_sets": 1, "all": 1,
+    }
+    edited["prompts"]["seed"] = 2014
+    edited["data"]["toy"]["num_val_images"] = 150
+    (wd / "edited.yaml").write_text(yaml.safe_dump(edited))
+    assert planned_jobs("all", "--configfile", "edited.yaml", cwd=wd) == {
+        "stage_config": 1, "make_toy_captions": 1, "make_prompt_sets": 1, "all": 1,
+    }
 
 
-def test_editing_one_key_reruns_only_what_reads_it(workdir):
-    test_cfg = workdir / ".test/config/config.yaml"
-    if not (workdir / "results/prompts/manifest.json").exists():
-        pytest.skip("needs the end-to-end run")
-    cfg = yaml.safe_load(test_cfg.read_text())
-    cfg["prompts"]["seed"] = 7
-    edited = workdir / "edited.yaml"
-    edited.write_text(yaml.safe_dump(cfg))
-    jobs = planned_jobs("--configfile", str(edited), "all", cwd=workdir)
-    assert jobs == {"stage_config": 1, "make_prompt_sets": 1, "all": 1}
+def _captions(image_ids, prefix):
+    return {
+        "info": {}, "licenses": [],
+        "images": [{"id": i, "file_name": f"{prefix}_{i:012d}.jpg", "width": 640, "height": 480}
+                   for i in image_ids],
+        "annotations": [{"id": 10 * i + k, "image_id": i, "caption": f"{prefix} image {i} caption {k}"}
+                        for i in image_ids for k in range(2)],
+    }
+
+
+@pytest.fixture
+def coco_archive(tmp_path):
+    """A small annotations_trainval2014.zip in the real layout, served from a file:// URL."""
+    archive = tmp_path / "annotations_trainval2014.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("annotations/captions_train2014.json", json.dumps(_captions(range(1, 40), "train")))
+        zf.writestr("annotations/captions_val2014.json", json.dumps(_captions(range(100, 130), "val")))
+        zf.writestr("annotations/instances_val2014.json", "{}")
+    return archive
+
+
+def _coco_profile(wd, archive, sha256):
+    cfg = yaml.safe_load((ROOT / "config" / "sd15.yaml").read_text())
+    cfg["data"]["coco"].update(url=archive.as_uri(), sha256=sha256, retries=1)
+    cfg["prompts"].update(num_train=10, num_eval=20)
+    (wd / "coco.yaml").write_text(yaml.safe_dump(cfg))
+    return "coco.yaml"
+
+
+def test_fetch_rule_from_file_url(tmp_path, coco_archive):
+    wd = copy_workflow(tmp_path / "wf")
+    sha = hashlib.sha256(coco_archive.read_bytes()).hexdigest()
+    profile = _coco_profile(wd, coco_archive, sha)
+    snakemake("all", "--cores", "1", "--configfile", profile, cwd=wd)
+    out = wd / "results/data/coco"
+    with zipfile.ZipFile(coco_archive) as zf:
+        assert (out / "captions_val2014.json").read_bytes() == zf.read("annotations/captions_val2014.json")
+    evals = (wd / "results/prompts/eval.csv").read_text()
+    assert "val image" in evals and "train image" not in evals
+
+
+def test_fetch_rule_checksum_mismatch_leaves_nothing(tmp_path, coco_archive):
+    wd = copy_workflow(tmp_path / "wf")
+    profile = _coco_profile(wd, coco_archive, "0" * 64)
+    proc = snakemake("all", "--cores", "1", "--configfile", profile, cwd=wd, check=False)
+    assert proc.returncode != 0
+    log = (wd / "logs/data/fetch_coco_captions.log").read_text()
+    assert "SHA-256 mismatch" in log and "0" * 64 in log
+    assert not list((wd / "results/data/coco").glob("*.json"))
+    assert not list((wd / "resources/downloads").glob("*.zip"))
+
+
+def test_fetch_rule_truncated_archive(tmp_path, coco_archive):
+    wd = copy_workflow(tmp_path / "wf")
+    data = coco_archive.read_bytes()
+    coco_archive.write_bytes(data[: len(data) // 2])
+    profile = _coco_profile(wd, coco_archive, None)
+    proc = snakemake("all", "--cores", "1", "--configfile", profile, cwd=wd, check=False)
+    assert proc.returncode != 0
+    log = (wd / "logs/data/fetch_coco_captions.log").read_text()
+    assert "annotations_trainval2014.zip" in log and "Traceback" not in log
+    assert not (wd / "results/data/coco/captions_train2014.json").exists()

@@ -1,4 +1,6 @@
 # Helpers shared by all rules: config validation, stage configs, input functions, targets.
+import json
+
 from rapm.config import ConfigError, select_keys, validate
 from rapm.workflow import final_targets, stage_keys
 
@@ -20,8 +22,11 @@ wildcard_constraints:
 
 
 def get_stage_config(wildcards):
-    """The config keys one stage reads; a change to them (and only them) reruns that stage."""
-    return select_keys(config, stage_keys()[wildcards.stage])
+    """The config keys one stage reads, as canonical JSON (key order does not matter):
+    a change to them, and only to them, reruns that stage."""
+    return json.dumps(
+        select_keys(config, stage_keys()[wildcards.stage]), sort_keys=True
+    )
 
 
 def get_captions(wildcards):

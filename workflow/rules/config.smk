@@ -13,4 +13,4 @@ rule stage_config:
     run:
         from rapm.config import write_yaml
 
-        write_yaml(params["values"], output[0])
+        write_yaml(json.loads(params["values"]), output[0])
