@@ -91,6 +91,16 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_docs(args: argparse.Namespace) -> int:
+    from rapm.docs import sync_readme
+
+    ok = sync_readme(args.readme, write=args.write)
+    if not ok:
+        print(f"{args.readme}: the configuration table is out of date; run `python -m rapm docs --write`",
+              file=sys.stderr)
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -105,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     p.add_argument("--partial", action="store_true", help="accept a config with only some sections")
+
+    p = add("docs", _cmd_docs, "regenerate (--write) or check (--check) the README's configuration table")
+    p.add_argument("--readme", default="README.md", help="the README to update")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true")
+    mode.add_argument("--check", action="store_true")
 
     p = add("fetch-coco", _cmd_fetch_coco,
             "download (or copy from data.coco.local_path) and verify the COCO 2014 captions")

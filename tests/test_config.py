@@ -178,3 +178,17 @@ def test_cli_rejects_bad_config_before_work(tmp_path, capsys):
 def test_cli_rejects_abbreviated_options(capsys):
     with pytest.raises(SystemExit):
         main(["validate-config", str(ROOT / "config" / "config.yaml"), "--par"])
+
+
+def test_readme_config_table_is_current(capsys):
+    """README's configuration table is generated from the schema; `rapm docs --write` refreshes it."""
+    assert main(["docs", "--check", "--readme", str(ROOT / "README.md")]) == 0, capsys.readouterr().err
+
+
+def test_docs_check_detects_a_stale_table(tmp_path):
+    stale = tmp_path / "README.md"
+    text = (ROOT / "README.md").read_text()
+    stale.write_text(text.replace("| `prompts.seed` |", "| `prompts.sead` |"))
+    assert main(["docs", "--check", "--readme", str(stale)]) == 1
+    assert main(["docs", "--write", "--readme", str(stale)]) == 0
+    assert stale.read_text() == text
