@@ -232,13 +232,14 @@ def _read_model_index(location: str, is_local: bool, revision: str | None) -> di
     try:
         return dict(DiffusionPipeline.load_config(location, revision=revision, local_files_only=offline))
     except (OSError, HfHubHTTPError, ValueError) as err:
-        why = "offline mode (HF_HUB_OFFLINE) is on" if offline else "the Hugging Face hub could not be reached"
+        why = "offline mode (HF_HUB_OFFLINE) is on" if offline else "the hub could not be reached or has no such model"
+        first_line = (str(err).splitlines() or [""])[0][:300]
         raise TeacherLoadError(
             f"teacher.path {location!r}: no local directory of that name, and it is not in the Hugging Face cache "
             f"as a hub model (looked for model_index.json, revision {revision or 'main'}); {why}. "
-            f"Download the pipeline where there is network, e.g. `huggingface-cli download {location} "
-            "--local-dir DIR` (or DiffusionPipeline.from_pretrained(...).save_pretrained(DIR)), copy DIR here "
-            f"and set teacher.path to it. Underlying error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            f"Download the pipeline where there is network, e.g. `hf download {location} --local-dir DIR` "
+            "(or DiffusionPipeline.from_pretrained(...).save_pretrained(DIR)), copy DIR here and set "
+            f"teacher.path to it. Underlying error: {type(err).__name__}: {first_line}"
         ) from err
 
 
@@ -455,13 +456,14 @@ def _vae_for_decoding(teacher: Teacher):
     """
     vae = teacher.vae
     upcast = teacher.type == "sdxl" and vae.dtype == torch.float16 and vae.config.force_upcast
+    # torch's Module.to: ModelMixin.to would log a "keep in float32" warning at every decode
     if upcast:
-        vae.to(torch.float32)
+        torch.nn.Module.to(vae, torch.float32)
     try:
         yield vae
     finally:
         if upcast:
-            vae.to(torch.float16)
+            torch.nn.Module.to(vae, torch.float16)
 
 
 @torch.no_grad()

@@ -159,7 +159,7 @@ def test_hub_id_offline(monkeypatch, tmp_path):
     msg = str(err.value)
     assert "'someone/stable-diffusion-v9'" in msg and "model_index.json" in msg and "revision abc123" in msg
     assert "offline mode (HF_HUB_OFFLINE) is on" in msg
-    assert "set teacher.path to it" in msg and "huggingface-cli download someone/stable-diffusion-v9" in msg
+    assert "set teacher.path to it" in msg and "hf download someone/stable-diffusion-v9 --local-dir DIR" in msg
 
 
 def test_bad_settings_fail_before_loading(tiny_sd_dir):
@@ -304,15 +304,40 @@ def test_vae_encode_decode_scaling(tiny_sd_dir):
     assert (decode_latents(teacher, lat_norm) - plain).abs().max().item() < 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 teachers need a GPU")
-def test_sdxl_float16_keeps_vae_in_float32_and_matches_the_pipeline(tiny_sdxl_dir):
-    teacher = load_teacher({"path": str(tiny_sdxl_dir), "dtype": "float16", "device": "cuda"})
-    assert teacher.unet.dtype == torch.float16 and teacher.vae.dtype == torch.float32  # force_upcast
+def _half(teacher):
+    """A float16 copy of a loaded float32 teacher, on the CPU (load_teacher refuses float16 there)."""
+    import dataclasses
+
+    for module in teacher.pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            torch.nn.Module.to(module, torch.float16)
+    return dataclasses.replace(teacher, dtype=torch.float16, _uncond=None)
+
+
+@pytest.mark.filterwarnings("ignore:`upcast_vae` is deprecated")  # raised inside the SDXL pipeline's own decode
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_sdxl_float16_decodes_in_float32_and_matches_the_pipeline(tiny_sdxl_dir, device):
+    if device == "cuda":
+        teacher = load_teacher({"path": str(tiny_sdxl_dir), "dtype": "float16", "device": "cuda"})
+    else:
+        teacher = _half(load_teacher({"path": str(tiny_sdxl_dir), "dtype": "float32", "device": "cpu"}))
+    assert teacher.unet.dtype == teacher.vae.dtype == torch.float16 and teacher.vae.config.force_upcast
     cond = encode_prompts(teacher, PROMPTS[:1])
-    z = latents(teacher, 1).cuda()
+    assert cond.prompt_embeds.dtype == torch.float16
+    z = latents(teacher, 1).to(teacher.device)
     with torch.no_grad():
         ours, _ = ddim_sample(lambda x, t: unet_eps(teacher, x, t, cond, 5.0), z, coarse_timesteps(4),
                               teacher.alphas_cumprod)
+        assert ours.dtype == torch.float32  # states stay in float32; only the UNet runs in float16
         image = decode_latents(teacher, ours)
-        ref = teacher.pipe(PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=z.half(), output_type="pt")
-    assert (image - ref.images.float()).abs().max().item() < 2e-2  # fp16 UNet; our states stay float32
+        assert teacher.vae.dtype == torch.float16  # upcast only for the decode, as the SDXL pipeline does
+        ref = teacher.pipe(PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=z.half(),
+                           output_type="latent").images
+        ref_image = decode_latents(teacher, ref)
+        pipe_image = teacher.pipe(PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=z.half(),
+                                  output_type="pt").images
+    # the pipeline keeps its states in float16: relative agreement ~1e-3 on latents of size ~50
+    assert (ours - ref.float()).abs().max().item() < 5e-3 * ref.abs().max().item()
+    assert (ref_image - pipe_image.float()).abs().max().item() < 1e-3  # our decode = the pipeline's decode
+    assert (image - pipe_image.float()).abs().max().item() < 1e-2
