@@ -1,0 +1,271 @@
+"""The student LoRA (rapm.lora): one module for student and teacher, gradients, checkpoints, export.
+
+The export tests are the contract with diffusers: ``pipe.load_lora_weights(file)`` + ``pipe.fuse_lora()``
+must bring back EVERY trained module (counted by name, not just "something loaded") at the right
+scale (rank 1, alpha 8, non-zero random lora_B), and the fused pipeline's 4-step DDIM (trailing)
+sampling at guidance 1.0 must equal our own student sampler. Tolerance: atol 1e-4 + rtol 1e-5 on the
+final latents (float32; measured max difference 1.5e-5 on latents of magnitude ~45, while student and
+teacher differ by > 10).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rapm.lora import (
+    PCM_TARGETS, STUDENT, add_student_lora, count_lora_modules, export_lora, load_lora_state_dict, lora_parameters,
+    lora_state_dict, resolve_targets, teacher_mode,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LORA = {"rank": 1, "alpha": 8.0, "targets": list(PCM_TARGETS)}
+#: modules PCM's target list selects on the tiny SD/SDXL UNets (2 levels, 1 layer per block)
+TINY_MODULES = 79
+
+
+def _unet(kind: str):
+    from diffusers import UNet2DConditionModel
+
+    if kind == "toy":
+        tinysd = pytest.importorskip("rapm.toy.tinysd")
+        torch.manual_seed(0)
+        return UNet2DConditionModel(**tinysd.UNET_CONFIG).eval()
+    from rapm.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    return (tiny_sd_pipeline if kind == "sd" else tiny_sdxl_pipeline)(seed=0).unet
+
+
+def _inputs(unet, batch: int = 2):
+    """Seeded (z, t, kwargs) for a UNet forward; SDXL-type UNets get pooled text and time ids."""
+    gen = torch.Generator().manual_seed(3)
+    size = unet.config.sample_size
+    z = torch.randn(batch, unet.config.in_channels, size, size, generator=gen)
+    t = torch.tensor([999, 249][:batch])
+    kwargs = {"encoder_hidden_states": torch.randn(batch, 7, unet.config.cross_attention_dim, generator=gen)}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=gen),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}
+    return z, t, kwargs
+
+
+def _randomize(unet, std: float = 0.1, seed: int = 1):
+    """Non-zero lora_B (and re-drawn lora_A), so the student differs from the teacher."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(lora_state_dict_params(unet).items()):
+            p.copy_(torch.randn(p.shape, generator=gen) * (std if ".lora_B." in name else 0.3))
+
+
+def lora_state_dict_params(unet):
+    return {n: p for n, p in unet.named_parameters() if f".{STUDENT}." in n}
+
+
+# --- one module: student and teacher ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "toy"])
+def test_student_starts_as_teacher_and_teacher_mode_is_the_base_model(kind):
+    unet = _unet(kind)
+    z, t, kw = _inputs(unet)
+    with torch.no_grad():
+        base = unet(z, t, **kw).sample
+    n_targets = len(resolve_targets(unet, PCM_TARGETS))
+    add_student_lora(unet, LORA)
+    assert count_lora_modules(unet) == n_targets > 0
+    assert all(not p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in lora_parameters(unet))
+    with torch.no_grad():
+        assert torch.equal(unet(z, t, **kw).sample, base)  # lora_B = 0 at init
+        _randomize(unet)
+        student = unet(z, t, **kw).sample
+        with teacher_mode(unet):
+            teacher = unet(z, t, **kw).sample
+        again = unet(z, t, **kw).sample
+    assert torch.equal(teacher, base)
+    assert (student - base).abs().max() > 0.1 and torch.equal(again, student)
+
+
+def test_tiny_unets_adapt_the_expected_modules():
+    unet = _unet("sd")
+    names = resolve_targets(unet, PCM_TARGETS)
+    assert len(names) == TINY_MODULES
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in names
+    assert "down_blocks.0.downsamplers.0.conv" in names and "up_blocks.0.upsamplers.0.conv" in names
+    assert "conv_in" not in names and "time_embedding.linear_1" not in names
+
+
+def test_bad_lora_configs_raise():
+    unet = _unet("sd")
+    with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) \['to_qq'\]"):
+        add_student_lora(unet, {"targets": ["to_q", "to_qq"]})
+    with pytest.raises(ValueError, match="GEGLU"):
+        resolve_targets(unet, ["ff.net.0"])
+    with pytest.raises(ValueError, match=r"unknown train.lora key\(s\) \['ranks'\]"):
+        add_student_lora(unet, {"ranks": 2})
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        add_student_lora(unet, {"rank": 0})
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        add_student_lora(unet, {"alpha": -1})
+    with pytest.raises(ValueError, match="no 'student' LoRA adapter"):
+        lora_parameters(unet)
+    add_student_lora(unet, LORA)
+    with pytest.raises(ValueError, match="already has"):
+        add_student_lora(unet, LORA)
+
+
+def test_teacher_mode_restores_state_and_flags():
+    unet = _unet("sd")
+    with teacher_mode(unet):  # no adapter yet: the UNet is the teacher already
+        pass
+    add_student_lora(unet, LORA)
+    params = lora_parameters(unet)
+    params[0].requires_grad_(False)  # a caller's choice that peft's enable_adapters would overwrite
+    layer = next(m for m in unet.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A"))
+    with teacher_mode(unet):
+        assert layer.disable_adapters
+        assert all(p.requires_grad for p in params[1:])
+        with teacher_mode(unet):
+            pass
+        assert layer.disable_adapters  # the inner exit did not re-enable
+    assert not layer.disable_adapters
+    assert not params[0].requires_grad and all(p.requires_grad for p in params[1:])
+    with pytest.raises(RuntimeError), teacher_mode(unet):
+        raise RuntimeError
+    assert not layer.disable_adapters
+
+
+# --- gradients -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_student_backward_reaches_only_lora_and_a_step_leaves_the_backbone(kind):
+    unet = _unet(kind)
+    add_student_lora(unet, LORA)
+    _randomize(unet)
+    base_before = {k: v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+    lora_before = lora_state_dict(unet)
+    z, t, kw = _inputs(unet)
+    z.requires_grad_(True)
+    student = unet(z, t, **kw).sample
+    with teacher_mode(unet):  # the G step then runs the frozen backbone on the student's output
+        judged = unet(student, t, **kw).sample
+    judged.square().mean().backward()  # backward after leaving teacher mode
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
+    lora_names = {n for n, p in unet.named_parameters() if f".{STUDENT}." in n}
+    assert with_grad == lora_names  # every LoRA weight, nothing else
+    torch.optim.AdamW(lora_parameters(unet), lr=1e-2).step()
+    after = unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items())
+    assert all(not torch.equal(lora_state_dict(unet)[k], v) for k, v in lora_before.items())
+
+
+def test_teacher_mode_backward_reaches_the_input_only():
+    unet = _unet("sd")
+    add_student_lora(unet, LORA)
+    _randomize(unet)
+    z, t, kw = _inputs(unet)
+    z.requires_grad_(True)
+    with teacher_mode(unet):
+        unet(z, t, **kw).sample.sum().backward()
+    assert z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in unet.parameters())
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def test_lora_state_dict_matches_peft_and_round_trips():
+    from peft import get_peft_model_state_dict
+
+    unet = _unet("sdxl")
+    add_student_lora(unet, LORA)
+    _randomize(unet)
+    sd = lora_state_dict(unet)
+    peft_sd = get_peft_model_state_dict(unet, adapter_name=STUDENT)
+    assert sd.keys() == peft_sd.keys() and len(sd) == 2 * TINY_MODULES
+    assert all(torch.equal(sd[k], peft_sd[k]) for k in sd)
+    z, t, kw = _inputs(unet)
+    other = _unet("sdxl")
+    add_student_lora(other, LORA)
+    load_lora_state_dict(other, sd)
+    with torch.no_grad():
+        assert torch.equal(other(z, t, **kw).sample, unet(z, t, **kw).sample)
+    sd[next(iter(sd))] += 1  # a copy, not a view of the live weights
+    assert not torch.equal(sd[next(iter(sd))], lora_state_dict(unet)[next(iter(sd))])
+    with pytest.raises(ValueError, match="missing"):
+        load_lora_state_dict(other, dict(list(sd.items())[1:]))
+    bad = dict(sd)
+    key = next(k for k in bad if ".lora_A." in k)
+    bad[key] = torch.zeros(2, *bad[key].shape[1:])
+    with pytest.raises(ValueError, match="shape"):
+        load_lora_state_dict(other, bad)
+
+
+# --- export: what diffusers loads ----------------------------------------------------------------
+
+def _loaded_modules(unet) -> dict[str, object]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_export_reloads_every_module_at_the_right_scale(fixture, request, tmp_path):
+    from rapm.schedule import coarse_timesteps, ddim_sample
+    from rapm.teacher import encode_prompts, load_teacher, unet_eps
+
+    cfg = {"path": str(request.getfixturevalue(fixture)), "device": "cpu"}
+    student = load_teacher(cfg)
+    add_student_lora(student.unet, LORA)
+    _randomize(student.unet)
+    trained = {n for n in _loaded_modules(student.unet)}
+    path = tmp_path / "lora.safetensors"
+    assert export_lora(student.unet, path, LORA, {"run": "test"}) == len(trained) == TINY_MODULES
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["run"] == "test" and json.loads(meta["rapm.lora"])["alpha"] == 8.0
+    assert all(k.startswith("unet.") for k in keys) and len(keys) == 2 * TINY_MODULES
+
+    pipe_owner = load_teacher(cfg)  # a fresh copy of the teacher pipeline
+    pipe = pipe_owner.pipe
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(str(path))
+    loaded = _loaded_modules(pipe.unet)
+    assert set(loaded) == trained  # by name: nothing dropped, nothing extra
+    pipe.fuse_lora()
+    changed = set()
+    for name, module in pipe.unet.named_modules():
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        key = name + ".weight"
+        if key in before and weight is not None and not torch.equal(weight, before[key]):
+            changed.add(name)
+    assert changed == trained
+
+    prompt, grid = "a red square above a blue circle", coarse_timesteps(4)
+    z = torch.randn(1, *student.latent_shape(), generator=torch.Generator().manual_seed(5))
+    cond = encode_prompts(student, [prompt])
+    with torch.no_grad():
+        ours, _ = ddim_sample(lambda x, t: unet_eps(student, x, t, cond), z, grid, student.alphas_cumprod)
+        with teacher_mode(student.unet):
+            teacher, _ = ddim_sample(lambda x, t: unet_eps(student, x, t, cond), z, grid, student.alphas_cumprod)
+        fused = pipe(prompt, num_inference_steps=4, guidance_scale=1.0, latents=z.clone(), output_type="latent").images
+    assert (ours - teacher).abs().max() > 1.0  # the adapter matters, so agreement below is not vacuous
+    torch.testing.assert_close(fused, ours, atol=1e-4, rtol=1e-5)
+
+
+def test_export_checks_config_and_metadata(tmp_path):
+    unet = _unet("sd")
+    add_student_lora(unet, LORA)
+    with pytest.raises(ValueError, match="lora_cfg says 2"):
+        export_lora(unet, tmp_path / "a.safetensors", {**LORA, "rank": 2}, {})
+    with pytest.raises(ValueError, match="bad keys: \\['format'\\]"):
+        export_lora(unet, tmp_path / "a.safetensors", LORA, {"format": "x"})
+    with pytest.raises(ValueError, match="bad keys: \\['steps'\\]"):
+        export_lora(unet, tmp_path / "a.safetensors", LORA, {"steps": 4})
+    assert not list(tmp_path.iterdir())
