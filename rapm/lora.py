@@ -136,6 +136,7 @@ def teacher_mode(unet: nn.Module) -> Iterator[nn.Module]:
     if not layers:
         yield unet
         return
+    _check_checkpointing(unet)
     was_disabled = layers[0].disable_adapters
     flags = [(p, p.requires_grad) for p in unet.parameters()]
     unet.disable_adapters()
@@ -148,6 +149,50 @@ def teacher_mode(unet: nn.Module) -> Iterator[nn.Module]:
             unet.enable_adapters()
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _adapter_state(layers: list[nn.Module], disabled: list[bool]) -> Iterator[None]:
+    """Set each peft layer's adapters on/off as recorded, restoring state and grad flags after."""
+    before = [m.disable_adapters for m in layers]
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    try:
+        for m, off in zip(layers, disabled):
+            m.enable_adapters(not off)
+        yield
+    finally:
+        for m, off in zip(layers, before):
+            m.enable_adapters(not off)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _adapter_aware_checkpoint(module, *args):
+    """``torch.utils.checkpoint`` (non-reentrant) that recomputes ``module`` in backward with its
+    adapters on or off as they were in forward: the teacher-mode backbone pass of the G step is
+    back-propagated after :func:`teacher_mode` has exited, and without this its recomputation would
+    run the student's LoRA (diffusers' default function fails with ``CheckpointError``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = _peft_layers(module) if isinstance(module, nn.Module) else []
+    if not layers:
+        return checkpoint(module, *args, use_reentrant=False)
+    disabled = [m.disable_adapters for m in layers]
+    return checkpoint(module, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _adapter_state(layers, disabled)))
+
+
+def enable_gradient_checkpointing(unet: nn.Module) -> None:
+    """Gradient checkpointing that is correct across :func:`teacher_mode` (use instead of
+    ``unet.enable_gradient_checkpointing()``, which :func:`teacher_mode` refuses under grad)."""
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=_adapter_aware_checkpoint)
+
+
+def _check_checkpointing(unet: nn.Module) -> None:
+    funcs = {getattr(m, "_gradient_checkpointing_func", None) for m in unet.modules() if getattr(m, "gradient_checkpointing", False)}
+    if torch.is_grad_enabled() and funcs - {_adapter_aware_checkpoint}:
+        raise RuntimeError("gradient checkpointing is on with a function that would recompute the teacher-mode pass "
+                           "with the student LoRA enabled; turn it on with rapm.lora.enable_gradient_checkpointing(unet)")
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from rapm.lora import (
-    PCM_TARGETS, STUDENT, add_student_lora, count_lora_modules, export_lora, load_lora_state_dict, lora_parameters,
-    lora_state_dict, resolve_targets, teacher_mode,
+    PCM_TARGETS, STUDENT, add_student_lora, count_lora_modules, enable_gradient_checkpointing, export_lora,
+    load_lora_state_dict, lora_parameters, lora_state_dict, resolve_targets, teacher_mode,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -136,6 +136,21 @@ def test_teacher_mode_restores_state_and_flags():
     with pytest.raises(RuntimeError), teacher_mode(unet):
         raise RuntimeError
     assert not layer.disable_adapters
+
+
+def test_teacher_mode_refuses_plain_gradient_checkpointing():
+    """diffusers' checkpointing recomputes in backward, after teacher mode exited, i.e. WITH the LoRA."""
+    unet = _unet("sd")
+    add_student_lora(unet, LORA)
+    unet.enable_gradient_checkpointing()
+    with torch.no_grad(), teacher_mode(unet):  # nothing is recomputed without grad
+        pass
+    with pytest.raises(RuntimeError, match="enable_gradient_checkpointing"), teacher_mode(unet):
+        pass
+    assert not next(m for m in unet.modules() if hasattr(m, "lora_A")).disable_adapters
+    enable_gradient_checkpointing(unet)
+    with teacher_mode(unet):
+        pass
 
 
 # --- gradients -----------------------------------------------------------------------------------
