@@ -215,11 +215,13 @@ def load_lora_state_dict(unet: nn.Module, state_dict: Mapping[str, Tensor]) -> N
 
 
 def export_lora(unet: nn.Module, path: str | os.PathLike, lora_cfg: Mapping[str, Any] | None,
-                metadata: Mapping[str, str] | None = None) -> int:
+                metadata: Mapping[str, str] | None = None, *, dtype: torch.dtype = torch.float32) -> int:
     """Write ``lora.safetensors`` for diffusers' ``pipe.load_lora_weights(path)`` + ``pipe.fuse_lora()``.
 
-    Keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (peft names, float32), each lora_B
-    multiplied by its module's scale alpha/r, so the file is exact at diffusers' reload scale 1.
+    Keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (peft names), each lora_B multiplied by
+    its module's scale alpha/r (in float32), so the file is exact at diffusers' reload scale 1. Stored
+    in ``dtype``: float32 by default; float16 halves the file (SDXL rank 1: 12.5 → 6.3 MB, the
+    paper's "about 7 MB").
     ``lora_cfg`` must describe the adapter (checked); it and ``metadata`` (str → str, the caller's
     config and provenance) go into the safetensors metadata, ours under ``rapm.lora``. Written
     atomically. Returns the number of LoRA modules written.
@@ -229,6 +231,8 @@ def export_lora(unet: nn.Module, path: str | os.PathLike, lora_cfg: Mapping[str,
     cfg = _lora_cfg(lora_cfg)
     metadata = dict(metadata or {})
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str) or k in RESERVED_METADATA]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unknown LoRA export dtype {dtype!r}; use torch.float32, float16 or bfloat16")
     if bad:
         raise ValueError(f"metadata must map str to str and avoid {RESERVED_METADATA}; bad keys: {bad}")
     scales = {}
@@ -244,10 +248,11 @@ def export_lora(unet: nn.Module, path: str | os.PathLike, lora_cfg: Mapping[str,
         module_name = key.rsplit(".lora_", 1)[0]
         if ".lora_B." in key:
             value = value.float() * scales[module_name]
-        tensors["unet." + key] = value.float().contiguous().cpu()
+        tensors["unet." + key] = value.float().to(dtype).contiguous().cpu()
     n_modules = sum(1 for k in tensors if ".lora_A." in k)
     info = {"rank": cfg["rank"], "alpha": cfg["alpha"], "targets": list(cfg["targets"]),
-            "alpha_folded_into_lora_B": True, "modules": n_modules}
+            "alpha_folded_into_lora_B": True, "modules": n_modules,
+            "dtype": str(dtype).removeprefix("torch.")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -274,6 +274,22 @@ def test_export_reloads_every_module_at_the_right_scale(fixture, request, tmp_pa
     torch.testing.assert_close(fused, ours, atol=1e-4, rtol=1e-5)
 
 
+def test_float16_export_is_the_rounded_float32_export(tmp_path):
+    from safetensors.torch import load_file
+
+    unet = _unet("sd")
+    add_student_lora(unet, LORA)
+    _randomize(unet)
+    export_lora(unet, tmp_path / "32.safetensors", LORA, {})
+    assert export_lora(unet, tmp_path / "16.safetensors", LORA, {}, dtype=torch.float16) == TINY_MODULES
+    full, half = load_file(tmp_path / "32.safetensors"), load_file(tmp_path / "16.safetensors")
+    assert full.keys() == half.keys() and all(v.dtype == torch.float16 for v in half.values())
+    assert all(torch.equal(half[k], full[k].half()) for k in full)
+    key = next(k for k in full if ".lora_B." in k)  # alpha/r = 8 folded in before rounding
+    module = key.removeprefix("unet.").rsplit(".lora_B.", 1)[0]
+    torch.testing.assert_close(full[key], 8 * lora_state_dict(unet)[f"{module}.lora_B.weight"])
+
+
 def test_export_checks_config_and_metadata(tmp_path):
     unet = _unet("sd")
     add_student_lora(unet, LORA)
@@ -283,4 +299,6 @@ def test_export_checks_config_and_metadata(tmp_path):
         export_lora(unet, tmp_path / "a.safetensors", LORA, {"format": "x"})
     with pytest.raises(ValueError, match="bad keys: \\['steps'\\]"):
         export_lora(unet, tmp_path / "a.safetensors", LORA, {"steps": 4})
+    with pytest.raises(ValueError, match="unknown LoRA export dtype"):
+        export_lora(unet, tmp_path / "a.safetensors", LORA, {}, dtype=torch.int8)
     assert not list(tmp_path.iterdir())
