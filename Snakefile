@@ -11,6 +11,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/config.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/trajectories.smk"
 
 
 # Default target: every final output of the configured profile.

@@ -101,6 +101,54 @@ def _cmd_docs(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _cmd_trajectories_init(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "teacher", "trajectories")
+    _set_threads(args.threads)
+    import json
+    from pathlib import Path
+
+    from rapm.trajectories import init_store
+
+    info = init_store(args.dir, cfg["teacher"], cfg["trajectories"], args.prompts, args.manifest, key=Path(args.dir).name)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return 0
+
+
+def _cmd_trajectories_compute(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "teacher", "trajectories")
+    _set_threads(args.threads)
+    import json
+    from pathlib import Path
+
+    from rapm.trajectories import compute_shard
+
+    summary = compute_shard(args.dir, cfg["teacher"], cfg["trajectories"], args.shard,
+                            max_trajectories=args.max_trajectories)
+    if summary["remaining"]:
+        print(f"rapm: shard {args.shard} stopped with {summary['remaining']} trajectories left; run the same "
+              "command again to resume (no summary written)", file=sys.stderr)
+        return 75
+    Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.summary).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return 0
+
+
+def _cmd_trajectories_gather(args: argparse.Namespace) -> int:
+    stage_config(args, "teacher", "trajectories")
+    from rapm.trajectories import gather
+
+    gather(args.dir, args.summaries, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -156,6 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out-dir", required=True, help="where rapm-toyclip.{json,safetensors}, train_log.jsonl, summary.json go")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+    traj = add("trajectories", None, "teacher trajectories (method.md §1): init the store, compute shards, gather").add_subparsers(
+        dest="trajectories_command", required=True, metavar="<step>")
+    p = add("init", _cmd_trajectories_init,
+            "create the pre-allocated trajectory store (or keep a matching one, so shards resume)", parent=traj)
+    _add_config_args(p)
+    p.add_argument("--dir", required=True, help="trajectory directory results/trajectories/<key> (store.zarr goes inside)")
+    p.add_argument("--prompts", required=True, help="train.csv of the data stage")
+    p.add_argument("--manifest", required=True, help="manifest.json of the data stage (train.csv is checked against it)")
+    p.add_argument("--out", required=True, help="init.json: what was done (created, kept or reset)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p = add("compute", _cmd_trajectories_compute,
+            "compute the missing trajectories of one shard; run again to resume", parent=traj)
+    _add_config_args(p)
+    p.add_argument("--dir", required=True, help="trajectory directory made by `init`")
+    p.add_argument("--shard", type=int, required=True, help="shard index in [0, trajectories.shards)")
+    p.add_argument("--summary", required=True, help="the shard's summary JSON, written once the shard is complete")
+    p.add_argument("--max-trajectories", type=int, default=None,
+                   help="stop after this many trajectories (exit code 75, no summary; rerun to resume)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p = add("gather", _cmd_trajectories_gather,
+            "verify every trajectory and chunk, consolidate the store, write its manifest", parent=traj)
+    _add_config_args(p)
+    p.add_argument("--dir", required=True, help="trajectory directory")
+    p.add_argument("--summaries", nargs="*", default=[], help="the shards' summary JSON files (recorded in the manifest)")
+    p.add_argument("--out", required=True, help="manifest.json to write")
     return parser
 
 
