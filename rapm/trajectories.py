@@ -6,7 +6,7 @@ grid of N·M steps from the initial noise z̃_N drawn with its own seed; we keep
 runs the text encoders or the teacher. Layout of ``results/trajectories/<key>/`` (``key``:
 :func:`rapm.workflow.trajectory_store_key`, a hash of the settings that change the arrays)::
 
-    store.zarr/          zarr v3 group (attributes: ATTRIBUTES below), consolidated by gather
+    store.zarr/          zarr v3 group, attributes below; metadata consolidated by gather
       seed           (J,)               int64    trajectory j's noise seed = trajectories.seed + j
       prompt_id      (J,)               int64    prompt_id column of train.csv
       prompt         (J,)               str      the caption
@@ -20,17 +20,28 @@ runs the text encoders or the teacher. Layout of ``results/trajectories/<key>/``
     shards/I-of-S.json   summary of shard I (trajectories computed, wall time, peak RSS)
     manifest.json        written by ``gather`` once every chunk is present and intact
 
+Group attributes: ``format``/``format_version``, ``key``; ``teacher`` (path as configured, location, type,
+pipeline class, dtype, ``weights_sha256`` over its models' state dicts and one per model);
+``scheduler`` (its config); ``num_steps`` N, ``steps_per_slot`` M, ``guidance``, ``seed``,
+``resolution``, ``num_trajectories`` J, ``trajectories_per_chunk``, ``batch_size``; the
+``coarse``/``delta``/``fine_timesteps``; ``latent_shape``, ``conditioning_shapes``, ``state_dtype``;
+``prompts`` (train.csv and manifest SHA-256); ``versions`` (python, torch, diffusers, transformers,
+zarr, numpy, rapm); ``complete`` and ``content_sha256`` (per array) once gathered.
+
 Every array is chunked along the trajectory axis only (``trajectories_per_chunk`` rows per chunk) and
 stored uncompressed (latents do not compress) behind a CRC32C checksum per chunk, so a truncated or
 corrupted chunk fails loudly instead of reading as garbage; a missing chunk is caught by listing.
 
 Determinism. Trajectory j's noise comes from its own generator (seed + j), so it is bitwise the same
-for every shard count and batch size. The UNet is not bitwise batch-invariant (on CPU, a batch of 8
-and 8 batches of 1 differ by ~1e-5: convolutions and GEMMs pick kernels by batch size), so trajectories
-are computed in fixed global batches [k·B, (k+1)·B) of ``batch_size`` B, shards own whole batches and
-chunks, and a batch's done flags are written after all its rows: the arrays are then bitwise identical
-for any shard count and across kill-and-resume, for a given B, device and thread count. Another B
-changes them at float-rounding level only (``tests/test_trajectories.py`` measures both).
+for every shard count and batch size, as are the text embeddings. The UNet is not bitwise
+batch-invariant (CPU: a batch of 8 and 8 batches of 1 differ by ~1e-5, convolutions and GEMMs pick
+kernels by batch size; H100: ~1e-3 relative, cuDNN convolutions run in TF32 by default), so
+trajectories are computed in fixed global batches [k·B, (k+1)·B) of ``batch_size`` B: shards own whole
+batches and chunks, a batch's done flags are written after all its rows, and a batch with any missing
+row (a repaired chunk) is run whole, only its missing rows being written. The arrays are then bitwise
+identical for any shard count and across kill-and-resume, for a given B, device and thread count
+(tested on CPU; also seen on an H100). Another B changes the states at rounding level, amplified by
+guidance along the trajectory (``tests/test_trajectories.py`` measures both).
 """
 
 from __future__ import annotations
@@ -390,7 +401,7 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
             done[rows] = False
     prompts, seeds = group["prompt"][start:stop], np.asarray(group["seed"][start:stop])
     arrays = {name: group[name] for name in ("coarse", "delta", *COND_ARRAYS) if name in group}
-    abar = teacher.alphas_cumprod
+    abar = teacher.alphas_cumprod.to(teacher.device)  # on the device: no host copy per DDIM step
     todo = int((~done).sum())
     log.info("shard %d/%d: trajectories [%d, %d), %d done, %d to compute, batch size %d, device %s",
              shard, S, start, stop, int(done.sum()), todo, B, teacher.device)

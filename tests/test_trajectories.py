@@ -186,12 +186,12 @@ def test_sdxl_conditioning_is_stored(sdxl_teacher, prompt_files, tmp_path):
 
 def test_shard_count_does_not_change_a_bit(sd_store, sd_teacher, prompt_files, tmp_path):
     one, _ = sd_store
-    three = tmp_path / "three"
-    manifest = build(three, sd_teacher, prompt_files, shards=3)
-    a1, a3 = arrays(one), arrays(three)
+    four = tmp_path / "four"  # 3 batches of 2 over 4 shards: one shard is empty, none splits a batch
+    manifest = build(four, sd_teacher, prompt_files, shards=4)
+    a1, a4 = arrays(one), arrays(four)
     for name in a1:
-        assert np.array_equal(a1[name], a3[name]), name
-    assert [s["range"] for s in manifest["shards"]] == [[0, 2], [2, 4], [4, 6]]
+        assert np.array_equal(a1[name], a4[name]), name
+    assert [s["range"] for s in manifest["shards"]] == [[0, 0], [0, 2], [2, 4], [4, 6]]
 
     # A shard writes only its own index range (whole chunks): run shard 1 of 3 alone.
     alone = tmp_path / "alone"
@@ -272,6 +272,32 @@ def test_resume_after_a_crash_mid_batch(sd_store, sd_teacher, prompt_files, tmp_
     assert again["computed_runs"] == [[2, 6]] and again["already_done"] == 2
     T.gather(tmp_path, [], tmp_path / "manifest.json")
     for name, value in arrays(sd_store[0]).items():  # the uninterrupted run, same batch size
+        assert np.array_equal(value, arrays(tmp_path)[name]), name
+
+
+def test_done_flags_are_written_after_the_data(sd_store, sd_teacher, prompt_files, tmp_path, monkeypatch):
+    # Writing the 2nd batch fails after its coarse states are on disk, before its Δ-states: no flag may be set.
+    cfg, tc = dict(CFG), teacher_cfg(sd_teacher)
+    T.init_store(tmp_path, tc, cfg, *prompt_files, teacher=sd_teacher)
+    real, calls = T.run_batch, []
+
+    def half_written(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            out["delta"] = out["delta"][:, :3]  # wrong shape (3 of 4 slots): the zarr write of "delta" raises
+        return out
+
+    monkeypatch.setattr(T, "run_batch", half_written)
+    with pytest.raises(Exception):
+        T.compute_shard(tmp_path, tc, cfg, 0, teacher=sd_teacher, progress=False)
+    monkeypatch.setattr(T, "run_batch", real)
+    a = arrays(tmp_path)
+    assert np.isfinite(a["coarse"][2:4]).all() and np.isnan(a["delta"][2:4]).all()  # data half written ...
+    assert a["done"].tolist() == [1, 1, 0, 0, 0, 0]  # ... and not flagged
+    assert T.compute_shard(tmp_path, tc, cfg, 0, teacher=sd_teacher, progress=False)["computed_runs"] == [[2, 6]]
+    T.gather(tmp_path, [], tmp_path / "manifest.json")
+    for name, value in arrays(sd_store[0]).items():
         assert np.array_equal(value, arrays(tmp_path)[name]), name
 
 
