@@ -111,24 +111,19 @@ def _set_threads(threads: int | None) -> None:
 def _cmd_trajectories_init(args: argparse.Namespace) -> int:
     cfg = stage_config(args, "teacher", "trajectories")
     _set_threads(args.threads)
-    import json
     from pathlib import Path
 
-    from rapm.trajectories import init_store
+    from rapm.trajectories import init_store, write_json
 
     info = init_store(args.dir, cfg["teacher"], cfg["trajectories"], args.prompts, args.manifest, key=Path(args.dir).name)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(args.out, info)
     return 0
 
 
 def _cmd_trajectories_compute(args: argparse.Namespace) -> int:
     cfg = stage_config(args, "teacher", "trajectories")
     _set_threads(args.threads)
-    import json
-    from pathlib import Path
-
-    from rapm.trajectories import compute_shard
+    from rapm.trajectories import compute_shard, write_json
 
     summary = compute_shard(args.dir, cfg["teacher"], cfg["trajectories"], args.shard,
                             max_trajectories=args.max_trajectories)
@@ -136,8 +131,7 @@ def _cmd_trajectories_compute(args: argparse.Namespace) -> int:
         print(f"rapm: shard {args.shard} stopped with {summary['remaining']} trajectories left; run the same "
               "command again to resume (no summary written)", file=sys.stderr)
         return 75
-    Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.summary).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(args.summary, summary)
     return 0
 
 

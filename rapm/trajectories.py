@@ -112,7 +112,8 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _write_json(path: str | Path, data: Mapping) -> None:
+def write_json(path: str | Path, data: Mapping) -> None:
+    """Write ``data`` as indented JSON, atomically (a reader sees the old file or the whole new one)."""
     from rapm.coco import atomic_path
 
     with atomic_path(path) as tmp:
@@ -545,7 +546,7 @@ def gather(directory: str | Path, shard_summaries: Sequence[str | Path], out: st
                                           "device", "wall_s", "compute_s", "peak_rss_mb")} for s in summaries],
         "versions": attrs["versions"],
     }
-    _write_json(out, manifest)
+    write_json(out, manifest)
     log.info("gathered %s: %d trajectories verified, %.1f MB", path, attrs["num_trajectories"],
              manifest["bytes_on_disk"] / 1e6)
     return manifest
