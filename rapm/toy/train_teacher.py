@@ -1,0 +1,305 @@
+"""Train TinySD, the embedded toy teacher (``python -m rapm toy train-teacher``).
+
+Two phases, both on renders of scenes sampled on the fly from the toy TRAIN split (held-out
+colour-shape pairs never appear):
+
+1. VAE: x -> q(z|x) -> x_hat, loss = MSE(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I)).
+   Afterwards the latent scaling factor is set to 1 / std of the training latents, as in SD.
+2. UNet + text encoder jointly, epsilon prediction (DDPM, Ho et al. 2020):
+   z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,  loss = w(t) * ||eps_theta(z_t, t, c) - eps||^2,
+   with min-SNR weights w(t) = min(SNR(t), gamma) / SNR(t) (Hang et al. 2023) and the caption
+   replaced by "" with probability ``caption_dropout`` (classifier-free guidance, Ho & Salimans
+   2022). The saved model is the EMA of the weights.
+
+Batch ``k`` of a phase depends only on (seed, phase, k), and the training state (weights, EMA,
+optimiser, step) is saved atomically every ``checkpoint_every`` steps in the state directory, so
+an interrupted run resumes where it stopped: run the same command again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+PHASE_VAE, PHASE_DIFFUSION = 0, 1
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def train_batch(toy_cfg: Mapping, seed: int, phase: int, step: int, batch_size: int):
+    """Scenes, captions and renders (float (B, 3, H, W) in [-1, 1]) of batch ``step`` of ``phase``."""
+    from rapm.toy.render import render_batch
+    from rapm.toy.scene import caption, sample_scene
+
+    rng = np.random.default_rng([seed, phase, step])
+    scenes = [sample_scene(rng, max_objects=int(toy_cfg["max_objects"]), holdout_pairs=toy_cfg["holdout_pairs"],
+                           split="train") for _ in range(batch_size)]
+    images = render_batch(scenes, int(toy_cfg["image_size"]), rng.integers(0, 2**31 - 1, size=batch_size).tolist())
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return scenes, [caption(s) for s in scenes], x, rng
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# --- state ----------------------------------------------------------------------------------------
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".part")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path, device) -> dict | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _lr_factor(step: int, total: int, warmup: int, final_fraction: float) -> float:
+    """Linear warm-up, then cosine decay from 1 to ``final_fraction``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+# --- phase 1: VAE -----------------------------------------------------------------------------------
+
+def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.device) -> tuple[object, dict]:
+    """Train (or resume, or load the finished) VAE; returns it with its scaling factor set, and stats."""
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    from rapm.toy.reader import accuracy
+    from rapm.toy.tinysd import build_vae
+
+    final_dir, ckpt_path = state_dir / "vae_final", state_dir / "vae.pt"
+    vcfg, seed = tcfg["vae"], int(tcfg["seed"])
+    if (final_dir / "stats.json").is_file():
+        log.info("VAE: finished in %s, loading it", final_dir)
+        return AutoencoderKL.from_pretrained(final_dir).to(device), json.loads((final_dir / "stats.json").read_text())
+
+    torch.manual_seed(seed)
+    vae = build_vae().to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=float(vcfg["lr"]), weight_decay=0.0)
+    start, losses = 0, []
+    if (state := _load(ckpt_path, device)) is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, losses = int(state["step"]), list(state["losses"])
+        log.info("VAE: resuming at step %d", start)
+    steps, bs = int(vcfg["steps"]), int(vcfg["batch_size"])
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="VAE", mininterval=5, file=sys.stderr)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = float(vcfg["lr"]) * _lr_factor(step, steps, int(tcfg["warmup_steps"]), float(tcfg["lr_final_fraction"]))
+        _, _, x, _ = train_batch(toy_cfg, seed, PHASE_VAE, step, bs)
+        x = x.to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse, kl = F.mse_loss(rec, x), post.kl().mean()
+        loss = mse + float(vcfg["kl_weight"]) * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append([mse.item(), kl.item()])
+        if (step + 1) % int(tcfg["log_every"]) == 0:
+            m = np.mean(losses[-int(tcfg["log_every"]):], axis=0)
+            bar.set_postfix(mse=f"{m[0]:.5f}", kl=f"{m[1]:.1f}")
+            log.info("VAE step %d/%d: mse %.5f kl %.1f", step + 1, steps, m[0], m[1])
+        if (step + 1) % int(tcfg["checkpoint_every"]) == 0 and step + 1 < steps:
+            _save_atomic({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                          "losses": losses}, ckpt_path)
+
+    # Scaling factor (SD: 0.18215 = 1 / std of its latents) and reconstruction quality, on fresh batches.
+    vae.eval()
+    zs, recs, scenes = [], [], []
+    with torch.no_grad():
+        for k in range(8):
+            sc, _, x, _ = train_batch(toy_cfg, seed + 1, PHASE_VAE, k, 128)
+            post = vae.encode(x.to(device)).latent_dist
+            zs.append(post.sample())
+            recs.append(to_uint8(vae.decode(post.mean).sample))
+            scenes += sc
+    std = torch.cat(zs).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    tail = np.mean(losses[-int(tcfg["log_every"]):], axis=0)
+    try:
+        recon_acc = accuracy(np.concatenate(recs), scenes)
+    except Exception as err:  # a diagnostic only: never lose a trained VAE to it
+        log.warning("VAE: reading the reconstructions failed: %r", err)
+        recon_acc = {"error": repr(err)}
+    stats = {"steps": steps, "latent_std": std, "scaling_factor": 1.0 / std,
+             "final_mse": float(tail[0]), "final_kl": float(tail[1]),
+             "reconstruction_reader_accuracy": recon_acc}
+    log.info("VAE done: latent std %.4f, reconstructions read as %s", std, stats["reconstruction_reader_accuracy"])
+    vae.save_pretrained(final_dir, safe_serialization=True)
+    (final_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    ckpt_path.unlink(missing_ok=True)
+    return vae, stats
+
+
+# --- phase 2: UNet + text encoder -------------------------------------------------------------------
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """w(t) = min(SNR(t), gamma) / SNR(t) for epsilon prediction; 1 when gamma is None."""
+    if gamma is None:
+        return torch.ones_like(t, dtype=torch.float32)
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return torch.clamp(snr, max=float(gamma)) / snr
+
+
+def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, device: torch.device):
+    """Train (or resume) UNet + text encoder; returns (unet, text_encoder) with EMA weights, and stats."""
+    from tqdm import tqdm
+
+    from rapm.toy.tinysd import build_scheduler, build_text_encoder, build_tokenizer, build_unet
+
+    dcfg, seed = tcfg["diffusion"], int(tcfg["seed"])
+    ckpt_path = state_dir / "diffusion.pt"
+    torch.manual_seed(seed + 1)
+    tokenizer = build_tokenizer()
+    unet, text_encoder = build_unet().to(device), build_text_encoder(tokenizer).to(device)
+    models = torch.nn.ModuleList([unet, text_encoder])
+    ema = copy.deepcopy(models).requires_grad_(False)
+    opt = torch.optim.AdamW(models.parameters(), lr=float(dcfg["lr"]), weight_decay=float(dcfg["weight_decay"]))
+    start, losses = 0, []
+    if (state := _load(ckpt_path, device)) is not None:
+        models.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start, losses = int(state["step"]), list(state["losses"])
+        log.info("diffusion: resuming at step %d", start)
+
+    scheduler = build_scheduler()
+    abar = scheduler.alphas_cumprod.to(device)
+    vae.requires_grad_(False).eval()
+    sf = float(vae.config.scaling_factor)
+    steps, bs, drop = int(dcfg["steps"]), int(dcfg["batch_size"]), float(dcfg["caption_dropout"])
+    max_len = tokenizer.model_max_length
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="UNet+text", mininterval=5, file=sys.stderr)
+    models.train()
+    for step in bar:
+        lr = float(dcfg["lr"]) * _lr_factor(step, steps, int(tcfg["warmup_steps"]), float(tcfg["lr_final_fraction"]))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # 1. data: renders x of train-split scenes, captions c ("" with probability `caption_dropout`)
+        _, captions, x, rng = train_batch(toy_cfg, seed, PHASE_DIFFUSION, step, bs)
+        captions = ["" if u < drop else c for u, c in zip(rng.random(bs), captions)]
+        ids = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        # 2. z_0 = scale * sample of q(z|x); t ~ U{0..999}; eps ~ N(0, I); z_t = sqrt(abar_t) z_0 + sqrt(1-abar_t) eps
+        with torch.no_grad():
+            post = vae.encode(x.to(device)).latent_dist
+            z0 = sf * (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device))
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=gen).to(device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
+        zt = scheduler.add_noise(z0, eps, t)
+        # 3. eps_theta(z_t, t, c) and the min-SNR weighted epsilon loss
+        pred = unet(zt, t, text_encoder(ids)[0]).sample
+        w = min_snr_weights(abar, t, dcfg["snr_gamma"])
+        loss = (w * (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), float(dcfg["grad_clip"]))
+        opt.step()
+        # 4. EMA with warm-up: decay = min(ema_decay, (1 + k) / (10 + k))
+        _ema_update(ema, models, min(float(dcfg["ema_decay"]), (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        if (step + 1) % int(tcfg["log_every"]) == 0:
+            m = float(np.mean(losses[-int(tcfg["log_every"]):]))
+            bar.set_postfix(loss=f"{m:.4f}", lr=f"{lr:.2e}")
+            log.info("diffusion step %d/%d: loss %.4f lr %.2e", step + 1, steps, m, lr)
+        if (step + 1) % int(tcfg["checkpoint_every"]) == 0 or step + 1 == steps:
+            _save_atomic({"model": models.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                          "step": step + 1, "losses": losses}, ckpt_path)
+    tail = losses[-int(tcfg["log_every"]):] if losses else [float("nan")]
+    stats = {"steps": steps, "final_loss": float(np.mean(tail)),
+             "loss_curve": [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)]}
+    return ema[0].eval(), ema[1].eval(), tokenizer, stats
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def train_teacher(cfg: Mapping, out_dir: str | Path, state_dir: str | Path | None = None,
+                  command: str | None = None) -> dict:
+    """Train TinySD from ``cfg`` (sections data.toy and toy_teacher) and save the pipeline to ``out_dir``.
+
+    ``state_dir`` (default ``<out_dir>.state``) keeps the resumable state; run again to resume.
+    """
+    from rapm.toy.scene import toy_settings
+    from rapm.toy.tinysd import build_pipeline, dir_size, param_counts, save_pipeline
+
+    t0 = time.time()
+    toy_cfg, tcfg = toy_settings(cfg["data"]["toy"]), cfg["toy_teacher"]
+    out_dir = Path(out_dir)
+    state_dir = Path(state_dir) if state_dir else out_dir.with_name(out_dir.name + ".state")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(tcfg["num_threads"]))
+    device = resolve_device(str(tcfg["device"]))
+    log.info("TinySD training on %s, %d threads; state in %s", device, torch.get_num_threads(), state_dir)
+    (state_dir / "config.json").write_text(json.dumps({"data.toy": toy_cfg, "toy_teacher": tcfg}, indent=2) + "\n")
+
+    vae, vae_stats = train_vae(toy_cfg, tcfg, state_dir, device)
+    unet, text_encoder, tokenizer, diff_stats = train_diffusion(toy_cfg, tcfg, vae, state_dir, device)
+
+    pipe = build_pipeline(vae.cpu(), unet.cpu(), text_encoder.cpu(), tokenizer)
+    save_pipeline(pipe, out_dir)
+    wall = time.time() - t0
+    summary = {
+        "command": command,
+        "seed": int(tcfg["seed"]),
+        "device": str(device),
+        "num_threads": torch.get_num_threads(),
+        "wall_time_s": round(wall, 1),  # this invocation only (a resumed run counts from its restart)
+        "toy_data": toy_cfg,
+        "toy_teacher": tcfg,
+        "vae": vae_stats,
+        "diffusion": diff_stats,
+        "parameters": param_counts(pipe),
+        "size_bytes": dir_size(out_dir),
+        "versions": _versions(),
+    }
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("TinySD saved to %s (%.1f MB) in %.1f min", out_dir, summary["size_bytes"] / 1e6, wall / 60)
+    return summary
