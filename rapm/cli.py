@@ -143,6 +143,19 @@ def _cmd_trajectories_gather(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "teacher", "trajectories", "train")
+    _set_threads(args.threads)
+    from rapm.train import train
+
+    summary = train(cfg, args.trajectories, args.out_dir, args.state_dir, max_iterations=args.max_iterations)
+    if summary is None:
+        print("rapm: training stopped before train.iterations; run the same command again to resume "
+              "(no outputs written)", file=sys.stderr)
+        return 75
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -224,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help="trajectory directory")
     p.add_argument("--summaries", nargs="*", default=[], help="the shards' summary JSON files (recorded in the manifest)")
     p.add_argument("--out", required=True, help="manifest.json to write")
+
+    p = add("train", _cmd_train, "train the RAPM student LoRA on a gathered trajectory store; run again to resume")
+    _add_config_args(p)
+    p.add_argument("--trajectories", required=True, help="trajectory directory results/trajectories/<key> (gathered)")
+    p.add_argument("--out-dir", required=True, help="where lora.safetensors, summary.json, losses.jsonl, validation.png go")
+    p.add_argument("--state-dir", required=True,
+                   help="checkpoints, loss log, validation grids, snapshots; keep it outside declared outputs")
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="stop after this many iterations of this run (exit code 75, no outputs; rerun to resume)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: train.num_threads)")
     return parser
 
 

@@ -1,0 +1,270 @@
+"""One RAPM iteration (method.md §2-§4): the student roll-out, the two positions, the two updates.
+
+:class:`RAPM` holds the one UNet (teacher weights + student LoRA, :mod:`rapm.lora`), the two
+discriminators' heads on that UNet (:mod:`rapm.discriminator`) and the grids of a trajectory store.
+It computes losses and gradients; the optimisers, checkpoints and logs live in :mod:`rapm.train`.
+
+Per iteration, for a batch of stored trajectories (noise z̃_N, coarse states z̃_n, Δ-states) and
+n = N−1 … 0 (slot k = 0 … N−1, noisiest first; u = t_{n+1}, v = t_n):
+
+1. student step     z^φ_n = Φ(z_{n+1}; u → v; ε_φ(z_{n+1}, u, c))                 (with grad in the G step)
+2. absolute target  z̃_n, read from the store
+3. relative target  ẑ_n = sg[Φ(z̃_{u−Δ}; u−Δ → v; ε_φ(z̃_{u−Δ}, u−Δ, c))]          (detach #1: ``detach_target``)
+4. advance          z_n = sg[z^φ_n]                                                 (detach #2: ``detach_rollout``)
+
+Discriminator step: d_hinge(D1(ẑ_n), D1(z^φ_n)) + d_hinge(D2(z̃_n), D2(z^φ_n)), averaged over slots,
+all inputs detached, every input re-noised to τ ∈ [t_n, t_n + T/N) with its own noise (method.md §3).
+Student step: Σ_n w_n [λ_rel hinge_G(D1(z^φ_n)) + λ_abs hinge_G(D2(z^φ_n))] (+ λ_reg pseudo-Huber to ẑ_n
+and z̃_n). With detach #2 each slot is back-propagated on its own as soon as it is computed, so the
+memory is that of a one-step method; the re-noised fake is judged by both heads from ONE backbone pass.
+
+Detach #1 only matters where the relative target enters a student loss: the regression term. With
+``losses.regression`` 0 (the DEFAULT) the G step never computes ẑ_n, and "without detach #1" trains
+exactly like RAPM; the target is still computed (and detached or not) for the D step.
+
+All randomness of iteration i (trajectory pick, τ, re-noising noise) is drawn up front from
+generators seeded with (seed, i) on the CPU, so a resumed run repeats it exactly and results do not
+depend on the device's generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rapm.discriminator import Discriminator
+from rapm.losses import d_hinge, g_hinge, pseudo_huber
+from rapm.schedule import ddim_transfer, renoise
+from rapm.teacher import Conditioning, unet_eps
+
+SLOT_WEIGHT_SCHEDULES = ("uniform", "increasing", "decreasing")
+
+
+def slot_weights(spec: str | Sequence[float], num_steps: int) -> list[float]:
+    """w_n per slot, noisiest slot first (slot k goes from t_{N−k} to t_{N−k−1}).
+
+    ``uniform``: all 1 (DEFAULT). ``increasing``: ∝ k + 1 (more weight near the data), ``decreasing``:
+    ∝ N − k (more weight on the noisy slots); both normalised to mean 1, so the total scale matches
+    uniform. A list gives the N weights explicitly (noisiest slot first).
+    """
+    if isinstance(spec, str):
+        if spec not in SLOT_WEIGHT_SCHEDULES:
+            raise ValueError(f"unknown slot weight schedule {spec!r}; choose {', '.join(SLOT_WEIGHT_SCHEDULES)} or a list")
+        raw = {"uniform": [1.0] * num_steps,
+               "increasing": [k + 1.0 for k in range(num_steps)],
+               "decreasing": [num_steps - k + 0.0 for k in range(num_steps)]}[spec]
+        mean = sum(raw) / num_steps
+        return [w / mean for w in raw]
+    weights = [float(w) for w in spec]
+    if len(weights) != num_steps:
+        raise ValueError(f"train.losses.slot_weights lists {len(weights)} weights for N = {num_steps} slots")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"train.losses.slot_weights must be >= 0, got {weights}")
+    return weights
+
+
+def generator_slot_loss(rel_logits: Sequence[Tensor] | None, abs_logits: Sequence[Tensor] | None, *,
+                        weight: float, lambda_rel: float, lambda_abs: float) -> dict[str, Tensor]:
+    """The adversarial part of one slot's student loss, w_n [λ_rel hinge_G(D1) + λ_abs hinge_G(D2)].
+
+    Returns ``{"g_rel": …, "g_abs": …}`` (each already multiplied by w_n and its λ); a head whose λ is
+    0 is skipped (its logits may be None) and contributes an exact 0.
+    """
+    out = {}
+    for name, logits, lam in (("g_rel", rel_logits, lambda_rel), ("g_abs", abs_logits, lambda_abs)):
+        if lam == 0 or weight == 0:
+            out[name] = torch.zeros(())
+        else:
+            out[name] = weight * lam * g_hinge(logits)
+    return out
+
+
+@dataclass
+class Batch:
+    """B stored trajectories on the training device: ``coarse`` (B, N+1, C, H, W) with coarse[:, 0] = z̃_N,
+    ``delta`` (B, N, C, H, W), the conditioning, and their indices in the store."""
+
+    coarse: Tensor
+    delta: Tensor
+    cond: Conditioning
+    indices: list[int]
+
+
+def load_batch(dataset, indices: Sequence[int], device: torch.device | str) -> Batch:
+    """Stack items of a :class:`rapm.trajectories.TrajectoryDataset` into a :class:`Batch`."""
+    items = [dataset[int(j)] for j in indices]
+    cond = Conditioning(**{name: torch.stack([it[name] for it in items]).to(device)
+                           for name in ("prompt_embeds", "pooled_embeds", "add_time_ids") if name in items[0]})
+    return Batch(coarse=torch.stack([it["coarse"] for it in items]).to(device),
+                 delta=torch.stack([it["delta"] for it in items]).to(device),
+                 cond=cond, indices=[int(j) for j in indices])
+
+
+@dataclass
+class Noise:
+    """The random draws of one iteration: τ and ε for every slot and every re-noised input
+    (``fake``, ``rel``, ``abs``), each (N, B) / (N, B, C, H, W), on the CPU."""
+
+    tau: dict[str, Tensor]
+    eps: dict[str, Tensor]
+
+
+class RAPM:
+    """Losses and gradients of RAPM on one UNet carrying the student adapter.
+
+    ``teacher``: a :class:`rapm.teacher.Teacher` whose UNet has the student LoRA attached
+    (:func:`rapm.lora.add_student_lora`); ``disc``: the :class:`Discriminator` on that UNet;
+    ``coarse_t``/``delta_t``: the store's grids; ``cfg``: the ``train`` config section.
+    """
+
+    def __init__(self, teacher, disc: Discriminator, coarse_t: Sequence[int], delta_t: Sequence[int],
+                 cfg: Mapping[str, Any]):
+        self.teacher, self.disc, self.cfg = teacher, disc, cfg
+        self.coarse_t, self.delta_t = [int(t) for t in coarse_t], [int(t) for t in delta_t]
+        self.num_steps = len(self.delta_t)
+        self.alphas_cumprod = teacher.alphas_cumprod.to(teacher.device)
+        self.T = teacher.num_train_timesteps
+        losses = cfg["losses"]
+        self.lambda_rel, self.lambda_abs = float(losses["lambda_rel"]), float(losses["lambda_abs"])
+        self.lambda_reg, self.huber_c = float(losses["regression"]), float(losses["huber_c"])
+        self.weights = slot_weights(losses["slot_weights"], self.num_steps)
+        self.detach_target, self.detach_rollout = bool(cfg["detach_target"]), bool(cfg["detach_rollout"])
+        self.renoise = bool(cfg["discriminator"]["renoise"])
+        self.autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg["mixed_precision"]]
+
+    # --- pieces ------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.teacher.device.type, dtype=self.autocast_dtype)
+
+    def student_step(self, z: Tensor, u: int, v: int, cond: Conditioning) -> Tensor:
+        """Φ(z; u → v; ε_φ(z, u, c)): one DDIM step of the student (guidance 1, method.md "Notation")."""
+        with self.autocast():
+            eps = unet_eps(self.teacher, z, u, cond)
+        return ddim_transfer(z, u, v, eps.float(), self.alphas_cumprod)
+
+    def relative_target(self, batch: Batch, k: int, *, grad: bool | None = None) -> Tensor:
+        """ẑ_n of slot k: one student step from the stored Δ-state z̃_{u−Δ} to v (method.md §2 step 3).
+
+        Detached (no graph at all) when ``detach_target`` is on; ``grad`` overrides it.
+        """
+        grad = (not self.detach_target) if grad is None else grad
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.student_step(batch.delta[:, k], self.delta_t[k], self.coarse_t[k + 1], batch.cond)
+
+    def draw_noise(self, seed: int, iteration: int, batch_size: int, latent_shape: Sequence[int]) -> Noise:
+        """τ ∈ [t_n, min(t_n + T/N, T)) and ε ~ N(0, I) for each slot and re-noised input (CPU generator)."""
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, iteration, 1]).generate_state(1)[0]))
+        span = self.T // self.num_steps
+        v = torch.tensor(self.coarse_t[1:], dtype=torch.long).view(-1, 1)
+        tau, eps = {}, {}
+        for name in ("fake", "rel", "abs"):
+            offset = torch.randint(0, span, (self.num_steps, batch_size), generator=gen)
+            tau[name] = (v + offset).clamp(max=self.T - 1) if self.renoise else v.expand(-1, batch_size).clone()
+            eps[name] = torch.randn((self.num_steps, batch_size, *latent_shape), generator=gen)
+        return Noise(tau, eps)
+
+    def _noised(self, x: Tensor, k: int, name: str, noise: Noise) -> tuple[Tensor, Tensor]:
+        tau = noise.tau[name][k].to(x.device)
+        if not self.renoise:
+            return x, tau
+        return renoise(x, self.coarse_t[k + 1], tau, noise.eps[name][k].to(x.device, x.dtype), self.alphas_cumprod), tau
+
+    def _features(self, x: Tensor, tau: Tensor, cond: Conditioning) -> list[Tensor]:
+        with self.autocast():
+            return self.disc.features(x, tau, cond)
+
+    def _logits(self, feats: list[Tensor], head: str) -> list[Tensor]:
+        return [f.float() for f in self.disc.logits(feats, head)]
+
+    # --- the two updates ------------------------------------------------------------------------
+
+    def discriminator_loss(self, batch: Batch, noise: Noise) -> dict[str, Tensor]:
+        """D step (method.md §4): {"d_rel", "d_abs", "loss"}; gradients reach only the heads.
+
+        Roll-out, targets and backbone features without grad; real and fake of a slot share one
+        backbone call (batched). A head whose λ is 0 is not trained (its term is an exact 0).
+        """
+        use = {"rel": self.lambda_rel != 0, "abs": self.lambda_abs != 0}
+        terms = {"d_rel": [], "d_abs": []}
+        z = batch.coarse[:, 0]
+        cond, B = batch.cond, len(batch.indices)
+        for k in range(self.num_steps):
+            u, v = self.coarse_t[k], self.coarse_t[k + 1]
+            with torch.no_grad():
+                fake = self.student_step(z, u, v, cond)
+                inputs = [self._noised(fake, k, "fake", noise)]
+                if use["rel"]:
+                    inputs.append(self._noised(self.relative_target(batch, k, grad=False), k, "rel", noise))
+                if use["abs"]:
+                    inputs.append(self._noised(batch.coarse[:, k + 1], k, "abs", noise))
+                feats = self._features(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
+                                       Conditioning.cat([cond] * len(inputs)))
+            z = fake
+            chunks = list(zip(*[f.split(B) for f in feats]))  # per input: its feature maps
+            row = 1
+            for head in ("rel", "abs"):
+                if not use[head]:
+                    continue
+                real_logits, fake_logits = self._logits(list(chunks[row]), head), self._logits(list(chunks[0]), head)
+                terms[f"d_{head}"].append(d_hinge(real_logits, fake_logits))
+                row += 1
+        out = {name: torch.stack(vals).mean() if vals else torch.zeros(()) for name, vals in terms.items()}
+        out["loss"] = out["d_rel"] + out["d_abs"]
+        return out
+
+    def generator_backward(self, batch: Batch, noise: Noise, *, backward: bool = True) -> dict[str, Tensor]:
+        """G step (method.md §4): computes the student loss and back-propagates it into the LoRA.
+
+        With detach #2 (``detach_rollout``) each slot's loss is back-propagated as soon as it is
+        computed; without it, the slots' losses are summed and back-propagated once through the
+        whole roll-out. Returns the detached terms {"g_rel", "g_abs", "reg", "loss"}, summed over slots.
+        ``backward=False`` only computes them (for tests and validation).
+        """
+        totals = {"g_rel": 0.0, "g_abs": 0.0, "reg": 0.0}
+        pending: list[Tensor] = []
+        z = batch.coarse[:, 0]
+        cond = batch.cond
+        for k in range(self.num_steps):
+            u, v, w = self.coarse_t[k], self.coarse_t[k + 1], self.weights[k]
+            fake = self.student_step(z, u, v, cond)
+            parts: dict[str, Tensor] = {}
+            if w != 0 and (self.lambda_rel != 0 or self.lambda_abs != 0):
+                x, tau = self._noised(fake, k, "fake", noise)
+                feats = self._features(x, tau, cond)
+                parts.update(generator_slot_loss(
+                    self._logits(feats, "rel") if self.lambda_rel else None,
+                    self._logits(feats, "abs") if self.lambda_abs else None,
+                    weight=w, lambda_rel=self.lambda_rel, lambda_abs=self.lambda_abs))
+            if self.lambda_reg != 0 and w != 0:
+                target_rel = self.relative_target(batch, k)
+                parts["reg"] = w * self.lambda_reg * (pseudo_huber(fake, target_rel, self.huber_c)
+                                                      + pseudo_huber(fake, batch.coarse[:, k + 1], self.huber_c))
+            slot_loss = sum(p.to(fake.device) for p in parts.values()) if parts else None
+            for name, value in parts.items():
+                totals[name] = totals[name] + value.detach().float().cpu()
+            if slot_loss is not None and slot_loss.requires_grad:
+                if self.detach_rollout and backward:
+                    slot_loss.backward()
+                else:
+                    pending.append(slot_loss)
+            z = fake.detach() if self.detach_rollout else fake
+        if pending and backward:
+            torch.stack(pending).sum().backward()
+        out = {name: torch.as_tensor(value, dtype=torch.float32) for name, value in totals.items()}
+        out["loss"] = out["g_rel"] + out["g_abs"] + out["reg"]
+        return out
+
+    @torch.no_grad()
+    def sample(self, z: Tensor, cond: Conditioning) -> Tensor:
+        """The student's N-step DDIM (trailing, guidance 1) from noise z: its final latents."""
+        for k in range(self.num_steps):
+            z = self.student_step(z, self.coarse_t[k], self.coarse_t[k + 1], cond)
+        return z

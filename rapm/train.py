@@ -1,0 +1,379 @@
+"""RAPM training (``python -m rapm train``): the loop, its state, its outputs.
+
+The losses and gradients of one iteration are :class:`rapm.objective.RAPM`; this module runs them:
+
+    for i in step … iterations − 1:
+        1. batch   B trajectories picked by a generator seeded with (seed, i); τ and ε drawn likewise
+        2. update  D on even i, G on odd i (``schedule: alternate``, DEFAULT), or D then G every i
+        3. check   every loss term finite, else stop (TrainingError names the step and term)
+        4. clip    gradient norm ≤ ``optim.grad_clip``, AdamW step
+        5. log     one JSON line per iteration (per-term losses) in ``losses.jsonl``
+        6. save    atomically every ``checkpoint_every`` iterations; a validation grid every ``validate_every``
+
+State (``--state-dir``, outside the rule's declared outputs, which Snakemake deletes before a job):
+``checkpoint.safetensors`` (LoRA, discriminator heads, both AdamW states; step and config in the
+metadata), ``losses.jsonl``, ``validation/step_XXXXXX.png`` and ``snapshots/lora_XXXXXX.safetensors``.
+All randomness of iteration i derives from (seed, i), so running the same command again resumes
+where the last checkpoint left off and ends bitwise identical (on CPU) to an uninterrupted run.
+
+Outputs (``--out-dir``): ``lora.safetensors`` (diffusers ``load_lora_weights`` + ``fuse_lora``, alpha
+folded in, the resolved config in its metadata), ``summary.json``, ``losses.jsonl``, ``validation.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from rapm.errors import RapmError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+LOSS_TERMS = ("d_rel", "d_abs", "g_rel", "g_abs", "reg")
+
+
+class TrainingError(RapmError):
+    """Training cannot go on (a non-finite loss, a checkpoint of another run)."""
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+def iteration_indices(seed: int, iteration: int, num_trajectories: int, batch_size: int) -> list[int]:
+    """The trajectories of iteration i: uniform draws by a generator seeded with (seed, i)."""
+    rng = np.random.default_rng([seed, iteration, 0])
+    return rng.integers(0, num_trajectories, size=batch_size).tolist()
+
+
+def update_kinds(schedule: str, iteration: int) -> tuple[str, ...]:
+    """Which updates iteration i makes: ``alternate`` (D on even, G on odd) or ``d_then_g`` (both)."""
+    if schedule == "alternate":
+        return ("d",) if iteration % 2 == 0 else ("g",)
+    if schedule == "d_then_g":
+        return ("d", "g")
+    raise ValueError(f"unknown train.schedule {schedule!r}; choose alternate or d_then_g")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW state as flat tensors ``<prefix>.<param index>.<name>`` (safetensors has no nesting)."""
+    out = {}
+    for pid, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{prefix}.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return out
+
+
+def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            pid, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+    os.replace(tmp, path)
+
+
+def _json_line(record: Mapping) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of iterations before ``step`` (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines(keepends=True)
+             if line.strip() and json.loads(line)["step"] < step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+
+
+class _EvalCounter:
+    """Counts UNet forward calls and rows (a forward pre-hook), for "UNet evaluations per iteration"."""
+
+    def __init__(self, unet):
+        self.calls = self.rows = 0
+        self._handle = unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.calls += 1
+        self.rows += int(args[0].shape[0]) if args else 0
+
+    def take(self) -> tuple[int, int]:
+        out = (self.calls, self.rows)
+        self.calls = self.rows = 0
+        return out
+
+
+# --- the trainer ----------------------------------------------------------------------------------
+
+class Trainer:
+    """Everything a RAPM run holds: teacher UNet + LoRA, heads, optimisers, data, and where to write."""
+
+    def __init__(self, cfg: Mapping[str, Any], trajectories: str | Path, state_dir: str | Path):
+        from rapm.discriminator import Discriminator
+        from rapm.lora import add_student_lora, enable_gradient_checkpointing, lora_parameters
+        from rapm.objective import RAPM
+        from rapm.teacher import load_teacher
+        from rapm.trajectories import TrajectoryDataset
+
+        self.cfg = cfg
+        self.tcfg = tcfg = cfg["train"]
+        self.state_dir = Path(state_dir)
+        if tcfg.get("num_threads"):
+            torch.set_num_threads(int(tcfg["num_threads"]))
+        self.teacher = load_teacher(cfg["teacher"])
+        if tcfg["mixed_precision"] != "no" and self.teacher.device.type != "cuda":
+            raise TrainingError(f"train.mixed_precision {tcfg['mixed_precision']!r} needs a CUDA device; "
+                                f"the teacher is on {self.teacher.device} (set it to 'no' on the CPU)")
+        # the store must match this teacher (weights hash) and grid: checked before the LoRA changes the UNet
+        self.dataset = TrajectoryDataset.from_config(trajectories, cfg, self.teacher)
+        unet = self.teacher.unet
+        with torch.random.fork_rng(devices=[]):  # the initial lora_A and heads depend on train.seed only
+            torch.manual_seed(int(tcfg["seed"]))
+            add_student_lora(unet, tcfg["lora"])
+            self.disc = Discriminator(unet, tcfg["discriminator"]).to(self.teacher.device)
+        if tcfg["gradient_checkpointing"]:
+            enable_gradient_checkpointing(unet)
+        unet.train()  # no dropout in SD UNets; train() only matters for checkpointing
+        self.rapm = RAPM(self.teacher, self.disc, self.dataset.coarse_timesteps, self.dataset.delta_timesteps, tcfg)
+        o = tcfg["optim"]
+        self.opt_g = torch.optim.AdamW(lora_parameters(unet), lr=float(o["student_lr"]),
+                                       betas=tuple(o["student_betas"]), weight_decay=float(o["student_weight_decay"]))
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=float(o["disc_lr"]),
+                                       betas=tuple(o["disc_betas"]), weight_decay=float(o["disc_weight_decay"]))
+        self.counter = _EvalCounter(unet)
+        self.step = 0
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def _config_json(self) -> str:
+        return json.dumps({k: self.cfg[k] for k in ("teacher", "trajectories", "train")}, sort_keys=True)
+
+    def save_checkpoint(self) -> Path:
+        from rapm.lora import lora_state_dict
+
+        tensors = {f"lora.{k}": v.cpu().contiguous() for k, v in lora_state_dict(self.teacher.unet).items()}
+        tensors.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()})
+        tensors.update(_optimizer_tensors("opt_g", self.opt_g))
+        tensors.update(_optimizer_tensors("opt_d", self.opt_d))
+        path = self.state_dir / CHECKPOINT
+        _atomic_save(tensors, path, {"step": str(self.step), "config": self._config_json()})
+        return path
+
+    def load_checkpoint(self) -> bool:
+        """Resume from the state directory's checkpoint, if any; it must come from the same config."""
+        from safetensors import safe_open
+
+        from rapm.lora import load_lora_state_dict
+
+        path = self.state_dir / CHECKPOINT
+        if not path.is_file():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("config") != self._config_json():
+            raise TrainingError(f"{path}: checkpoint of a different configuration (teacher, trajectories or train "
+                                f"settings changed); delete {self.state_dir} to start again")
+        device = self.teacher.device
+        load_lora_state_dict(self.teacher.unet, {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("lora.")})
+        self.disc.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
+        _load_optimizer("opt_g", self.opt_g, {k: v.to(device) for k, v in tensors.items()})
+        _load_optimizer("opt_d", self.opt_d, {k: v.to(device) for k, v in tensors.items()})
+        self.step = int(meta["step"])
+        return True
+
+    # --- one iteration ----------------------------------------------------------------------------
+
+    def _check_finite(self, losses: Mapping[str, torch.Tensor], kind: str) -> None:
+        for name, value in losses.items():
+            if not torch.isfinite(value).all():
+                raise TrainingError(
+                    f"non-finite {kind} loss at iteration {self.step}: term {name!r} = {float(value.detach())}; the last "
+                    f"good checkpoint ({self.state_dir / CHECKPOINT}, if any) is kept. Lower train.optim "
+                    "learning rates or switch train.mixed_precision to bf16/no")
+
+    def _clip_and_step(self, opt: torch.optim.Optimizer, params) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, float(self.tcfg["optim"]["grad_clip"]))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def run_iteration(self) -> dict[str, Any]:
+        """Iteration ``self.step``: the updates of the schedule; returns its log record."""
+        from rapm.lora import lora_parameters
+        from rapm.objective import load_batch
+
+        i, tcfg = self.step, self.tcfg
+        seed, bs = int(tcfg["seed"]), int(tcfg["batch_size"])
+        indices = iteration_indices(seed, i, len(self.dataset), bs)
+        batch = load_batch(self.dataset, indices, self.teacher.device)
+        noise = self.rapm.draw_noise(seed, i, bs, batch.coarse.shape[2:])
+        record: dict[str, Any] = {"step": i, "trajectories": indices}
+        for kind in update_kinds(tcfg["schedule"], i):
+            if kind == "d":
+                self.opt_d.zero_grad(set_to_none=True)
+                losses = self.rapm.discriminator_loss(batch, noise)
+                self._check_finite(losses, "discriminator")
+                if losses["loss"].requires_grad:
+                    losses["loss"].backward()
+                    record["d_grad_norm"] = self._clip_and_step(self.opt_d, self.disc.parameters())
+            else:
+                self.opt_g.zero_grad(set_to_none=True)
+                losses = self.rapm.generator_backward(batch, noise)
+                self._check_finite(losses, "student")
+                record["g_grad_norm"] = self._clip_and_step(self.opt_g, lora_parameters(self.teacher.unet))
+            for name, value in losses.items():
+                if name != "loss":
+                    record[name] = float(value.detach())
+            record[f"{kind}_unet_calls"], record[f"{kind}_unet_rows"] = self.counter.take()
+        return record
+
+    # --- validation, export -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validation_images(self, num: int) -> tuple[np.ndarray, list[str]]:
+        """The student's N-step samples from the stored noise of trajectories 0..num-1 (uint8 images)."""
+        from rapm.objective import load_batch
+        from rapm.teacher import decode_latents
+
+        batch = load_batch(self.dataset, range(min(num, len(self.dataset))), self.teacher.device)
+        latents = self.rapm.sample(batch.coarse[:, 0], batch.cond)
+        images = decode_latents(self.teacher, latents).permute(0, 2, 3, 1).cpu().numpy()
+        self.counter.take()
+        return (images * 255).round().astype(np.uint8), [self.dataset[j]["prompt"] for j in batch.indices]
+
+    def write_validation(self) -> Path:
+        from rapm.images import captioned_grid
+
+        images, prompts = self.validation_images(int(self.tcfg["validation_images"]))
+        return captioned_grid(images, prompts, self.state_dir / "validation" / f"step_{self.step:06d}.png")
+
+    def export(self, path: str | Path) -> int:
+        from rapm.lora import export_lora
+
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.tcfg["export_dtype"]]
+        return export_lora(self.teacher.unet, path, self.tcfg["lora"], {"rapm.config": self._config_json(),
+                                                                       "rapm.step": str(self.step)}, dtype=dtype)
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path, state_dir: str | Path,
+          max_iterations: int | None = None) -> dict[str, Any] | None:
+    """Train (or resume) RAPM from ``cfg`` (sections teacher, trajectories, train) on a gathered store.
+
+    Writes the outputs to ``out_dir`` when all ``train.iterations`` are done and returns the summary;
+    with ``max_iterations`` it stops after that many iterations of this invocation (checkpointed) and
+    returns None, so a rerun resumes.
+    """
+    from tqdm import tqdm
+
+    from rapm.trajectories import library_versions, write_json
+
+    t0 = time.time()
+    tcfg = cfg["train"]
+    state_dir, out_dir = Path(state_dir), Path(out_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, trajectories, state_dir)
+    log_path = state_dir / "losses.jsonl"
+    resumed = trainer.load_checkpoint()
+    _truncate_log(log_path, trainer.step)
+    if resumed:
+        log.info("resuming at iteration %d from %s", trainer.step, state_dir / CHECKPOINT)
+    total = int(tcfg["iterations"])
+    every = {k: int(tcfg[k]) for k in ("checkpoint_every", "validate_every", "log_every")}
+    snapshot_every = tcfg.get("snapshot_every")
+    stop = total if max_iterations is None else min(total, trainer.step + int(max_iterations))
+    if trainer.teacher.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    bar = tqdm(total=total, initial=trainer.step, desc="RAPM", mininterval=5, file=sys.stderr)
+    recent: list[dict] = []
+    with log_path.open("a") as log_file:
+        if trainer.step == 0 and every["validate_every"]:
+            trainer.write_validation()
+        while trainer.step < stop:
+            t_it = time.time()
+            record = trainer.run_iteration()
+            record["seconds"] = round(time.time() - t_it, 4)
+            log_file.write(_json_line(record))
+            recent.append(record)
+            trainer.step += 1
+            bar.update(1)
+            if trainer.step % every["log_every"] == 0 or trainer.step == stop:
+                means = {t: np.mean([r[t] for r in recent if t in r]) for t in LOSS_TERMS if any(t in r for r in recent)}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+                log.info("iteration %d/%d: %s", trainer.step, total, ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+                recent = []
+            if snapshot_every and trainer.step % int(snapshot_every) == 0:
+                trainer.export(state_dir / "snapshots" / f"lora_{trainer.step:06d}.safetensors")
+            if every["validate_every"] and trainer.step % every["validate_every"] == 0:
+                trainer.write_validation()
+            if trainer.step % every["checkpoint_every"] == 0 or trainer.step == stop:
+                log_file.flush()
+                os.fsync(log_file.fileno())
+                trainer.save_checkpoint()
+    bar.close()
+    if trainer.step < total:
+        log.info("stopped at iteration %d of %d; run the same command again to resume", trainer.step, total)
+        return None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_modules = trainer.export(out_dir / "lora.safetensors")
+    grid = trainer.write_validation()
+    shutil.copyfile(grid, out_dir / "validation.png")
+    shutil.copyfile(log_path, out_dir / "losses.jsonl")
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    per_kind = {}
+    for kind in ("d", "g"):
+        calls = [r[f"{kind}_unet_calls"] for r in records if f"{kind}_unet_calls" in r]
+        rows = [r[f"{kind}_unet_rows"] for r in records if f"{kind}_unet_rows" in r]
+        if calls:
+            per_kind[kind] = {"iterations": len(calls), "unet_calls": float(np.mean(calls)),
+                              "unet_rows": float(np.mean(rows))}
+    device = trainer.teacher.device
+    summary = {
+        "iterations": total,
+        "wall_time_s": round(time.time() - t0, 1),  # this invocation (a resumed run counts from its restart)
+        "train_seconds_logged": round(float(sum(r["seconds"] for r in records)), 1),  # all invocations
+        "seconds_per_iteration": float(np.mean([r["seconds"] for r in records])) if records else None,
+        "unet_evaluations_per_update": per_kind,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+        "device": str(device),
+        "lora_modules": n_modules,
+        "lora_bytes": (out_dir / "lora.safetensors").stat().st_size,
+        "num_trajectories": len(trainer.dataset),
+        "trajectory_store": str(trajectories),
+        "final_losses": {t: float(np.mean([r[t] for r in records[-100:] if t in r]))
+                         for t in LOSS_TERMS if any(t in r for r in records[-100:])},
+        "versions": library_versions(),
+        "config": {k: cfg[k] for k in ("teacher", "trajectories", "train")},
+    }
+    write_json(out_dir / "summary.json", summary)
+    log.info("RAPM done: %d iterations, LoRA with %d modules in %s", total, n_modules, out_dir / "lora.safetensors")
+    return summary
