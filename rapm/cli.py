@@ -156,6 +156,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_row(path: str) -> dict:
+    from rapm.config import read_yaml
+
+    data = read_yaml(path)
+    if not isinstance(data.get("row"), dict):
+        raise ConfigError(f"{path}: not a row file (expected a mapping under 'row', as rapm.workflow.row_file writes)")
+    return data["row"]
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "teacher", "sampling")
+    row = _read_row(args.row)
+    _set_threads(args.threads)
+    from rapm.sample import sample_shard
+
+    sample_shard(row, cfg["teacher"], cfg["sampling"], args.prompts, args.shard, args.out_dir, args.manifest,
+                 resolution=row.get("resolution"))
+    return 0
+
+
+def _cmd_reference_stats(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data", "sampling", "evaluation")
+    _set_threads(args.threads)
+    from rapm.evaluate import compute_reference_stats
+
+    compute_reference_stats(cfg, args.prompts, args.out)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data", "sampling", "evaluation")
+    _set_threads(args.threads)
+    from rapm.evaluate import evaluate_row
+
+    row = _read_row(args.row)
+    evaluate_row(cfg, row, args.manifests, args.reference, args.prompts, args.out)
+    return 0
+
+
+def _cmd_tables(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "profile", "evaluation")
+    from rapm.tables import write_tables
+
+    write_tables(cfg, metrics=args.metrics, train_summaries=args.train_summaries,
+                 trajectory_manifests=args.trajectory_manifests, out_dir=args.out_dir, readme=args.readme)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -247,6 +295,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iterations", type=int, default=None,
                    help="stop after this many iterations of this run (exit code 75, no outputs; rerun to resume)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: train.num_threads)")
+
+    p = add("sample", _cmd_sample, "sample one shard of a table row's evaluation images; run again to resume")
+    _add_config_args(p)
+    p.add_argument("--row", required=True, help="the row's file (results/config/rows/<row>.yaml)")
+    p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
+    p.add_argument("--shard", type=int, required=True, help="shard index in [0, sampling.shards)")
+    p.add_argument("--out-dir", required=True, help="the shard's folder (images/ and settings.json go inside)")
+    p.add_argument("--manifest", required=True, help="the shard's manifest CSV, written once its images are complete")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+    p = add("reference-stats", _cmd_reference_stats, "FID reference statistics of the evaluation prompts (cached .npz)")
+    _add_config_args(p)
+    p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+    p = add("evaluate", _cmd_evaluate, "FID, CLIP score (and toy prompt-following accuracy) of one row's images")
+    _add_config_args(p)
+    p.add_argument("--row", required=True, help="the row's config file (results/config/rows/<row>.yaml)")
+    p.add_argument("--manifests", nargs="+", required=True, help="the row's shard manifests")
+    p.add_argument("--reference", required=True, help="reference statistics (.npz) of the protocol")
+    p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
+    p.add_argument("--out", required=True, help="metrics JSON to write")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+    p = add("tables", _cmd_tables, "the paper's tables (Markdown, CSV, LaTeX) from measured metrics and published rows")
+    _add_config_args(p)
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON of every row")
+    p.add_argument("--train-summaries", nargs="*", default=[], help="summary.json of every trained variant")
+    p.add_argument("--trajectory-manifests", nargs="*", default=[], help="manifest.json of every trajectory store")
+    p.add_argument("--out-dir", required=True, help="where main/ablations/resources .md/.csv/.tex go")
+    p.add_argument("--readme", default=None, help="also write the results section into this README")
     return parser
 
 

@@ -357,6 +357,8 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
                               "unet_rows": float(np.mean(rows))}
     device = trainer.teacher.device
     summary = {
+        "name": out_dir.name,  # the variant (results/train/<variant>/)
+        "trajectory_key": Path(trajectories).name,
         "iterations": total,
         "wall_time_s": round(time.time() - t0, 1),  # this invocation (a resumed run counts from its restart)
         "train_seconds_logged": round(float(sum(r["seconds"] for r in records)), 1),  # all invocations

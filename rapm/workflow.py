@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Mapping
 
-from rapm.config import select_keys
+from rapm.config import ConfigError, deep_merge, select_keys, validate
 
 # The config keys each CLI stage reads. The workflow writes exactly these to
 # results/config/<stage>.yaml, so editing a key reruns the stages that read it and no other.
@@ -17,7 +17,9 @@ STAGE_KEYS: dict[str, list[str]] = {
     "fetch_coco": ["data.coco"],
     "toy_captions": ["data.toy"],
     "prompts": ["prompts"],
-    "trajectories": ["teacher", "trajectories"],
+    "sampling": ["teacher", "sampling"],
+    "evaluation": ["profile", "data", "sampling", "evaluation"],
+    "tables": ["profile", "data.source", "trajectories.guidance", "sampling", "evaluation", "variants", "run_variants"],
 }
 
 
@@ -26,13 +28,100 @@ def stage_keys() -> dict[str, list[str]]:
 
 
 def final_targets(config: Mapping) -> list[str]:
-    """Every file ``rule all`` asks for under ``config``."""
+    """Every file ``rule all`` asks for under ``config``: prompt sets, each run variant's LoRA and every
+    row's metrics, and the tables."""
     return [
         "results/prompts/train.csv",
         "results/prompts/eval.csv",
         "results/prompts/manifest.json",
-        f"{trajectory_dir(config)}/manifest.json",
+        *[f"results/train/{v}/lora.safetensors" for v in variant_names(config)],
+        *[f"results/eval/{name}/metrics.json" for name in rows(config)],
+        *TABLE_FILES,
     ]
+
+
+TABLE_FILES = [f"results/tables/{name}.{ext}" for name in ("main", "ablations", "resources") for ext in ("md", "csv", "tex")]
+
+
+# --- variants ---------------------------------------------------------------------------------------
+
+def variant_names(config: Mapping) -> list[str]:
+    """The variants ``rule all`` runs: ``run_variants``, or every entry of ``variants``."""
+    names = config.get("run_variants") or list(config["variants"])
+    unknown = [n for n in names if n not in config["variants"]]
+    if unknown:
+        raise ConfigError(f"run_variants names {unknown}, which are not in variants ({sorted(config['variants'])})")
+    return list(names)
+
+
+def variant_config(config: Mapping, name: str) -> dict:
+    """The resolved teacher / trajectories / train sections of variant ``name`` (overrides deep-merged
+    onto the base sections and validated: a bad override fails naming the variant and key)."""
+    if name not in config["variants"]:
+        raise ConfigError(f"unknown variant {name!r}; defined: {sorted(config['variants'])}")
+    entry = config["variants"][name]
+    merged = {"teacher": config["teacher"],
+              "trajectories": deep_merge(config["trajectories"], entry.get("trajectories", {})),
+              "train": deep_merge(config.get("train", {}), entry.get("train", {}))}
+    try:
+        return validate(merged, source=f"variants.{name}", partial=True)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("  - train.", f"  - variants.{name}.train.")
+                          .replace("  - trajectories.", f"  - variants.{name}.trajectories.")) from err
+
+
+def trajectory_stores(config: Mapping) -> dict[str, dict]:
+    """{store key: its teacher + trajectories sections} over the run variants (variants share stores)."""
+    stores = {}
+    for name in variant_names(config):
+        vc = variant_config(config, name)
+        stores.setdefault(trajectory_store_key({**config, **vc}), {k: vc[k] for k in ("teacher", "trajectories")})
+    return stores
+
+
+# --- table rows -------------------------------------------------------------------------------------
+
+def rows(config: Mapping) -> dict[str, dict]:
+    """{row name: row} of every table row: the teacher (many steps), the undistilled teacher at each
+    variant's N, each run variant's student, each external LoRA. A row holds what sampling needs."""
+    s = config["sampling"]
+    guidance = s["teacher_guidance"] if s["teacher_guidance"] is not None else config["trajectories"]["guidance"]
+    res = config["trajectories"].get("resolution")
+    out = {"teacher": {"name": "teacher", "kind": "teacher", "steps": s["teacher_steps"], "guidance": guidance,
+                       "lora": None, "resolution": res}}
+    students = {}
+    for name in variant_names(config):
+        vc = variant_config(config, name)
+        n = vc["trajectories"]["num_steps"]
+        out.setdefault(f"teacher-{n}step", {"name": f"teacher-{n}step", "kind": "teacher", "steps": n,
+                                            "guidance": guidance, "lora": None, "resolution": res})
+        students[name] = {"name": name, "kind": "student", "steps": n, "guidance": 1.0,
+                          "lora": f"results/train/{name}/lora.safetensors", "variant": name,
+                          "resolution": vc["trajectories"].get("resolution")}
+    for ext in s.get("external", []):
+        students[ext["name"]] = {"name": ext["name"], "kind": "external", "steps": ext["steps"],
+                                 "guidance": ext["guidance"], "lora": ext["lora"], "resolution": res}
+    clash = sorted(set(out) & set(students))
+    if clash:
+        raise ConfigError(f"row name(s) {clash} are reserved for the teacher rows; rename the variant or external LoRA")
+    out.update(students)
+    return out
+
+
+def row_file(config: Mapping, name: str) -> dict:
+    """The content of ``results/config/rows/<name>.yaml``: ``{"row": {...}}``, what sampling and evaluation
+    need to know of one row beyond the teacher, sampling and evaluation sections."""
+    all_rows = rows(config)
+    if name not in all_rows:
+        raise ConfigError(f"unknown row {name!r}; rows: {sorted(all_rows)}")
+    return {"row": all_rows[name]}
+
+
+def protocol_key(config: Mapping) -> str:
+    """Short hash of what the reference statistics depend on (data, prompts, number of images, FID keys)."""
+    keys = ["data", "prompts", "sampling.num_images", "evaluation.fid", "evaluation.clip", "evaluation.reference"]
+    text = json.dumps(select_keys(config, keys), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 # The settings that change the teacher trajectories' arrays (the prompt set, the teacher, the grid,

@@ -86,22 +86,40 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     assert len(train) == 64 + 1 and len(evals) == 100 + 1
     assert json.loads((wd / "results/prompts/manifest.json").read_text())["seed"] == 2014
 
+    # The whole DAG ran: a LoRA, one metrics file per row, the tables.
+    assert (wd / "results/train/rapm/lora.safetensors").is_file()
+    for row in ("teacher", "teacher-4step", "rapm"):
+        metrics = json.loads((wd / f"results/eval/{row}/metrics.json").read_text())
+        assert metrics["images"] == 40 and metrics["protocol"]["fid_features"] == "toyclip"
+        assert metrics["accuracy"] is not None and 0 <= metrics["accuracy"]["colour"] <= 1
+    main_md = (wd / "results/tables/main.md").read_text()
+    assert "RAPM: rapm" in main_md and "toy CLIP" in main_md and "published" in main_md
+
     # A no-op rerun schedules nothing.
     assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {}
 
-    # Editing one key reruns only the stages that read it.
     edited = yaml.safe_load((wd / cfg).read_text())
-    edited["prompts"]["seed"] = 7
-    (wd / "edited.yaml").write_text(yaml.safe_dump(edited))
-    assert planned_jobs("all", "--configfile", "edited.yaml", cwd=wd) == {
-        "stage_config": 1, "make_prompt_sets": 1, "all": 1,
-    }
-    edited["prompts"]["seed"] = 2014
-    edited["data"]["toy"]["num_val_images"] = 150
-    (wd / "edited.yaml").write_text(yaml.safe_dump(edited))
-    assert planned_jobs("all", "--configfile", "edited.yaml", cwd=wd) == {
-        "stage_config": 1, "make_toy_captions": 1, "make_prompt_sets": 1, "all": 1,
-    }
+
+    def plan(change):
+        data = json.loads(json.dumps(edited))
+        change(data)
+        (wd / "edited.yaml").write_text(yaml.safe_dump(data))
+        return planned_jobs("all", "--configfile", "edited.yaml", cwd=wd)
+
+    # Editing the evaluation protocol reruns evaluation and tables, no training or sampling.
+    jobs = plan(lambda d: d["evaluation"].setdefault("clip", {}).update(prefix="A photo depicts "))
+    assert jobs == {"stage_config": 2, "reference_stats": 1, "evaluate": 3, "tables": 1, "all": 1}, jobs
+
+    # Editing one variant's training reruns its training, sampling, evaluation and the tables only.
+    jobs = plan(lambda d: d.setdefault("variants", {}).update(
+        rapm={"description": "RAPM", "train": {"optim": {"student_lr": 5e-4}}}))
+    assert jobs == {"stage_config": 1, "named_config": 1, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
+                    "tables": 1, "all": 1}, jobs
+
+    # Editing the prompt selection reruns the data stage and everything after it.
+    jobs = plan(lambda d: d["prompts"].update(seed=7))
+    assert {"make_prompt_sets", "init_trajectories", "train_rapm", "sample_images", "evaluate", "tables"} <= set(jobs)
+    assert "make_toy_captions" not in jobs
 
 
 def _captions(image_ids, prefix):
@@ -133,11 +151,15 @@ def _coco_profile(wd, archive, sha256):
     return "coco.yaml"
 
 
+# The SD profiles' `all` needs SD weights and a GPU; the fetch tests stop at the prompt sets.
+PROMPTS_TARGET = "results/prompts/manifest.json"
+
+
 def test_fetch_rule_from_file_url(tmp_path, coco_archive):
     wd = copy_workflow(tmp_path / "wf")
     sha = hashlib.sha256(coco_archive.read_bytes()).hexdigest()
     profile = _coco_profile(wd, coco_archive, sha)
-    snakemake("all", "--cores", "1", "--configfile", profile, cwd=wd)
+    snakemake(PROMPTS_TARGET, "--cores", "1", "--configfile", profile, cwd=wd)
     out = wd / "results/data/coco"
     with zipfile.ZipFile(coco_archive) as zf:
         assert (out / "captions_val2014.json").read_bytes() == zf.read("annotations/captions_val2014.json")
@@ -148,7 +170,7 @@ def test_fetch_rule_from_file_url(tmp_path, coco_archive):
 def test_fetch_rule_checksum_mismatch_leaves_nothing(tmp_path, coco_archive):
     wd = copy_workflow(tmp_path / "wf")
     profile = _coco_profile(wd, coco_archive, "0" * 64)
-    proc = snakemake("all", "--cores", "1", "--configfile", profile, cwd=wd, check=False)
+    proc = snakemake(PROMPTS_TARGET, "--cores", "1", "--configfile", profile, cwd=wd, check=False)
     assert proc.returncode != 0
     log = (wd / "logs/data/fetch_coco_captions.log").read_text()
     assert "SHA-256 mismatch" in log and "0" * 64 in log
@@ -161,7 +183,7 @@ def test_fetch_rule_truncated_archive(tmp_path, coco_archive):
     data = coco_archive.read_bytes()
     coco_archive.write_bytes(data[: len(data) // 2])
     profile = _coco_profile(wd, coco_archive, None)
-    proc = snakemake("all", "--cores", "1", "--configfile", profile, cwd=wd, check=False)
+    proc = snakemake(PROMPTS_TARGET, "--cores", "1", "--configfile", profile, cwd=wd, check=False)
     assert proc.returncode != 0
     log = (wd / "logs/data/fetch_coco_captions.log").read_text()
     assert "annotations_trainval2014.zip" in log and "Traceback" not in log

@@ -2,7 +2,17 @@
 import json
 
 from rapm.config import ConfigError, select_keys, validate
-from rapm.workflow import final_targets, stage_keys
+from rapm.workflow import (
+    final_targets,
+    protocol_key,
+    row_file,
+    rows,
+    stage_keys,
+    trajectory_store_key,
+    trajectory_stores,
+    variant_config,
+    variant_names,
+)
 
 # Validate the merged config (config/config.yaml plus any --configfile / --config) before
 # any job is scheduled; a typo fails here with the key and the file named.
@@ -13,20 +23,42 @@ try:
             source=", ".join(str(f) for f in workflow.configfiles) or "<command line>",
         )
     )
+    ROWS = rows(config)
+    STORES = trajectory_stores(config)
 except ConfigError as err:
     raise WorkflowError(str(err))
+
+SHARDS = config["sampling"]["shards"]
 
 
 wildcard_constraints:
     stage="|".join(stage_keys()),
+    variant="|".join(variant_names(config)),
+    row="|".join(ROWS),
+    key="[0-9a-f]{12}",
+    protocol="[0-9a-f]{12}",
+    shard=r"\d+",
+    shards=r"\d+",
+
+
+def canonical(data):
+    """Canonical JSON (key order does not matter): a change to it, and only to it, reruns its stage."""
+    return json.dumps(data, sort_keys=True)
 
 
 def get_stage_config(wildcards):
-    """The config keys one stage reads, as canonical JSON (key order does not matter):
-    a change to them, and only to them, reruns that stage."""
-    return json.dumps(
-        select_keys(config, stage_keys()[wildcards.stage]), sort_keys=True
-    )
+    """The config keys one stage reads."""
+    return canonical(select_keys(config, stage_keys()[wildcards.stage]))
+
+
+def get_named_config(wildcards):
+    """variants/<name>: the resolved teacher / trajectories / train sections of one variant;
+    trajectories/<key>: the teacher and trajectories sections of one store; rows/<name>: one table row."""
+    if wildcards.kind == "variants":
+        return canonical(variant_config(config, wildcards.name))
+    if wildcards.kind == "trajectories":
+        return canonical(STORES[wildcards.name])
+    return canonical(row_file(config, wildcards.name))
 
 
 def get_captions(wildcards):
@@ -36,6 +68,49 @@ def get_captions(wildcards):
         "train": f"{folder}/captions_train2014.json",
         "val": f"{folder}/captions_val2014.json",
     }
+
+
+def variant_store(name):
+    return trajectory_store_key({**config, **variant_config(config, name)})
+
+
+def get_variant_trajectories(wildcards):
+    """The gathered manifest of the variant's trajectory store."""
+    return f"results/trajectories/{variant_store(wildcards.variant)}/manifest.json"
+
+
+def get_trajectory_shards(wildcards):
+    n = STORES[wildcards.key]["trajectories"]["shards"]
+    return [f"results/trajectories/{wildcards.key}/shards/{s}-of-{n}.json" for s in range(n)]
+
+
+def get_row_inputs(wildcards):
+    """A student row's LoRA (trained by this workflow), so a retrained LoRA resamples its row."""
+    row = ROWS[wildcards.row]
+    return {"lora": row["lora"]} if row["kind"] == "student" else {}
+
+
+def get_row_manifests(wildcards):
+    return [
+        f"results/samples/{wildcards.row}/shard-{s}-of-{SHARDS}.csv"
+        for s in range(SHARDS)
+    ]
+
+
+def get_reference_stats(wildcards):
+    return f"results/eval/reference/{protocol_key(config)}.npz"
+
+
+def get_all_metrics(wildcards):
+    return [f"results/eval/{name}/metrics.json" for name in ROWS]
+
+
+def get_all_train_summaries(wildcards):
+    return [f"results/train/{v}/summary.json" for v in variant_names(config)]
+
+
+def get_all_trajectory_manifests(wildcards):
+    return [f"results/trajectories/{key}/manifest.json" for key in STORES]
 
 
 def get_final_targets():

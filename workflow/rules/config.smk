@@ -14,3 +14,21 @@ rule stage_config:
         from rapm.config import write_yaml
 
         write_yaml(json.loads(params["values"]), output[0])
+
+
+# The resolved config of one variant (variants/<name>: base sections + its overrides, the training
+# job's input), of one trajectory store (trajectories/<key>) or of one table row (rows/<name>).
+rule named_config:
+    output:
+        "results/config/{kind}/{name}.yaml",
+    log:
+        "logs/config/{kind}/{name}.log",
+    localrule: True
+    wildcard_constraints:
+        kind="variants|trajectories|rows",
+    params:
+        values=get_named_config,
+    run:
+        from rapm.config import write_yaml
+
+        write_yaml(json.loads(params["values"]), output[0])

@@ -1,26 +1,22 @@
-# Teacher trajectories (docs/method.md §1): pre-allocate the store, compute it in shards, gather it.
-# The store (results/trajectories/<key>/store.zarr) is never a declared output: Snakemake deletes
-# declared outputs before a job runs, and the store holds the resumable state of the shards.
-from rapm.workflow import trajectory_dir
-
-TRAJECTORY_DIR = trajectory_dir(config)
-TRAJECTORY_LOGS = TRAJECTORY_DIR.replace("results/", "logs/", 1)
-TRAJECTORY_BENCHMARKS = TRAJECTORY_DIR.replace("results/", "benchmarks/", 1)
-NUM_SHARDS = config["trajectories"]["shards"]
+# Teacher trajectories (docs/method.md §1): pre-allocate a store, compute it in shards, gather it.
+# One store per distinct teacher + trajectory settings (results/trajectories/<key>/, key: a hash of
+# them), shared by every variant that uses those settings. The store itself (store.zarr) is never a
+# declared output: Snakemake deletes declared outputs before a job runs, and the store holds the
+# resumable state of the shards.
 
 
 # Create the pre-allocated trajectory store, or keep a matching one so the shards resume.
 rule init_trajectories:
     input:
-        config="results/config/trajectories.yaml",
+        config="results/config/trajectories/{key}.yaml",
         prompts="results/prompts/train.csv",
         manifest="results/prompts/manifest.json",
     output:
-        init=f"{TRAJECTORY_DIR}/init.json",
+        init="results/trajectories/{key}/init.json",
     log:
-        f"{TRAJECTORY_LOGS}/init.log",
+        "logs/trajectories/{key}/init.log",
     benchmark:
-        f"{TRAJECTORY_BENCHMARKS}/init.tsv"
+        "benchmarks/trajectories/{key}/init.tsv"
     conda:
         "../../environment.yml"
     params:
@@ -33,16 +29,14 @@ rule init_trajectories:
 # Compute the missing trajectories of one shard (whole chunks of its own index range; resumable).
 rule precompute_trajectories:
     input:
-        config="results/config/trajectories.yaml",
-        init=f"{TRAJECTORY_DIR}/init.json",
+        config="results/config/trajectories/{key}.yaml",
+        init="results/trajectories/{key}/init.json",
     output:
-        summary=f"{TRAJECTORY_DIR}/shards/{{shard}}-of-{NUM_SHARDS}.json",
+        summary="results/trajectories/{key}/shards/{shard}-of-{shards}.json",
     log:
-        f"{TRAJECTORY_LOGS}/shards/{{shard}}-of-{NUM_SHARDS}.log",
+        "logs/trajectories/{key}/shards/{shard}-of-{shards}.log",
     benchmark:
-        f"{TRAJECTORY_BENCHMARKS}/shards/{{shard}}-of-{NUM_SHARDS}.tsv"
-    wildcard_constraints:
-        shard=r"\d+",
+        "benchmarks/trajectories/{key}/shards/{shard}-of-{shards}.tsv"
     conda:
         "../../environment.yml"
     threads: 2
@@ -58,17 +52,14 @@ rule precompute_trajectories:
 # Check every trajectory and chunk of the store, consolidate its metadata, write its manifest.
 rule gather_trajectories:
     input:
-        config="results/config/trajectories.yaml",
-        shards=expand(
-            f"{TRAJECTORY_DIR}/shards/{{shard}}-of-{NUM_SHARDS}.json",
-            shard=range(NUM_SHARDS),
-        ),
+        config="results/config/trajectories/{key}.yaml",
+        shards=get_trajectory_shards,
     output:
-        manifest=f"{TRAJECTORY_DIR}/manifest.json",
+        manifest="results/trajectories/{key}/manifest.json",
     log:
-        f"{TRAJECTORY_LOGS}/gather.log",
+        "logs/trajectories/{key}/gather.log",
     benchmark:
-        f"{TRAJECTORY_BENCHMARKS}/gather.tsv"
+        "benchmarks/trajectories/{key}/gather.tsv"
     conda:
         "../../environment.yml"
     params:

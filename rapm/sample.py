@@ -1,0 +1,170 @@
+"""Sampling the evaluation images of one table row (``python -m rapm sample``), sharded and resumable.
+
+A *row* is what one line of a table measures: the teacher with its many-step sampler and guidance,
+the undistilled teacher with the student's N DDIM steps, a trained student LoRA (N steps, guidance
+1), or an external diffusers-loadable LoRA with its own sampler settings. Every row samples through
+the teacher's diffusers pipeline (DDIM, ``timestep_spacing="trailing"``; a LoRA loaded with
+``load_lora_weights`` + ``fuse_lora``), exactly what a user of the LoRA runs.
+
+Image i (row i of ``results/prompts/eval.csv``) starts from the noise drawn by a CPU generator seeded
+with ``sampling.seed + i``: it depends on (seed, i) only, never on the shard count, batch size or
+device. Shard s of S owns images [s·n/S, (s+1)·n/S) and writes ``<dir>/images/<i:06d>.png`` one file at
+a time (atomically), so a killed shard resumes with the missing images; ``settings.json`` next to them
+holds a hash of everything the pixels depend on (prompts, teacher, LoRA file, sampler) and images of
+other settings are discarded. The shard's manifest CSV (image index, prompt_id, image_id, caption,
+seed, file) is written last: it is the rule's declared output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rapm.errors import RapmError
+
+log = logging.getLogger(__name__)
+
+
+class SamplingError(RapmError):
+    """A row cannot be sampled as configured."""
+
+
+def image_seed(seed: int, i: int) -> int:
+    """The noise seed of evaluation image i."""
+    return int(seed) + int(i)
+
+
+def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
+    if not 0 <= shard < shards:
+        raise SamplingError(f"shard {shard} outside [0, {shards})")
+    return n * shard // shards, n * (shard + 1) // shards
+
+
+def row_settings(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], prompts_sha256: str, seed: int,
+                 resolution: int | None) -> dict[str, Any]:
+    """Everything the pixels of a row depend on (its ``lora`` file by content)."""
+    from rapm.coco import sha256_file
+
+    lora = row.get("lora")
+    if lora and not Path(lora).is_file():
+        raise SamplingError(f"{lora}: LoRA file not found (row {row.get('name')!r})")
+    return {"kind": row["kind"], "steps": int(row["steps"]), "guidance": float(row["guidance"]),
+            "lora_sha256": sha256_file(lora) if lora else None, "teacher": {k: teacher_cfg.get(k) for k in
+            ("path", "type", "dtype", "revision", "variant")}, "prompts_sha256": prompts_sha256, "seed": int(seed),
+            "resolution": resolution}
+
+
+def load_row_pipeline(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any]):
+    """The teacher (:func:`rapm.teacher.load_teacher`), with the row's LoRA loaded and fused if it has one."""
+    from rapm.teacher import load_teacher
+
+    teacher = load_teacher(teacher_cfg)
+    lora = row.get("lora")
+    if lora:
+        if not Path(lora).is_file():
+            raise SamplingError(f"{lora}: LoRA file not found (row {row.get('name')!r})")
+        try:
+            teacher.pipe.load_lora_weights(str(lora))
+            teacher.pipe.fuse_lora()
+        except Exception as err:  # noqa: BLE001 - re-raised with the file named
+            raise SamplingError(f"{lora}: diffusers could not load it as a LoRA of {teacher.location}: {err}") from err
+    return teacher
+
+
+@torch.no_grad()
+def generate(teacher, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+             resolution: int | None = None) -> np.ndarray:
+    """uint8 (B, H, W, 3) images of ``prompts``, image k from the noise of ``seeds[k]`` (CPU generator)."""
+    shape = teacher.latent_shape(resolution)
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    side = (resolution or teacher.resolution)
+    extra = {"height": side, "width": side}
+    out = teacher.pipe(prompts, num_inference_steps=int(steps), guidance_scale=float(guidance),
+                       latents=latents.to(teacher.device, teacher.unet.dtype), output_type="np", **extra).images
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(image).save(tmp)
+    os.replace(tmp, path)
+
+
+def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], sampling_cfg: Mapping[str, Any],
+                 prompts_csv: str | Path, shard: int, out_dir: str | Path, manifest: str | Path,
+                 *, resolution: int | None = None) -> dict[str, Any]:
+    """Sample the missing images of one shard of a row; write its manifest CSV. Returns a summary."""
+    from tqdm import tqdm
+
+    from rapm.coco import sha256_file
+
+    t0 = time.time()
+    prompts = pd.read_csv(prompts_csv, keep_default_na=False)
+    n = len(prompts) if sampling_cfg.get("num_images") is None else min(int(sampling_cfg["num_images"]), len(prompts))
+    lo, hi = shard_range(n, int(sampling_cfg["shards"]), shard)
+    seed = int(sampling_cfg["seed"])
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "images"
+    settings = row_settings(row, teacher_cfg, sha256_file(prompts_csv), seed, resolution)
+    settings_path = out_dir / "settings.json"
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        log.info("%s: settings changed; discarding its images", out_dir)
+        shutil.rmtree(images_dir, ignore_errors=True)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+    todo = [i for i in range(lo, hi) if not (images_dir / f"{i:06d}.png").is_file()]
+    log.info("row %s, shard %d: images [%d, %d), %d to sample", row.get("name"), shard, lo, hi, len(todo))
+    if todo:
+        teacher = load_row_pipeline(row, teacher_cfg)
+        bs = int(sampling_cfg["batch_size"])
+        for start in tqdm(range(0, len(todo), bs), desc=f"sampling {row.get('name')}", mininterval=5, file=sys.stderr):
+            idx = todo[start:start + bs]
+            images = generate(teacher, [prompts["caption"][i] for i in idx], [image_seed(seed, i) for i in idx],
+                              steps=row["steps"], guidance=row["guidance"], resolution=resolution)
+            for i, image in zip(idx, images):
+                _write_png(image, images_dir / f"{i:06d}.png")
+    table = prompts.iloc[lo:hi][["prompt_id", "image_id", "caption"]].copy()
+    table.insert(0, "index", range(lo, hi))
+    table["seed"] = [image_seed(seed, i) for i in range(lo, hi)]
+    manifest = Path(manifest)
+    rel = os.path.relpath(images_dir, manifest.parent)
+    table["file"] = [f"{rel}/{i:06d}.png" for i in range(lo, hi)]
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = manifest.with_name(manifest.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, manifest)
+    return {"row": row.get("name"), "shard": shard, "images": hi - lo, "sampled": len(todo),
+            "wall_time_s": round(time.time() - t0, 1)}
+
+
+def read_row_images(manifests: list[str | Path]) -> tuple[np.ndarray, pd.DataFrame]:
+    """All images of a row (uint8 (n, H, W, 3), in index order) and their manifest rows."""
+    from PIL import Image
+
+    tables = []
+    for m in manifests:
+        t = pd.read_csv(m, keep_default_na=False)
+        t["path"] = [str(Path(m).parent / f) for f in t["file"]]
+        tables.append(t)
+    table = pd.concat(tables).sort_values("index").reset_index(drop=True)
+    if list(table["index"]) != list(range(len(table))):
+        raise SamplingError(f"shard manifests {manifests} do not cover images 0..{len(table) - 1} exactly once")
+    images = []
+    for p in table["path"]:
+        if not Path(p).is_file():
+            raise SamplingError(f"{p}: image listed in its shard manifest is missing; rerun the sample_images job")
+        images.append(np.asarray(Image.open(p).convert("RGB")))
+    return np.stack(images), table

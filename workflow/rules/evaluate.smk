@@ -1,0 +1,74 @@
+# Evaluation under one pinned protocol: sample every table row's images (sharded, resumable), the
+# cached FID reference statistics, and one metrics JSON per row.
+
+
+# Sample one shard of one row's evaluation images (image i from the noise of sampling.seed + i).
+rule sample_images:
+    input:
+        unpack(get_row_inputs),
+        config="results/config/sampling.yaml",
+        row="results/config/rows/{row}.yaml",
+        prompts="results/prompts/eval.csv",
+    output:
+        manifest="results/samples/{row}/shard-{shard}-of-{shards}.csv",
+    log:
+        "logs/samples/{row}/shard-{shard}-of-{shards}.log",
+    benchmark:
+        "benchmarks/samples/{row}/shard-{shard}-of-{shards}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        out_dir="results/samples/{row}/shard-{shard}",
+    shell:
+        "python -m rapm sample --config {input.config} --row {input.row} --prompts {input.prompts}"
+        " --shard {wildcards.shard} --out-dir {params.out_dir} --manifest {output.manifest}"
+        " --threads {threads} > {log} 2>&1"
+
+
+# FID reference statistics of the evaluation prompts, once per protocol (results/eval/reference/<key>.npz).
+rule reference_stats:
+    input:
+        config="results/config/evaluation.yaml",
+        prompts="results/prompts/eval.csv",
+    output:
+        stats="results/eval/reference/{protocol}.npz",
+    log:
+        "logs/eval/reference/{protocol}.log",
+    benchmark:
+        "benchmarks/eval/reference/{protocol}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: 2
+    resources:
+        gpu=1,
+    shell:
+        "python -m rapm reference-stats --config {input.config} --prompts {input.prompts}"
+        " --out {output.stats} --threads {threads} > {log} 2>&1"
+
+
+# FID, CLIP score (and the toy's prompt-following accuracy) of one row.
+rule evaluate:
+    input:
+        config="results/config/evaluation.yaml",
+        row="results/config/rows/{row}.yaml",
+        manifests=get_row_manifests,
+        reference=get_reference_stats,
+        prompts="results/prompts/eval.csv",
+    output:
+        metrics="results/eval/{row}/metrics.json",
+    log:
+        "logs/eval/{row}.log",
+    benchmark:
+        "benchmarks/eval/{row}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: 2
+    resources:
+        gpu=1,
+    shell:
+        "python -m rapm evaluate --config {input.config} --row {input.row} --manifests {input.manifests}"
+        " --reference {input.reference} --prompts {input.prompts} --out {output.metrics}"
+        " --threads {threads} > {log} 2>&1"
