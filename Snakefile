@@ -22,3 +22,9 @@ rule all:
     default_target: True
     input:
         get_final_targets(),
+
+
+# Every variant of config.variants (the paper's ablations), with its own tables in results/tables/every/.
+rule ablations:
+    input:
+        get_final_targets(every=True),

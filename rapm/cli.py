@@ -148,7 +148,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     from rapm.train import train
 
-    summary = train(cfg, args.trajectories, args.out_dir, args.state_dir, max_iterations=args.max_iterations)
+    subset = None
+    if args.subset_file is not None:
+        import json
+
+        groups = json.loads(open(args.subset_file).read())["groups"]
+        if args.group is None or not 0 <= args.group < len(groups):
+            raise ConfigError(f"--group must be in [0, {len(groups)}) with --subset-file {args.subset_file}")
+        subset = groups[args.group]
+    summary = train(cfg, args.trajectories, args.out_dir, args.state_dir, max_iterations=args.max_iterations,
+                    subset=subset, name=args.name)
     if summary is None:
         print("rapm: training stopped before train.iterations; run the same command again to resume "
               "(no outputs written)", file=sys.stderr)
@@ -201,6 +210,14 @@ def _cmd_tables(args: argparse.Namespace) -> int:
 
     write_tables(cfg, metrics=args.metrics, train_summaries=args.train_summaries,
                  trajectory_manifests=args.trajectory_manifests, out_dir=args.out_dir, readme=args.readme)
+    return 0
+
+
+def _cmd_msd_partition(args: argparse.Namespace) -> int:
+    stage_config(args, "teacher", "trajectories")
+    from rapm.msd import partition_store
+
+    partition_store(args.trajectories, args.students, args.partition, args.seed, args.out_dir)
     return 0
 
 
@@ -295,6 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iterations", type=int, default=None,
                    help="stop after this many iterations of this run (exit code 75, no outputs; rerun to resume)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: train.num_threads)")
+    p.add_argument("--subset-file", default=None, help="groups.json of `rapm msd-partition` (train one MSD student)")
+    p.add_argument("--group", type=int, default=None, help="the student's group in --subset-file")
+    p.add_argument("--name", default=None, help="the run's name in summary.json (default: the out-dir's name)")
+
+    p = add("msd-partition", _cmd_msd_partition,
+            "MSD: split the training trajectories into K groups by the pooled text embedding; save the router")
+    _add_config_args(p)
+    p.add_argument("--trajectories", required=True, help="trajectory directory results/trajectories/<key> (gathered)")
+    p.add_argument("--students", type=int, required=True, help="K")
+    p.add_argument("--partition", default="pca", choices=["pca", "kmeans"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True, help="where router.safetensors and groups.json go")
 
     p = add("sample", _cmd_sample, "sample one shard of a table row's evaluation images; run again to resume")
     _add_config_args(p)

@@ -125,6 +125,18 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
 
         acc = accuracy(images, [parse_caption(c) for c in captions])
         result["accuracy"] = {k: float(v) for k, v in acc.items() if k != "n"}
+    if "group" in table.columns:  # MSD: per-partition CLIP score and accuracy (FID needs the whole set)
+        result["partitions"] = {}
+        for k, idx in table.groupby("group").indices.items():
+            part = {"images": len(idx), "clip_score": clip_score(images[idx], [captions[i] for i in idx], clip,
+                                                                 prefix=ecfg["clip"]["prefix"])}
+            if result["accuracy"] is not None:
+                from rapm.toy.reader import accuracy
+                from rapm.toy.scene import parse_caption
+
+                acc = accuracy(images[idx], [parse_caption(captions[i]) for i in idx])
+                part["accuracy"] = {a: float(v) for a, v in acc.items() if a != "n"}
+            result["partitions"][str(k)] = part
     result["wall_time_s"] = round(time.time() - t0, 1)
     validate_metrics(result)
     write_json(out, result)

@@ -55,11 +55,12 @@ def row_settings(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], prompts
     """Everything the pixels of a row depend on (its ``lora`` file by content)."""
     from rapm.coco import sha256_file
 
-    lora = row.get("lora")
-    if lora and not Path(lora).is_file():
-        raise SamplingError(f"{lora}: LoRA file not found (row {row.get('name')!r})")
+    files = [row["lora"]] if row.get("lora") else [*row.get("loras", []), *([row["router"]] if row.get("router") else [])]
+    for f in files:
+        if not Path(f).is_file():
+            raise SamplingError(f"{f}: {'router' if f == row.get('router') else 'LoRA'} file not found (row {row.get('name')!r})")
     return {"kind": row["kind"], "steps": int(row["steps"]), "guidance": float(row["guidance"]),
-            "lora_sha256": sha256_file(lora) if lora else None, "teacher": {k: teacher_cfg.get(k) for k in
+            "lora_sha256": [sha256_file(f) for f in files] or None, "teacher": {k: teacher_cfg.get(k) for k in
             ("path", "type", "dtype", "revision", "variant")}, "prompts_sha256": prompts_sha256, "seed": int(seed),
             "resolution": resolution}
 
@@ -92,6 +93,22 @@ def generate(teacher, prompts: list[str], seeds: list[int], *, steps: int, guida
     out = teacher.pipe(prompts, num_inference_steps=int(steps), guidance_scale=float(guidance),
                        latents=latents.to(teacher.device, teacher.unet.dtype), output_type="np", **extra).images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def route(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], captions: list[str]) -> list[int]:
+    """The MSD student of each caption: the row's router on the teacher's pooled text embedding."""
+    from rapm.msd import Router, pooled_features
+    from rapm.teacher import encode_prompts, load_teacher
+
+    router = Router.load(row["router"])
+    teacher = load_teacher(teacher_cfg)
+    groups = []
+    for start in range(0, len(captions), 64):
+        cond = encode_prompts(teacher, captions[start:start + 64])
+        groups += router.assign(pooled_features(cond.prompt_embeds.cpu(), None if cond.pooled_embeds is None
+                                                else cond.pooled_embeds.cpu())).tolist()
+    return groups
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
@@ -127,11 +144,17 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
 
     todo = [i for i in range(lo, hi) if not (images_dir / f"{i:06d}.png").is_file()]
     log.info("row %s, shard %d: images [%d, %d), %d to sample", row.get("name"), shard, lo, hi, len(todo))
-    if todo:
-        teacher = load_row_pipeline(row, teacher_cfg)
-        bs = int(sampling_cfg["batch_size"])
-        for start in tqdm(range(0, len(todo), bs), desc=f"sampling {row.get('name')}", mininterval=5, file=sys.stderr):
-            idx = todo[start:start + bs]
+    groups = route(row, teacher_cfg, [prompts["caption"][i] for i in range(lo, hi)]) if row["kind"] == "msd" else None
+    # one pipeline per LoRA: the row's, or (MSD) each student's for the prompts routed to it
+    plan = [(row, todo)] if groups is None else [
+        ({**row, "lora": lora}, [i for i in todo if groups[i - lo] == k]) for k, lora in enumerate(row["loras"])]
+    bs = int(sampling_cfg["batch_size"])
+    for sub_row, indices in plan:
+        if not indices:
+            continue
+        teacher = load_row_pipeline(sub_row, teacher_cfg)
+        for start in tqdm(range(0, len(indices), bs), desc=f"sampling {row.get('name')}", mininterval=5, file=sys.stderr):
+            idx = indices[start:start + bs]
             images = generate(teacher, [prompts["caption"][i] for i in idx], [image_seed(seed, i) for i in idx],
                               steps=row["steps"], guidance=row["guidance"], resolution=resolution)
             for i, image in zip(idx, images):
@@ -139,6 +162,8 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
     table = prompts.iloc[lo:hi][["prompt_id", "image_id", "caption"]].copy()
     table.insert(0, "index", range(lo, hi))
     table["seed"] = [image_seed(seed, i) for i in range(lo, hi)]
+    if groups is not None:
+        table["group"] = list(groups)
     manifest = Path(manifest)
     rel = os.path.relpath(images_dir, manifest.parent)
     table["file"] = [f"{rel}/{i:06d}.png" for i in range(lo, hi)]

@@ -26,6 +26,8 @@ RESULTS_END = "<!-- results:end -->"
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return str(int(value))
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
@@ -58,6 +60,8 @@ def _hours(seconds: float | None) -> float | None:
 def _label(m: Mapping, variants: Mapping) -> str:
     if m["kind"] == "teacher":
         return f"Teacher, {m['steps']}-step DDIM, w={m['guidance']:g}" + (" (undistilled)" if m["row"] != "teacher" else "")
+    if m["kind"] == "msd":
+        return f"MSD: {m['row']}"
     if m["kind"] == "external":
         return f"{m['row']} (external LoRA)"
     return f"RAPM: {m['row']}"
@@ -71,20 +75,31 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     fid_name = "FID" if cfg["evaluation"]["fid"]["features"] == "inception" else "FD (toy CLIP features)"
     traj_by_key = {t["key"]: t for t in trajectories}
     traj_hours = {k: _hours(sum(s.get("wall_s") or 0 for s in t["shards"])) for k, t in traj_by_key.items()}
-    summary_by_variant = {s["name"]: s for s in summaries}
+    summary_by_variant = {}
+    for s in summaries:  # MSD students ("<variant>/s<k>") are summed into their variant
+        name = s["name"].split("/s")[0] if "/s" in s["name"] else s["name"]
+        if name in summary_by_variant:
+            merged = dict(summary_by_variant[name])
+            merged["train_seconds_logged"] += s["train_seconds_logged"]
+            merged["iterations"] += s["iterations"]
+            merged["lora_bytes"] += s["lora_bytes"]
+            merged["peak_rss_mb"] = max(merged["peak_rss_mb"], s["peak_rss_mb"])
+            summary_by_variant[name] = merged
+        else:
+            summary_by_variant[name] = s
     by_row = {m["row"]: m for m in metrics}
     is_toy = cfg["data"]["source"] == "toy"
 
     def measured(m: Mapping) -> dict:
-        s = summary_by_variant.get(m["row"]) if m["kind"] == "student" else None
+        s = summary_by_variant.get(m["row"]) if m["kind"] in ("student", "msd") else None
         row = {"method": _label(m, variants), "steps": m["steps"]}
         if s:
             device = s["device"]
             row["hardware"] = "1 GPU" if device.startswith("cuda") else "1 CPU (2 cores)" if device == "cpu" else device
             row["batch"] = s["config"]["train"]["batch_size"]
             key = s.get("trajectory_key")
-            row["train h (+ trajectories h)"] = (f"{_hours(s['train_seconds_logged']):.2f}"
-                                                 + (f" (+{traj_hours[key]:.2f})" if key in traj_hours else ""))
+            row["train h (+ trajectories h)"] = (f"{_hours(s['train_seconds_logged']):.3f}"
+                                                 + (f" (+{traj_hours[key]:.3f})" if key in traj_hours else ""))
         else:
             row.update({"hardware": "", "batch": None, "train h (+ trajectories h)": ""})
         for r in resolutions:
@@ -119,7 +134,7 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
                  "rapm/assets/published_results.csv for sources). Rows of different protocols are not comparable.")
 
     # ablations: every student row against the base variant (the first run variant)
-    students = [by_row[r] for r in order if by_row[r]["kind"] == "student"]
+    students = [by_row[r] for r in order if by_row[r]["kind"] in ("student", "msd")]
     base = students[0] if students else None
     abl_rows = []
     for m in students:

@@ -133,7 +133,8 @@ class _EvalCounter:
 class Trainer:
     """Everything a RAPM run holds: teacher UNet + LoRA, heads, optimisers, data, and where to write."""
 
-    def __init__(self, cfg: Mapping[str, Any], trajectories: str | Path, state_dir: str | Path):
+    def __init__(self, cfg: Mapping[str, Any], trajectories: str | Path, state_dir: str | Path,
+                 subset: list[int] | None = None):
         from rapm.discriminator import Discriminator
         from rapm.lora import add_student_lora, enable_gradient_checkpointing, lora_parameters
         from rapm.objective import RAPM
@@ -151,6 +152,10 @@ class Trainer:
                                 f"the teacher is on {self.teacher.device} (set it to 'no' on the CPU)")
         # the store must match this teacher (weights hash) and grid: checked before the LoRA changes the UNet
         self.dataset = TrajectoryDataset.from_config(trajectories, cfg, self.teacher)
+        # the trajectories this run trains on: all, or an MSD student's group (indices into the store)
+        self.subset = list(range(len(self.dataset))) if subset is None else [int(j) for j in subset]
+        if not self.subset or not all(0 <= j < len(self.dataset) for j in self.subset):
+            raise TrainingError(f"trajectory subset must be non-empty indices in [0, {len(self.dataset)})")
         unet = self.teacher.unet
         with torch.random.fork_rng(devices=[]):  # the initial lora_A and heads depend on train.seed only
             torch.manual_seed(int(tcfg["seed"]))
@@ -171,7 +176,10 @@ class Trainer:
     # --- state ----------------------------------------------------------------------------------
 
     def _config_json(self) -> str:
-        return json.dumps({k: self.cfg[k] for k in ("teacher", "trajectories", "train")}, sort_keys=True)
+        resolved = {k: self.cfg[k] for k in ("teacher", "trajectories", "train")}
+        if len(self.subset) != len(self.dataset):
+            resolved["subset"] = self.subset
+        return json.dumps(resolved, sort_keys=True)
 
     def save_checkpoint(self) -> Path:
         from rapm.lora import lora_state_dict
@@ -230,7 +238,7 @@ class Trainer:
 
         i, tcfg = self.step, self.tcfg
         seed, bs = int(tcfg["seed"]), int(tcfg["batch_size"])
-        indices = iteration_indices(seed, i, len(self.dataset), bs)
+        indices = [self.subset[k] for k in iteration_indices(seed, i, len(self.subset), bs)]
         batch = load_batch(self.dataset, indices, self.teacher.device)
         noise = self.rapm.draw_noise(seed, i, bs, batch.coarse.shape[2:])
         record: dict[str, Any] = {"step": i, "trajectories": indices}
@@ -261,7 +269,7 @@ class Trainer:
         from rapm.objective import load_batch
         from rapm.teacher import decode_latents
 
-        batch = load_batch(self.dataset, range(min(num, len(self.dataset))), self.teacher.device)
+        batch = load_batch(self.dataset, self.subset[:num], self.teacher.device)
         latents = self.rapm.sample(batch.coarse[:, 0], batch.cond)
         images = decode_latents(self.teacher, latents).permute(0, 2, 3, 1).cpu().numpy()
         self.counter.take()
@@ -284,12 +292,14 @@ class Trainer:
 # --- entry point ---------------------------------------------------------------------------------
 
 def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path, state_dir: str | Path,
-          max_iterations: int | None = None) -> dict[str, Any] | None:
+          max_iterations: int | None = None, subset: list[int] | None = None,
+          name: str | None = None) -> dict[str, Any] | None:
     """Train (or resume) RAPM from ``cfg`` (sections teacher, trajectories, train) on a gathered store.
 
     Writes the outputs to ``out_dir`` when all ``train.iterations`` are done and returns the summary;
     with ``max_iterations`` it stops after that many iterations of this invocation (checkpointed) and
-    returns None, so a rerun resumes.
+    returns None, so a rerun resumes. ``subset``: train on these trajectory indices only (an MSD
+    student's group); ``name``: the run's name in the summary (default: the out_dir's name).
     """
     from tqdm import tqdm
 
@@ -299,7 +309,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     tcfg = cfg["train"]
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, trajectories, state_dir)
+    trainer = Trainer(cfg, trajectories, state_dir, subset)
     log_path = state_dir / "losses.jsonl"
     resumed = trainer.load_checkpoint()
     _truncate_log(log_path, trainer.step)
@@ -357,7 +367,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
                               "unet_rows": float(np.mean(rows))}
     device = trainer.teacher.device
     summary = {
-        "name": out_dir.name,  # the variant (results/train/<variant>/)
+        "name": name or out_dir.name,  # the variant (results/train/<variant>/)
         "trajectory_key": Path(trajectories).name,
         "iterations": total,
         "wall_time_s": round(time.time() - t0, 1),  # this invocation (a resumed run counts from its restart)
@@ -369,7 +379,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
         "device": str(device),
         "lora_modules": n_modules,
         "lora_bytes": (out_dir / "lora.safetensors").stat().st_size,
-        "num_trajectories": len(trainer.dataset),
+        "num_trajectories": len(trainer.subset),
         "trajectory_store": str(trajectories),
         "final_losses": {t: float(np.mean([r[t] for r in records[-100:] if t in r]))
                          for t in LOSS_TERMS if any(t in r for r in records[-100:])},

@@ -27,27 +27,33 @@ def stage_keys() -> dict[str, list[str]]:
     return STAGE_KEYS
 
 
-def final_targets(config: Mapping) -> list[str]:
+def final_targets(config: Mapping, every: bool = False) -> list[str]:
     """Every file ``rule all`` asks for under ``config``: prompt sets, each run variant's LoRA and every
-    row's metrics, and the tables."""
+    row's metrics, and the tables in results/tables/run/. ``every``: the same over every variant
+    (rule ``ablations``, tables in results/tables/every/)."""
     return [
         "results/prompts/train.csv",
         "results/prompts/eval.csv",
         "results/prompts/manifest.json",
-        *[f"results/train/{v}/lora.safetensors" for v in variant_names(config)],
-        *[f"results/eval/{name}/metrics.json" for name in rows(config)],
-        *TABLE_FILES,
+        *[path for v in variant_names(config, every) for path in variant_outputs(config, v)],
+        *[f"results/eval/{name}/metrics.json" for name in rows(config, every)],
+        *table_files("every" if every else "run"),
     ]
 
 
-TABLE_FILES = [f"results/tables/{name}.{ext}" for name in ("main", "ablations", "resources") for ext in ("md", "csv", "tex")]
+TABLE_SETS = ("run", "every")
+
+
+def table_files(table_set: str) -> list[str]:
+    return [f"results/tables/{table_set}/{name}.{ext}" for name in ("main", "ablations", "resources")
+            for ext in ("md", "csv", "tex")]
 
 
 # --- variants ---------------------------------------------------------------------------------------
 
-def variant_names(config: Mapping) -> list[str]:
-    """The variants ``rule all`` runs: ``run_variants``, or every entry of ``variants``."""
-    names = config.get("run_variants") or list(config["variants"])
+def variant_names(config: Mapping, every: bool = False) -> list[str]:
+    """The variants ``rule all`` runs: ``run_variants``, or every entry of ``variants`` (also when ``every``)."""
+    names = (None if every else config.get("run_variants")) or list(config["variants"])
     unknown = [n for n in names if n not in config["variants"]]
     if unknown:
         raise ConfigError(f"run_variants names {unknown}, which are not in variants ({sorted(config['variants'])})")
@@ -70,10 +76,35 @@ def variant_config(config: Mapping, name: str) -> dict:
                           .replace("  - trajectories.", f"  - variants.{name}.trajectories.")) from err
 
 
-def trajectory_stores(config: Mapping) -> dict[str, dict]:
-    """{store key: its teacher + trajectories sections} over the run variants (variants share stores)."""
+def variant_msd(config: Mapping, name: str) -> dict | None:
+    """The ``msd`` section of variant ``name`` (K students), or None for a single-student variant."""
+    msd = config["variants"][name].get("msd")
+    if msd is None:
+        return None
+    return {"partition": "pca", "seed": 0, **msd}
+
+
+def student_config(config: Mapping, name: str) -> dict:
+    """The training config of each student of MSD variant ``name``: train.iterations / K iterations each."""
+    vc = variant_config(config, name)
+    k = variant_msd(config, name)["students"]
+    vc["train"] = {**vc["train"], "iterations": max(1, vc["train"]["iterations"] // k)}
+    return vc
+
+
+def variant_outputs(config: Mapping, name: str) -> list[str]:
+    """The trained artefacts of a variant: its LoRA, or the router and every student's LoRA."""
+    msd = variant_msd(config, name)
+    if msd is None:
+        return [f"results/train/{name}/lora.safetensors"]
+    return [f"results/train/{name}/router.safetensors",
+            *[f"results/train/{name}/students/{k}/lora.safetensors" for k in range(msd["students"])]]
+
+
+def trajectory_stores(config: Mapping, every: bool = False) -> dict[str, dict]:
+    """{store key: its teacher + trajectories sections} over the run (or ``every``) variants; variants share stores."""
     stores = {}
-    for name in variant_names(config):
+    for name in variant_names(config, every):
         vc = variant_config(config, name)
         stores.setdefault(trajectory_store_key({**config, **vc}), {k: vc[k] for k in ("teacher", "trajectories")})
     return stores
@@ -81,7 +112,7 @@ def trajectory_stores(config: Mapping) -> dict[str, dict]:
 
 # --- table rows -------------------------------------------------------------------------------------
 
-def rows(config: Mapping) -> dict[str, dict]:
+def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
     """{row name: row} of every table row: the teacher (many steps), the undistilled teacher at each
     variant's N, each run variant's student, each external LoRA. A row holds what sampling needs."""
     s = config["sampling"]
@@ -90,7 +121,7 @@ def rows(config: Mapping) -> dict[str, dict]:
     out = {"teacher": {"name": "teacher", "kind": "teacher", "steps": s["teacher_steps"], "guidance": guidance,
                        "lora": None, "resolution": res}}
     students = {}
-    for name in variant_names(config):
+    for name in variant_names(config, every):
         vc = variant_config(config, name)
         n = vc["trajectories"]["num_steps"]
         out.setdefault(f"teacher-{n}step", {"name": f"teacher-{n}step", "kind": "teacher", "steps": n,
@@ -98,6 +129,11 @@ def rows(config: Mapping) -> dict[str, dict]:
         students[name] = {"name": name, "kind": "student", "steps": n, "guidance": 1.0,
                           "lora": f"results/train/{name}/lora.safetensors", "variant": name,
                           "resolution": vc["trajectories"].get("resolution")}
+        msd = variant_msd(config, name)
+        if msd is not None:
+            students[name].update(kind="msd", lora=None, router=f"results/train/{name}/router.safetensors",
+                                  loras=[f"results/train/{name}/students/{k}/lora.safetensors"
+                                         for k in range(msd["students"])])
     for ext in s.get("external", []):
         students[ext["name"]] = {"name": ext["name"], "kind": "external", "steps": ext["steps"],
                                  "guidance": ext["guidance"], "lora": ext["lora"], "resolution": res}
@@ -111,7 +147,7 @@ def rows(config: Mapping) -> dict[str, dict]:
 def row_file(config: Mapping, name: str) -> dict:
     """The content of ``results/config/rows/<name>.yaml``: ``{"row": {...}}``, what sampling and evaluation
     need to know of one row beyond the teacher, sampling and evaluation sections."""
-    all_rows = rows(config)
+    all_rows = rows(config, every=True)
     if name not in all_rows:
         raise ConfigError(f"unknown row {name!r}; rows: {sorted(all_rows)}")
     return {"row": all_rows[name]}

@@ -92,7 +92,7 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
         metrics = json.loads((wd / f"results/eval/{row}/metrics.json").read_text())
         assert metrics["images"] == 40 and metrics["protocol"]["fid_features"] == "toyclip"
         assert metrics["accuracy"] is not None and 0 <= metrics["accuracy"]["colour"] <= 1
-    main_md = (wd / "results/tables/main.md").read_text()
+    main_md = (wd / "results/tables/run/main.md").read_text()
     assert "RAPM: rapm" in main_md and "toy CLIP" in main_md and "published" in main_md
 
     # A no-op rerun schedules nothing.
@@ -114,6 +114,11 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     jobs = plan(lambda d: d.setdefault("variants", {}).update(
         rapm={"description": "RAPM", "train": {"optim": {"student_lr": 5e-4}}}))
     assert jobs == {"stage_config": 1, "named_config": 1, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
+                    "tables": 1, "all": 1}, jobs
+
+    # Adding a variant adds only its jobs (training on the shared store, sampling, evaluation) and the tables.
+    jobs = plan(lambda d: d.update(run_variants=["rapm", "rank4"]))
+    assert jobs == {"stage_config": 1, "named_config": 2, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
                     "tables": 1, "all": 1}, jobs
 
     # Editing the prompt selection reruns the data stage and everything after it.

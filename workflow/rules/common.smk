@@ -8,9 +8,11 @@ from rapm.workflow import (
     row_file,
     rows,
     stage_keys,
+    student_config,
     trajectory_store_key,
     trajectory_stores,
     variant_config,
+    variant_msd,
     variant_names,
 )
 
@@ -23,8 +25,8 @@ try:
             source=", ".join(str(f) for f in workflow.configfiles) or "<command line>",
         )
     )
-    ROWS = rows(config)
-    STORES = trajectory_stores(config)
+    ROWS = rows(config, every=True)
+    STORES = trajectory_stores(config, every=True)
 except ConfigError as err:
     raise WorkflowError(str(err))
 
@@ -33,7 +35,8 @@ SHARDS = config["sampling"]["shards"]
 
 wildcard_constraints:
     stage="|".join(stage_keys()),
-    variant="|".join(variant_names(config)),
+    variant="|".join(variant_names(config, every=True)),
+    table_set="run|every",
     row="|".join(ROWS),
     key="[0-9a-f]{12}",
     protocol="[0-9a-f]{12}",
@@ -56,6 +59,8 @@ def get_named_config(wildcards):
     trajectories/<key>: the teacher and trajectories sections of one store; rows/<name>: one table row."""
     if wildcards.kind == "variants":
         return canonical(variant_config(config, wildcards.name))
+    if wildcards.kind == "students":
+        return canonical(student_config(config, wildcards.name))
     if wildcards.kind == "trajectories":
         return canonical(STORES[wildcards.name])
     return canonical(row_file(config, wildcards.name))
@@ -85,9 +90,17 @@ def get_trajectory_shards(wildcards):
 
 
 def get_row_inputs(wildcards):
-    """A student row's LoRA (trained by this workflow), so a retrained LoRA resamples its row."""
+    """A student row's LoRA (MSD: router and students) trained by this workflow, so retraining resamples it."""
     row = ROWS[wildcards.row]
-    return {"lora": row["lora"]} if row["kind"] == "student" else {}
+    if row["kind"] == "student":
+        return {"lora": row["lora"]}
+    if row["kind"] == "msd":
+        return {"router": row["router"], "loras": row["loras"]}
+    return {}
+
+
+def get_msd(wildcards):
+    return variant_msd(config, wildcards.variant)
 
 
 def get_row_manifests(wildcards):
@@ -101,17 +114,30 @@ def get_reference_stats(wildcards):
     return f"results/eval/reference/{protocol_key(config)}.npz"
 
 
+def _every(wildcards):
+    return wildcards.table_set == "every"
+
+
 def get_all_metrics(wildcards):
-    return [f"results/eval/{name}/metrics.json" for name in ROWS]
+    return [f"results/eval/{name}/metrics.json" for name in rows(config, _every(wildcards))]
 
 
 def get_all_train_summaries(wildcards):
-    return [f"results/train/{v}/summary.json" for v in variant_names(config)]
+    out = []
+    for v in variant_names(config, _every(wildcards)):
+        msd = variant_msd(config, v)
+        if msd is None:
+            out.append(f"results/train/{v}/summary.json")
+        else:
+            students = range(msd["students"])
+            out += [f"results/train/{v}/students/{k}/summary.json" for k in students]
+    return out
 
 
 def get_all_trajectory_manifests(wildcards):
-    return [f"results/trajectories/{key}/manifest.json" for key in STORES]
+    stores = trajectory_stores(config, _every(wildcards))
+    return [f"results/trajectories/{key}/manifest.json" for key in stores]
 
 
-def get_final_targets():
-    return final_targets(config)
+def get_final_targets(every=False):
+    return final_targets(config, every)

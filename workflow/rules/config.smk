@@ -17,7 +17,7 @@ rule stage_config:
 
 
 # The resolved config of one variant (variants/<name>: base sections + its overrides, the training
-# job's input), of one trajectory store (trajectories/<key>) or of one table row (rows/<name>).
+# job's input; students/<name>: the same for each student of an MSD variant), of one trajectory store (trajectories/<key>) or of one table row (rows/<name>).
 rule named_config:
     output:
         "results/config/{kind}/{name}.yaml",
@@ -25,7 +25,7 @@ rule named_config:
         "logs/config/{kind}/{name}.log",
     localrule: True
     wildcard_constraints:
-        kind="variants|trajectories|rows",
+        kind="variants|students|trajectories|rows",
     params:
         values=get_named_config,
     run:

@@ -1,7 +1,8 @@
 # The paper's tables from measured metrics, next to the published reference rows.
 
 
-# Main, ablation and resources tables as Markdown, CSV and LaTeX.
+# Main, ablation and resources tables as Markdown, CSV and LaTeX: results/tables/run/ for the
+# run variants (rule all), results/tables/every/ for every variant (rule ablations).
 rule tables:
     input:
         config="results/config/tables.yaml",
@@ -10,34 +11,34 @@ rule tables:
         trajectories=get_all_trajectory_manifests,
     output:
         main_md=report(
-            "results/tables/main.md",
+            "results/tables/{table_set}/main.md",
             caption="../report/tables.rst",
             category="Tables",
         ),
-        main_csv="results/tables/main.csv",
-        main_tex="results/tables/main.tex",
+        main_csv="results/tables/{table_set}/main.csv",
+        main_tex="results/tables/{table_set}/main.tex",
         ablations_md=report(
-            "results/tables/ablations.md",
+            "results/tables/{table_set}/ablations.md",
             caption="../report/tables.rst",
             category="Tables",
         ),
-        ablations_csv="results/tables/ablations.csv",
-        ablations_tex="results/tables/ablations.tex",
+        ablations_csv="results/tables/{table_set}/ablations.csv",
+        ablations_tex="results/tables/{table_set}/ablations.tex",
         resources_md=report(
-            "results/tables/resources.md",
+            "results/tables/{table_set}/resources.md",
             caption="../report/tables.rst",
             category="Tables",
         ),
-        resources_csv="results/tables/resources.csv",
-        resources_tex="results/tables/resources.tex",
+        resources_csv="results/tables/{table_set}/resources.csv",
+        resources_tex="results/tables/{table_set}/resources.tex",
     log:
-        "logs/tables.log",
+        "logs/tables/{table_set}.log",
     benchmark:
-        "benchmarks/tables.tsv"
+        "benchmarks/tables/{table_set}.tsv"
     conda:
         "../../environment.yml"
     params:
-        out_dir="results/tables",
+        out_dir="results/tables/{table_set}",
     shell:
         "python -m rapm tables --config {input.config} --metrics {input.metrics}"
         " --train-summaries {input.summaries} --trajectory-manifests {input.trajectories}"

@@ -34,3 +34,60 @@ rule train_rapm:
     shell:
         "python -m rapm train --config {input.config} --trajectories {params.trajectories}"
         " --out-dir {params.out_dir} --state-dir {params.state_dir} --threads {threads} > {log} 2>&1"
+
+
+# MSD (docs/method.md §7): split a variant's training trajectories into K groups and fit the router.
+rule msd_partition:
+    input:
+        config="results/config/variants/{variant}.yaml",
+        trajectories=get_variant_trajectories,
+    output:
+        router="results/train/{variant}/router.safetensors",
+        groups="results/train/{variant}/groups.json",
+    log:
+        "logs/train/{variant}/partition.log",
+    benchmark:
+        "benchmarks/train/{variant}/partition.tsv"
+    conda:
+        "../../environment.yml"
+    params:
+        trajectories=subpath(input.trajectories, parent=True),
+        out_dir=subpath(output.router, parent=True),
+        msd=get_msd,
+    shell:
+        "python -m rapm msd-partition --config {input.config} --trajectories {params.trajectories}"
+        " --students {params.msd[students]} --partition {params.msd[partition]}"
+        " --seed {params.msd[seed]} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# MSD: train student k of a variant on its group's trajectories (train.iterations / K iterations).
+rule train_msd_student:
+    input:
+        config="results/config/students/{variant}.yaml",
+        groups="results/train/{variant}/groups.json",
+        trajectories=get_variant_trajectories,
+    output:
+        lora="results/train/{variant}/students/{k}/lora.safetensors",
+        summary="results/train/{variant}/students/{k}/summary.json",
+        losses="results/train/{variant}/students/{k}/losses.jsonl",
+        grid="results/train/{variant}/students/{k}/validation.png",
+    log:
+        "logs/train/{variant}/students/{k}.log",
+    benchmark:
+        "benchmarks/train/{variant}/students/{k}.tsv"
+    wildcard_constraints:
+        k=r"\d+",
+    conda:
+        "../../environment.yml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        trajectories=subpath(input.trajectories, parent=True),
+        out_dir=subpath(output.lora, parent=True),
+        state_dir="results/state/train/{variant}/students/{k}",
+        name="{variant}/s{k}",
+    shell:
+        "python -m rapm train --config {input.config} --trajectories {params.trajectories}"
+        " --out-dir {params.out_dir} --state-dir {params.state_dir} --subset-file {input.groups}"
+        " --group {wildcards.k} --name {params.name} --threads {threads} > {log} 2>&1"
