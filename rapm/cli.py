@@ -221,6 +221,24 @@ def _cmd_msd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rapm.images import comparison_grid
+    from rapm.sample import read_row_images
+
+    by_row: dict[str, list[str]] = {}
+    for m in args.manifests:  # results/samples/<row>/shard-*.csv
+        by_row.setdefault(Path(m).parent.name, []).append(m)
+    rows, captions = {}, None
+    for name, manifests in by_row.items():
+        images, table = read_row_images(manifests)
+        rows[name] = images[:args.num]
+        captions = list(table["caption"][:args.num])
+    comparison_grid(rows, captions, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -356,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory-manifests", nargs="*", default=[], help="manifest.json of every trajectory store")
     p.add_argument("--out-dir", required=True, help="where main/ablations/resources .md/.csv/.tex go")
     p.add_argument("--readme", default=None, help="also write the results section into this README")
+
+    p = add("grid", _cmd_grid, "image grid: the same prompts and seeds across table rows (one line per row)")
+    p.add_argument("--manifests", nargs="+", required=True, help="shard manifests results/samples/<row>/shard-*.csv")
+    p.add_argument("--num", type=int, default=8, help="prompts (columns)")
+    p.add_argument("--out", required=True, help="the PNG to write")
     return parser
 
 

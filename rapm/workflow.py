@@ -38,6 +38,7 @@ def final_targets(config: Mapping, every: bool = False) -> list[str]:
         *[path for v in variant_names(config, every) for path in variant_outputs(config, v)],
         *[f"results/eval/{name}/metrics.json" for name in rows(config, every)],
         *table_files("every" if every else "run"),
+        f"results/figures/{'every' if every else 'run'}/grid.png",
     ]
 
 

@@ -94,6 +94,7 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
         assert metrics["accuracy"] is not None and 0 <= metrics["accuracy"]["colour"] <= 1
     main_md = (wd / "results/tables/run/main.md").read_text()
     assert "RAPM: rapm" in main_md and "toy CLIP" in main_md and "published" in main_md
+    assert (wd / "results/figures/run/grid.png").stat().st_size > 0
 
     # A no-op rerun schedules nothing.
     assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {}
@@ -114,12 +115,12 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     jobs = plan(lambda d: d.setdefault("variants", {}).update(
         rapm={"description": "RAPM", "train": {"optim": {"student_lr": 5e-4}}}))
     assert jobs == {"stage_config": 1, "named_config": 1, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
-                    "tables": 1, "all": 1}, jobs
+                    "tables": 1, "comparison_grid": 1, "all": 1}, jobs
 
     # Adding a variant adds only its jobs (training on the shared store, sampling, evaluation) and the tables.
     jobs = plan(lambda d: d.update(run_variants=["rapm", "rank4"]))
     assert jobs == {"stage_config": 1, "named_config": 2, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
-                    "tables": 1, "all": 1}, jobs
+                    "tables": 1, "comparison_grid": 1, "all": 1}, jobs
 
     # Editing the prompt selection reruns the data stage and everything after it.
     jobs = plan(lambda d: d["prompts"].update(seed=7))

@@ -56,7 +56,8 @@ def get_stage_config(wildcards):
 
 def get_named_config(wildcards):
     """variants/<name>: the resolved teacher / trajectories / train sections of one variant;
-    trajectories/<key>: the teacher and trajectories sections of one store; rows/<name>: one table row."""
+    trajectories/<key>: the teacher and trajectories sections of one store; rows/<name>: one table row.
+    """
     if wildcards.kind == "variants":
         return canonical(variant_config(config, wildcards.name))
     if wildcards.kind == "students":
@@ -86,7 +87,9 @@ def get_variant_trajectories(wildcards):
 
 def get_trajectory_shards(wildcards):
     n = STORES[wildcards.key]["trajectories"]["shards"]
-    return [f"results/trajectories/{wildcards.key}/shards/{s}-of-{n}.json" for s in range(n)]
+    return [
+        f"results/trajectories/{wildcards.key}/shards/{s}-of-{n}.json" for s in range(n)
+    ]
 
 
 def get_row_inputs(wildcards):
@@ -119,7 +122,17 @@ def _every(wildcards):
 
 
 def get_all_metrics(wildcards):
-    return [f"results/eval/{name}/metrics.json" for name in rows(config, _every(wildcards))]
+    return [
+        f"results/eval/{name}/metrics.json" for name in rows(config, _every(wildcards))
+    ]
+
+
+def get_all_manifests(wildcards):
+    return [
+        f"results/samples/{name}/shard-{s}-of-{SHARDS}.csv"
+        for name in rows(config, _every(wildcards))
+        for s in range(SHARDS)
+    ]
 
 
 def get_all_train_summaries(wildcards):

@@ -23,9 +23,9 @@ rule named_config:
         "results/config/{kind}/{name}.yaml",
     log:
         "logs/config/{kind}/{name}.log",
-    localrule: True
     wildcard_constraints:
         kind="variants|students|trajectories|rows",
+    localrule: True
     params:
         values=get_named_config,
     run:

@@ -43,3 +43,24 @@ rule tables:
         "python -m rapm tables --config {input.config} --metrics {input.metrics}"
         " --train-summaries {input.summaries} --trajectory-manifests {input.trajectories}"
         " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# The same evaluation prompts and seeds across the teacher, the undistilled N-step teacher and each variant.
+rule comparison_grid:
+    input:
+        manifests=get_all_manifests,
+    output:
+        grid=report(
+            "results/figures/{table_set}/grid.png",
+            caption="../report/grid.rst",
+            category="Images",
+        ),
+    log:
+        "logs/figures/{table_set}/grid.log",
+    benchmark:
+        "benchmarks/figures/{table_set}/grid.tsv"
+    localrule: True
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m rapm grid --manifests {input.manifests} --num 8 --out {output.grid} > {log} 2>&1"
