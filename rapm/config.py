@@ -12,6 +12,7 @@ import copy
 import difflib
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -34,6 +35,21 @@ def load_schema() -> dict:
         return yaml.safe_load(f)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads ``1e-3`` as a float (YAML 1.2), not the string PyYAML's YAML 1.1 makes of it."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(stream) -> Any:
+    return yaml.load(stream, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read one YAML mapping; errors name the file."""
     path = Path(path)
@@ -41,7 +57,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is None:
@@ -69,7 +85,7 @@ def parse_override(text: str) -> dict:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set: malformed key {key!r} in {text!r}")
-    value: Any = yaml.safe_load(raw) if raw else None
+    value: Any = load_yaml(raw) if raw else None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -127,6 +143,26 @@ def _fill_defaults(instance: Any, schema: dict) -> None:
                 _fill_defaults(value, extra)
 
 
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def _coerce_floats(instance: Any, schema: dict) -> Any:
+    """``"1e-3"`` -> 0.001 where the schema asks for a number: Snakemake reads config files with YAML 1.1,
+    which leaves such floats as strings (``rapm`` itself reads YAML 1.2 floats, :class:`YamlLoader`)."""
+    types = schema.get("type")
+    types = types if isinstance(types, list) else [types]
+    if isinstance(instance, str) and "number" in types and _FLOAT_1_2.match(instance):
+        return float(instance)
+    if isinstance(instance, dict):
+        extra = schema.get("additionalProperties")
+        for name, value in instance.items():
+            sub = schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else {})
+            instance[name] = _coerce_floats(value, sub)
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        return [_coerce_floats(v, schema["items"]) for v in instance]
+    return instance
+
+
 def validate(config: Mapping, source: str = "<config>", partial: bool = False) -> dict:
     """Validate ``config`` and return a copy with schema defaults filled in.
 
@@ -140,6 +176,7 @@ def validate(config: Mapping, source: str = "<config>", partial: bool = False) -
     schema = load_schema()
     instance = json.loads(json.dumps(config))  # plain types only; also a deep copy
     _fill_defaults(instance, schema)
+    _coerce_floats(instance, schema)
     validator = jsonschema.Draft202012Validator(schema)
     lines: list[str] = []
     for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):

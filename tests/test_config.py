@@ -192,3 +192,13 @@ def test_docs_check_detects_a_stale_table(tmp_path):
     assert main(["docs", "--check", "--readme", str(stale)]) == 1
     assert main(["docs", "--write", "--readme", str(stale)]) == 0
     assert stale.read_text() == text
+
+
+def test_exponent_floats_read_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; rapm's loader and the validator read it as a float."""
+    from rapm.config import parse_override
+
+    assert parse_override("train.optim.student_lr=1e-3") == {"train": {"optim": {"student_lr": 0.001}}}
+    cfg = validate({"train": {"optim": {"student_lr": "2e-4"}}, "profile": "x"}, partial=True)
+    assert cfg["train"]["optim"]["student_lr"] == 2e-4
+    assert validate({"profile": "1e5"}, partial=True)["profile"] == "1e5"  # a string key stays a string
