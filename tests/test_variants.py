@@ -1,0 +1,71 @@
+"""rapm.workflow: variants deep-merged onto the base sections, shared trajectory stores, table rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rapm.config import ConfigError, load_config
+from rapm.workflow import (final_targets, protocol_key, rows, student_config, trajectory_store_key,
+                           trajectory_stores, variant_config, variant_names)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg():
+    return load_config([ROOT / "config" / "config.yaml"])
+
+
+def test_variant_overrides_merge_onto_train_and_trajectories(cfg):
+    base = variant_config(cfg, "rapm")
+    rank4 = variant_config(cfg, "rank4")
+    assert rank4["train"]["lora"] == {**base["train"]["lora"], "rank": 4, "alpha": 4.0}
+    assert rank4["train"]["optim"] == base["train"]["optim"]  # untouched keys keep the base values
+    assert variant_config(cfg, "m5")["trajectories"]["steps_per_slot"] == 5
+    assert variant_config(cfg, "relative_only")["train"]["losses"]["lambda_abs"] == 0.0
+
+
+def test_a_bad_override_fails_naming_the_variant(cfg):
+    cfg["variants"]["typo"] = {"description": "x", "train": {"losess": {"lambda_rel": 0}}}
+    with pytest.raises(ConfigError, match=r"variants\.typo\.train\.losess"):
+        variant_config(cfg, "typo")
+    cfg["run_variants"] = ["rapm", "nope"]
+    with pytest.raises(ConfigError, match="run_variants names \\['nope'\\]"):
+        variant_names(cfg)
+
+
+def test_only_trajectory_changes_get_their_own_store(cfg):
+    key = lambda name: trajectory_store_key({**cfg, **variant_config(cfg, name)})  # noqa: E731
+    assert key("rank4") == key("rapm") == key("no_renoise") == key("msd4")
+    assert len({key("rapm"), key("m5"), key("m25"), key("j250"), key("n1"), key("n2")}) == 6
+    assert len(trajectory_stores(cfg)) == 1 and len(trajectory_stores(cfg, every=True)) == 6
+
+
+def test_rows_cover_teachers_students_msd_and_external(cfg):
+    cfg["sampling"]["external"] = [{"name": "pcm", "lora": "pcm.safetensors", "steps": 4, "guidance": 1.0}]
+    r = rows(cfg)
+    assert list(r) == ["teacher", "teacher-4step", "rapm", "relative_only", "absolute_only", "pcm"]
+    assert r["teacher"]["steps"] == 40 and r["teacher"]["guidance"] == cfg["trajectories"]["guidance"]
+    assert r["rapm"]["guidance"] == 1.0 and r["rapm"]["lora"] == "results/train/rapm/lora.safetensors"
+    every = rows(cfg, every=True)
+    assert {"teacher-1step", "teacher-2step"} <= set(every) and every["n1"]["steps"] == 1
+    assert every["msd4"]["kind"] == "msd" and len(every["msd4"]["loras"]) == 4
+    cfg["sampling"]["external"] = [{"name": "teacher", "lora": "x", "steps": 4, "guidance": 1.0}]
+    with pytest.raises(ConfigError, match="reserved for the teacher rows"):
+        rows(cfg)
+
+
+def test_msd_students_share_the_iterations(cfg):
+    assert student_config(cfg, "msd4")["train"]["iterations"] == cfg["train"]["iterations"] // 4
+    targets = final_targets(cfg, every=True)
+    assert "results/train/msd4/router.safetensors" in targets and "results/train/msd4/lora.safetensors" not in targets
+
+
+def test_protocol_key_tracks_the_evaluation_protocol_only(cfg):
+    before = protocol_key(cfg)
+    cfg["train"]["iterations"] = 5
+    assert protocol_key(cfg) == before
+    cfg["evaluation"]["clip"]["prefix"] = "A photo depicts "
+    assert protocol_key(cfg) != before
