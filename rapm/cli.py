@@ -221,6 +221,16 @@ def _cmd_msd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curve(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data", "teacher", "sampling", "evaluation", "curves")
+    _set_threads(args.threads)
+    from rapm.curves import read_snapshots, snapshot_curve
+
+    snapshot_curve(cfg, _read_row(args.row), read_snapshots(args.snapshots), args.prompts,
+                   int(cfg["curves"]["images"]), args.out_json, args.out_png)
+    return 0
+
+
 def _cmd_grid(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -374,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory-manifests", nargs="*", default=[], help="manifest.json of every trajectory store")
     p.add_argument("--out-dir", required=True, help="where main/ablations/resources .md/.csv/.tex go")
     p.add_argument("--readme", default=None, help="also write the results section into this README")
+
+    p = add("curve", _cmd_curve, "FID (and toy accuracy) of a variant's LoRA snapshots against training iteration")
+    _add_config_args(p)
+    p.add_argument("--row", required=True, help="the variant's row file (results/config/rows/<variant>.yaml)")
+    p.add_argument("--snapshots", required=True, help="snapshots.json written by `rapm train`")
+    p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-png", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
     p = add("grid", _cmd_grid, "image grid: the same prompts and seeds across table rows (one line per row)")
     p.add_argument("--manifests", nargs="+", required=True, help="shard manifests results/samples/<row>/shard-*.csv")

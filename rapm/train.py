@@ -17,7 +17,8 @@ All randomness of iteration i derives from (seed, i), so running the same comman
 where the last checkpoint left off and ends bitwise identical (on CPU) to an uninterrupted run.
 
 Outputs (``--out-dir``): ``lora.safetensors`` (diffusers ``load_lora_weights`` + ``fuse_lora``, alpha
-folded in, the resolved config in its metadata), ``summary.json``, ``losses.jsonl``, ``validation.png``.
+folded in, the resolved config in its metadata), ``summary.json``, ``losses.jsonl``, ``validation.png``,
+``snapshots.json`` (the LoRA snapshots in the state directory, for :mod:`rapm.curves`).
 """
 
 from __future__ import annotations
@@ -357,6 +358,9 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     grid = trainer.write_validation()
     shutil.copyfile(grid, out_dir / "validation.png")
     shutil.copyfile(log_path, out_dir / "losses.jsonl")
+    snapshots = sorted((state_dir / "snapshots").glob("lora_*.safetensors"))
+    write_json(out_dir / "snapshots.json", {"snapshots": [{"iteration": int(f.stem.split("_")[1]), "lora": str(f)}
+                                                          for f in snapshots if int(f.stem.split("_")[1]) <= total]})
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     per_kind = {}
     for kind in ("d", "g"):

@@ -19,6 +19,7 @@ STAGE_KEYS: dict[str, list[str]] = {
     "prompts": ["prompts"],
     "sampling": ["teacher", "sampling"],
     "evaluation": ["profile", "data", "sampling", "evaluation"],
+    "curves": ["profile", "data", "teacher", "sampling", "evaluation", "curves"],
     "tables": ["profile", "data.source", "trajectories.guidance", "sampling", "evaluation", "variants", "run_variants"],
 }
 
@@ -39,6 +40,9 @@ def final_targets(config: Mapping, every: bool = False) -> list[str]:
         *[f"results/eval/{name}/metrics.json" for name in rows(config, every)],
         *table_files("every" if every else "run"),
         f"results/figures/{'every' if every else 'run'}/grid.png",
+        *[f"results/figures/curves/{v}.png" for v in variant_names(config, every)
+          if variant_msd(config, v) is None and config.get("train", {}).get("snapshot_every")
+          and variant_config(config, v)["train"].get("snapshot_every")],
     ]
 
 

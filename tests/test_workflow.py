@@ -95,6 +95,11 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     main_md = (wd / "results/tables/run/main.md").read_text()
     assert "RAPM: rapm" in main_md and "toy CLIP" in main_md and "published" in main_md
     assert (wd / "results/figures/run/grid.png").stat().st_size > 0
+    curve = json.loads((wd / "results/figures/curves/rapm.json").read_text())
+    assert [p["iteration"] for p in curve["points"]] == [0, 3, 6] and curve["images"] == 20
+    snakemake("--report", "report.html", "--configfile", cfg, cwd=wd)
+    report = (wd / "report.html").read_text(errors="replace")
+    assert "main.md" in report and "grid.png" in report
 
     # A no-op rerun schedules nothing.
     assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {}
@@ -109,18 +114,18 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
 
     # Editing the evaluation protocol reruns evaluation and tables, no training or sampling.
     jobs = plan(lambda d: d["evaluation"].setdefault("clip", {}).update(prefix="A photo depicts "))
-    assert jobs == {"stage_config": 2, "reference_stats": 1, "evaluate": 3, "tables": 1, "all": 1}, jobs
+    assert jobs == {"stage_config": 3, "reference_stats": 1, "evaluate": 3, "tables": 1, "curve": 1, "all": 1}, jobs
 
     # Editing one variant's training reruns its training, sampling, evaluation and the tables only.
     jobs = plan(lambda d: d.setdefault("variants", {}).update(
         rapm={"description": "RAPM", "train": {"optim": {"student_lr": 5e-4}}}))
     assert jobs == {"stage_config": 1, "named_config": 1, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
-                    "tables": 1, "comparison_grid": 1, "all": 1}, jobs
+                    "tables": 1, "comparison_grid": 1, "curve": 1, "all": 1}, jobs
 
     # Adding a variant adds only its jobs (training on the shared store, sampling, evaluation) and the tables.
     jobs = plan(lambda d: d.update(run_variants=["rapm", "rank4"]))
     assert jobs == {"stage_config": 1, "named_config": 2, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
-                    "tables": 1, "comparison_grid": 1, "all": 1}, jobs
+                    "tables": 1, "comparison_grid": 1, "curve": 1, "all": 1}, jobs
 
     # Editing the prompt selection reruns the data stage and everything after it.
     jobs = plan(lambda d: d["prompts"].update(seed=7))

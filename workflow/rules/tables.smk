@@ -64,3 +64,33 @@ rule comparison_grid:
         "../../environment.yml"
     shell:
         "python -m rapm grid --manifests {input.manifests} --num 8 --out {output.grid} > {log} 2>&1"
+
+
+# FID (and the toy's accuracy) of one variant's LoRA snapshots against training iteration.
+rule curve:
+    input:
+        config="results/config/curves.yaml",
+        row="results/config/rows/{variant}.yaml",
+        snapshots="results/train/{variant}/snapshots.json",
+        prompts="results/prompts/eval.csv",
+    output:
+        json="results/figures/curves/{variant}.json",
+        png=report(
+            "results/figures/curves/{variant}.png",
+            caption="../report/curve.rst",
+            category="Training",
+            subcategory="{variant}",
+        ),
+    log:
+        "logs/figures/curves/{variant}.log",
+    benchmark:
+        "benchmarks/figures/curves/{variant}.tsv"
+    conda:
+        "../../environment.yml"
+    threads: 2
+    resources:
+        gpu=1,
+    shell:
+        "python -m rapm curve --config {input.config} --row {input.row} --snapshots {input.snapshots}"
+        " --prompts {input.prompts} --out-json {output.json} --out-png {output.png}"
+        " --threads {threads} > {log} 2>&1"

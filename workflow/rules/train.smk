@@ -12,6 +12,7 @@ rule train_rapm:
         lora="results/train/{variant}/lora.safetensors",
         summary="results/train/{variant}/summary.json",
         losses="results/train/{variant}/losses.jsonl",
+        snapshots="results/train/{variant}/snapshots.json",
         grid=report(
             "results/train/{variant}/validation.png",
             caption="../report/validation.rst",
@@ -70,6 +71,7 @@ rule train_msd_student:
         lora="results/train/{variant}/students/{k}/lora.safetensors",
         summary="results/train/{variant}/students/{k}/summary.json",
         losses="results/train/{variant}/students/{k}/losses.jsonl",
+        snapshots="results/train/{variant}/students/{k}/snapshots.json",
         grid="results/train/{variant}/students/{k}/validation.png",
     log:
         "logs/train/{variant}/students/{k}.log",

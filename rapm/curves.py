@@ -1,0 +1,89 @@
+"""Metrics against training iteration (``python -m rapm curve``): FID (and toy accuracy) of LoRA snapshots.
+
+Training writes a LoRA snapshot every ``train.snapshot_every`` iterations into its state directory and
+lists them in ``snapshots.json`` next to its outputs. For each snapshot (and the untrained student,
+iteration 0, which is the undistilled teacher at N steps and guidance 1) this samples the first
+``--num-images`` evaluation prompts with the row's sampler (image i from the noise of sampling.seed + i,
+as in the evaluation) and computes the Fréchet distance in the protocol's features against the
+reference images of the same prompts, and on the toy profile the attribute reader's accuracy. It is
+a curve for looking at training, on fewer images than the protocol's FID: its values are labelled
+with their image count and are not the table's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: list[dict], prompts_csv: str | Path,
+                   num_images: int, out_json: str | Path, out_png: str | Path) -> dict[str, Any]:
+    from rapm.evaluate import reference_images
+    from rapm.metrics import feature_extractor, frechet_distance, gaussian_stats, resize_all
+    from rapm.sample import generate, image_seed, load_row_pipeline
+    from rapm.trajectories import write_json
+
+    prompts = pd.read_csv(prompts_csv, keep_default_na=False).iloc[:num_images]
+    captions = list(prompts["caption"])
+    fid_cfg = cfg["evaluation"]["fid"]
+    res = int(min(fid_cfg["resolutions"]))
+    extract = feature_extractor(fid_cfg["features"], inception_weights=fid_cfg["inception_weights"])
+    ref = gaussian_stats(extract(resize_all(reference_images(cfg, prompts), res)))
+    seed, bs = int(cfg["sampling"]["seed"]), int(cfg["sampling"]["batch_size"])
+    points = []
+    for snap in [{"iteration": 0, "lora": None}, *snapshots]:
+        teacher = load_row_pipeline({**row, "lora": snap["lora"]}, cfg["teacher"])
+        images = np.concatenate([
+            generate(teacher, captions[i:i + bs], [image_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
+                     steps=row["steps"], guidance=row["guidance"],
+                     resolution=row.get("resolution"))
+            for i in range(0, len(captions), bs)])
+        point = {"iteration": snap["iteration"],
+                 "fid": frechet_distance(*gaussian_stats(extract(resize_all(images, res))), *ref)}
+        if cfg["data"]["source"] == "toy":
+            from rapm.toy.reader import accuracy
+            from rapm.toy.scene import parse_caption
+
+            acc = accuracy(images, [parse_caption(c) for c in captions])
+            point.update(accuracy=acc["all"], colour=acc["colour"])
+        log.info("iteration %d: %s", snap["iteration"], point)
+        points.append(point)
+    result = {"row": row["name"], "images": len(captions), "resolution": res, "features": fid_cfg["features"],
+              "points": points}
+    write_json(out_json, result)
+    plot_curve(result, out_png)
+    return result
+
+
+def plot_curve(result: Mapping[str, Any], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [p["iteration"] for p in result["points"]]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(its, [p["fid"] for p in result["points"]], "o-", color="C0")
+    ax.set_xlabel("training iteration (iteration 0: the undistilled teacher, guidance 1)")
+    label = "FID" if result["features"] == "inception" else "FD (toy CLIP features)"
+    ax.set_ylabel(f"{label}, {result['images']} images", color="C0")
+    if "accuracy" in result["points"][0]:
+        ax2 = ax.twinx()
+        ax2.plot(its, [p["colour"] for p in result["points"]], "s--", color="C1")
+        ax2.set_ylabel("colour accuracy (reader)", color="C1")
+    ax.set_title(f"{result['row']}: metrics against training iteration", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def read_snapshots(path: str | Path) -> list[dict]:
+    return json.loads(Path(path).read_text())["snapshots"]
