@@ -29,7 +29,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
         return str(int(value))
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:.{digits + 1 if abs(value) < 1 else digits}f}"  # 3 decimals below 1 (toy distances, accuracies)
     return str(value)
 
 
