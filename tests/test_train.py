@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -336,7 +334,7 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_rapm_sampler(kind, requ
 
     pipe = load_teacher(cfg["teacher"]).pipe
     pipe.load_lora_weights(str(tmp_path / "out" / "lora.safetensors"))
-    n_modules = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith("lora_A") )
+    n_modules = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(".lora_A"))
     assert n_modules == 79
     pipe.fuse_lora()
     prompts = [tr.dataset[0]["prompt"], tr.dataset[1]["prompt"]]
