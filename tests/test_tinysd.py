@@ -65,3 +65,30 @@ def test_shipped_teacher_loads_offline_through_the_teacher_path_and_is_small():
     images = sample_prompts(teacher.pipe, ["a large red circle at the center on a white background"] * 2,
                             steps=10, guidance=6.0, seed=0, batch_size=2)
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A crash right after the mid-way diffusion checkpoint (safetensors), then the same command again."""
+    from rapm.toy import train_teacher as tt
+
+    tt.train_teacher(tiny_budget(4), tmp_path / "straight", tmp_path / "straight.state")
+    real, calls = tt._save_state, []
+
+    def crash_after_first_diffusion_save(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if path.name == "diffusion.safetensors":
+            calls.append(path)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tt, "_save_state", crash_after_first_diffusion_save)
+    with pytest.raises(KeyboardInterrupt):
+        tt.train_teacher(tiny_budget(4), tmp_path / "resumed", tmp_path / "resumed.state")
+    monkeypatch.setattr(tt, "_save_state", real)
+    from safetensors import safe_open
+
+    with safe_open(str(calls[0]), framework="pt") as f:
+        assert f.metadata()["step"] == "2"
+    tt.train_teacher(tiny_budget(4), tmp_path / "resumed", tmp_path / "resumed.state")
+    a = tinysd.load_pipeline(tmp_path / "straight").unet.state_dict()
+    b = tinysd.load_pipeline(tmp_path / "resumed").unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

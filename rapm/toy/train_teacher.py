@@ -12,7 +12,7 @@ colour-shape pairs never appear):
    2022). The saved model is the EMA of the weights.
 
 Batch ``k`` of a phase depends only on (seed, phase, k), and the training state (weights, EMA,
-optimiser, step) is saved atomically every ``checkpoint_every`` steps in the state directory, so
+optimiser, step) is saved atomically (safetensors) every ``checkpoint_every`` steps in the state directory, so
 an interrupted run resumes where it stopped: run the same command again.
 """
 
@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import math
-import os
 import platform
 import sys
 import time
@@ -60,16 +59,34 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 # --- state ----------------------------------------------------------------------------------------
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _save_state(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, losses: list) -> None:
+    """The resumable state as safetensors (state dicts, AdamW state; step and losses in the metadata), atomically."""
+    from rapm.train import _atomic_save, _optimizer_tensors
+
+    tensors = {f"{name}.{k}": v.detach().cpu().clone().contiguous() for name, sd in modules.items() for k, v in sd.items()}
+    tensors.update(_optimizer_tensors("optimizer", optimizer))
+    _atomic_save(tensors, path, {"step": str(step), "losses": json.dumps(losses)})
 
 
-def _load(path: Path, device) -> dict | None:
+def _load_state(path: Path, optimizer: torch.optim.Optimizer, device) -> tuple[dict, int, list] | None:
+    """(state dicts by module name, step, losses) of a state saved by :func:`_save_state`, loading the
+    optimiser in place; None when there is none."""
+    from safetensors import safe_open
+
+    from rapm.train import _load_optimizer
+
     if not path.is_file():
         return None
-    return torch.load(path, map_location=device, weights_only=True)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    _load_optimizer("optimizer", optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optimizer.")})
+    modules: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, rest = key.split(".", 1)
+        if name != "optimizer":
+            modules.setdefault(name, {})[rest] = value.to(device)
+    return modules, int(meta["step"]), json.loads(meta["losses"])
 
 
 def _lr_factor(step: int, total: int, warmup: int, final_fraction: float) -> float:
@@ -104,7 +121,7 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
     from rapm.toy.reader import accuracy
     from rapm.toy.tinysd import build_vae
 
-    final_dir, ckpt_path = state_dir / "vae_final", state_dir / "vae.pt"
+    final_dir, ckpt_path = state_dir / "vae_final", state_dir / "vae.safetensors"
     vcfg, seed = tcfg["vae"], int(tcfg["seed"])
     if (final_dir / "stats.json").is_file():
         log.info("VAE: finished in %s, loading it", final_dir)
@@ -114,10 +131,9 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
     vae = build_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=float(vcfg["lr"]), weight_decay=0.0)
     start, losses = 0, []
-    if (state := _load(ckpt_path, device)) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, losses = int(state["step"]), list(state["losses"])
+    if (state := _load_state(ckpt_path, opt, device)) is not None:
+        modules, start, losses = state
+        vae.load_state_dict(modules["model"])
         log.info("VAE: resuming at step %d", start)
     steps, bs = int(vcfg["steps"]), int(vcfg["batch_size"])
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="VAE", mininterval=5, file=sys.stderr)
@@ -139,8 +155,7 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
             bar.set_postfix(mse=f"{m[0]:.5f}", kl=f"{m[1]:.1f}")
             log.info("VAE step %d/%d: mse %.5f kl %.1f", step + 1, steps, m[0], m[1])
         if (step + 1) % int(tcfg["checkpoint_every"]) == 0 and step + 1 < steps:
-            _save_atomic({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                          "losses": losses}, ckpt_path)
+            _save_state(ckpt_path, {"model": vae.state_dict()}, opt, step + 1, losses)
 
     # Scaling factor (SD: 0.18215 = 1 / std of its latents) and reconstruction quality, on fresh batches.
     vae.eval()
@@ -187,7 +202,7 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
     from rapm.toy.tinysd import build_scheduler, build_text_encoder, build_tokenizer, build_unet
 
     dcfg, seed = tcfg["diffusion"], int(tcfg["seed"])
-    ckpt_path = state_dir / "diffusion.pt"
+    ckpt_path = state_dir / "diffusion.safetensors"
     torch.manual_seed(seed + 1)
     tokenizer = build_tokenizer()
     unet, text_encoder = build_unet().to(device), build_text_encoder(tokenizer).to(device)
@@ -195,11 +210,10 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
     ema = copy.deepcopy(models).requires_grad_(False)
     opt = torch.optim.AdamW(models.parameters(), lr=float(dcfg["lr"]), weight_decay=float(dcfg["weight_decay"]))
     start, losses = 0, []
-    if (state := _load(ckpt_path, device)) is not None:
-        models.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        start, losses = int(state["step"]), list(state["losses"])
+    if (state := _load_state(ckpt_path, opt, device)) is not None:
+        modules, start, losses = state
+        models.load_state_dict(modules["model"])
+        ema.load_state_dict(modules["ema"])
         log.info("diffusion: resuming at step %d", start)
 
     scheduler = build_scheduler()
@@ -243,8 +257,7 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
             bar.set_postfix(loss=f"{m:.4f}", lr=f"{lr:.2e}")
             log.info("diffusion step %d/%d: loss %.4f lr %.2e", step + 1, steps, m, lr)
         if (step + 1) % int(tcfg["checkpoint_every"]) == 0 or step + 1 == steps:
-            _save_atomic({"model": models.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                          "step": step + 1, "losses": losses}, ckpt_path)
+            _save_state(ckpt_path, {"model": models.state_dict(), "ema": ema.state_dict()}, opt, step + 1, losses)
     tail = losses[-int(tcfg["log_every"]):] if losses else [float("nan")]
     stats = {"steps": steps, "final_loss": float(np.mean(tail)),
              "loss_curve": [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)]}
