@@ -151,8 +151,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     subset = None
     if args.subset_file is not None:
         import json
+        from pathlib import Path
 
-        groups = json.loads(open(args.subset_file).read())["groups"]
+        groups = json.loads(Path(args.subset_file).read_text())["groups"]
         if args.group is None or not 0 <= args.group < len(groups):
             raise ConfigError(f"--group must be in [0, {len(groups)}) with --subset-file {args.subset_file}")
         subset = groups[args.group]

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: list[dict], prompts_csv: str | Path,
                    num_images: int, out_json: str | Path, out_png: str | Path) -> dict[str, Any]:
-    from rapm.evaluate import reference_images
+    from rapm.evaluate import reference_images, toy_accuracy
     from rapm.metrics import feature_extractor, frechet_distance, gaussian_stats, resize_all
     from rapm.sample import generate, image_seed, load_row_pipeline
     from rapm.trajectories import write_json
@@ -48,10 +48,7 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
         point = {"iteration": snap["iteration"],
                  "fid": frechet_distance(*gaussian_stats(extract(resize_all(images, res))), *ref)}
         if cfg["data"]["source"] == "toy":
-            from rapm.toy.reader import accuracy
-            from rapm.toy.scene import parse_caption
-
-            acc = accuracy(images, [parse_caption(c) for c in captions])
+            acc = toy_accuracy(images, captions)
             point.update(accuracy=acc["all"], colour=acc["colour"])
         log.info("iteration %d: %s", snap["iteration"], point)
         points.append(point)

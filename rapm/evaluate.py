@@ -23,7 +23,9 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from rapm.metrics import MetricsError, feature_extractor, frechet_distance, gaussian_stats, protocol_summary, resize_all
+from rapm.metrics import (MetricsError, center_crop_resize, feature_extractor, frechet_distance, gaussian_stats,
+                          protocol_summary, resize_all)
+from rapm.sample import num_images
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +51,23 @@ def reference_images(cfg: Mapping[str, Any], prompts: pd.DataFrame) -> np.ndarra
         path = Path(root) / name
         if not path.is_file():
             raise MetricsError(f"{path}: reference image of an evaluation prompt not found in evaluation.reference.images_dir")
-        from rapm.metrics import center_crop_resize
-
         out.append(center_crop_resize(np.asarray(Image.open(path).convert("RGB")), largest))
     return np.stack(out)
 
 
-def _num_images(cfg: Mapping[str, Any], prompts: pd.DataFrame) -> int:
-    n = cfg["sampling"].get("num_images")
-    return len(prompts) if n is None else min(int(n), len(prompts))
+def toy_accuracy(images: np.ndarray, captions: list[str]) -> dict[str, float]:
+    """The attribute reader's accuracies of toy images against the scenes of their captions (without ``n``)."""
+    from rapm.toy.reader import accuracy
+    from rapm.toy.scene import parse_caption
+
+    return {k: float(v) for k, v in accuracy(images, [parse_caption(c) for c in captions]).items() if k != "n"}
 
 
 def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the reference statistics (``mu_<res>``, ``sigma_<res>`` per resolution) to ``out`` (.npz)."""
     t0 = time.time()
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
-    prompts = prompts.iloc[:_num_images(cfg, prompts)]
+    prompts = prompts.iloc[:num_images(cfg["sampling"], len(prompts))]
     fid = cfg["evaluation"]["fid"]
     extract = feature_extractor(fid["features"], inception_weights=fid["inception_weights"])
     images = reference_images(cfg, prompts)
@@ -92,7 +95,7 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     t0 = time.time()
     ecfg = cfg["evaluation"]
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
-    required = ecfg["fid"]["min_images"] or _num_images(cfg, prompts)
+    required = ecfg["fid"]["min_images"] or num_images(cfg["sampling"], len(prompts))
     images, table = read_row_images(manifests)
     if len(images) < required:
         raise MetricsError(f"row {row['name']!r}: {len(images)} images, the protocol asks for {required}; FID on fewer "
@@ -120,22 +123,14 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
         "wall_time_s": None,
     }
     if cfg["data"]["source"] == "toy" and ecfg["reader_accuracy"]:
-        from rapm.toy.reader import accuracy
-        from rapm.toy.scene import parse_caption
-
-        acc = accuracy(images, [parse_caption(c) for c in captions])
-        result["accuracy"] = {k: float(v) for k, v in acc.items() if k != "n"}
+        result["accuracy"] = toy_accuracy(images, captions)
     if "group" in table.columns:  # MSD: per-partition CLIP score and accuracy (FID needs the whole set)
         result["partitions"] = {}
         for k, idx in table.groupby("group").indices.items():
             part = {"images": len(idx), "clip_score": clip_score(images[idx], [captions[i] for i in idx], clip,
                                                                  prefix=ecfg["clip"]["prefix"])}
             if result["accuracy"] is not None:
-                from rapm.toy.reader import accuracy
-                from rapm.toy.scene import parse_caption
-
-                acc = accuracy(images[idx], [parse_caption(captions[i]) for i in idx])
-                part["accuracy"] = {a: float(v) for a, v in acc.items() if a != "n"}
+                part["accuracy"] = toy_accuracy(images[idx], [captions[i] for i in idx])
             result["partitions"][str(k)] = part
     result["wall_time_s"] = round(time.time() - t0, 1)
     validate_metrics(result)

@@ -103,12 +103,11 @@ class Router:
 
         arrays = {k: np.ascontiguousarray(getattr(self, k)) for k in ("center", "components", "medians", "centroids")
                   if getattr(self, k) is not None}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(arrays, str(tmp), metadata={"rapm.router": json.dumps({"method": self.method,
-                                                                          "num_groups": self.num_groups})})
-        tmp.replace(path)
+        from rapm.coco import atomic_path
+
+        meta = {"rapm.router": json.dumps({"method": self.method, "num_groups": self.num_groups})}
+        with atomic_path(path) as tmp:
+            save_file(arrays, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Router:

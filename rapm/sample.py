@@ -44,6 +44,12 @@ def image_seed(seed: int, i: int) -> int:
     return int(seed) + int(i)
 
 
+def num_images(sampling_cfg: Mapping[str, Any], num_prompts: int) -> int:
+    """Images per row: ``sampling.num_images`` (at most the number of evaluation prompts), or all of them."""
+    n = sampling_cfg.get("num_images")
+    return num_prompts if n is None else min(int(n), num_prompts)
+
+
 def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
     if not 0 <= shard < shards:
         raise SamplingError(f"shard {shard} outside [0, {shards})")
@@ -88,10 +94,9 @@ def generate(teacher, prompts: list[str], seeds: list[int], *, steps: int, guida
     """uint8 (B, H, W, 3) images of ``prompts``, image k from the noise of ``seeds[k]`` (CPU generator)."""
     shape = teacher.latent_shape(resolution)
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    side = (resolution or teacher.resolution)
-    extra = {"height": side, "width": side}
-    out = teacher.pipe(prompts, num_inference_steps=int(steps), guidance_scale=float(guidance),
-                       latents=latents.to(teacher.device, teacher.unet.dtype), output_type="np", **extra).images
+    side = resolution or teacher.resolution
+    out = teacher.pipe(prompts, num_inference_steps=int(steps), guidance_scale=float(guidance), height=side, width=side,
+                       latents=latents.to(teacher.device, teacher.unet.dtype), output_type="np").images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -114,9 +119,10 @@ def route(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], captions: list
 def _write_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    from rapm.coco import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], sampling_cfg: Mapping[str, Any],
@@ -125,12 +131,11 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
     """Sample the missing images of one shard of a row; write its manifest CSV. Returns a summary."""
     from tqdm import tqdm
 
-    from rapm.coco import sha256_file
+    from rapm.coco import atomic_path, sha256_file
 
     t0 = time.time()
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
-    n = len(prompts) if sampling_cfg.get("num_images") is None else min(int(sampling_cfg["num_images"]), len(prompts))
-    lo, hi = shard_range(n, int(sampling_cfg["shards"]), shard)
+    lo, hi = shard_range(num_images(sampling_cfg, len(prompts)), int(sampling_cfg["shards"]), shard)
     seed = int(sampling_cfg["seed"])
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
@@ -167,10 +172,8 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
     manifest = Path(manifest)
     rel = os.path.relpath(images_dir, manifest.parent)
     table["file"] = [f"{rel}/{i:06d}.png" for i in range(lo, hi)]
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, manifest)
+    with atomic_path(manifest) as tmp:
+        table.to_csv(tmp, index=False)
     return {"row": row.get("name"), "shard": shard, "images": hi - lo, "sampled": len(todo),
             "wall_time_s": round(time.time() - t0, 1)}
 

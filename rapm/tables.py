@@ -57,7 +57,7 @@ def _hours(seconds: float | None) -> float | None:
     return None if seconds is None else seconds / 3600.0
 
 
-def _label(m: Mapping, variants: Mapping) -> str:
+def _label(m: Mapping) -> str:
     if m["kind"] == "teacher":
         return f"Teacher, {m['steps']}-step DDIM, w={m['guidance']:g}" + (" (undistilled)" if m["row"] != "teacher" else "")
     if m["kind"] == "msd":
@@ -92,7 +92,7 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
 
     def measured(m: Mapping) -> dict:
         s = summary_by_variant.get(m["row"]) if m["kind"] in ("student", "msd") else None
-        row = {"method": _label(m, variants), "steps": m["steps"]}
+        row = {"method": _label(m), "steps": m["steps"]}
         if s:
             device = s["device"]
             row["hardware"] = "1 GPU" if device.startswith("cuda") else "1 CPU (2 cores)" if device == "cpu" else device

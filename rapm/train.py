@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import sys
 import time
@@ -65,11 +64,7 @@ def update_kinds(schedule: str, iteration: int) -> tuple[str, ...]:
     raise ValueError(f"unknown train.schedule {schedule!r}; choose alternate or d_then_g")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """AdamW state as flat tensors ``<prefix>.<param index>.<name>`` (safetensors has no nesting)."""
     out = {}
     for pid, state in opt.state_dict()["state"].items():
@@ -78,7 +73,8 @@ def _optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, tor
     return out
 
 
-def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+def load_optimizer_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Inverse of :func:`optimizer_tensors`: load the ``<prefix>.*`` tensors into ``opt`` (its param groups stay)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
@@ -89,12 +85,14 @@ def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[st
     opt.load_state_dict(sd)
 
 
-def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """``safetensors.torch.save_file``, atomically (:func:`rapm.coco.atomic_path`)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(tensors), str(tmp), metadata=dict(metadata))
-    os.replace(tmp, path)
+    from rapm.coco import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
 
 
 def _json_line(record: Mapping) -> str:
@@ -105,11 +103,12 @@ def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of iterations before ``step`` (a resumed run rewrites the rest)."""
     if not path.is_file():
         return
+    from rapm.coco import atomic_path
+
     lines = [line for line in path.read_text().splitlines(keepends=True)
              if line.strip() and json.loads(line)["step"] < step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(lines))
 
 
 class _EvalCounter:
@@ -187,10 +186,10 @@ class Trainer:
 
         tensors = {f"lora.{k}": v.cpu().contiguous() for k, v in lora_state_dict(self.teacher.unet).items()}
         tensors.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()})
-        tensors.update(_optimizer_tensors("opt_g", self.opt_g))
-        tensors.update(_optimizer_tensors("opt_d", self.opt_d))
+        tensors.update(optimizer_tensors("opt_g", self.opt_g))
+        tensors.update(optimizer_tensors("opt_d", self.opt_d))
         path = self.state_dir / CHECKPOINT
-        _atomic_save(tensors, path, {"step": str(self.step), "config": self._config_json()})
+        save_safetensors(tensors, path, {"step": str(self.step), "config": self._config_json()})
         return path
 
     def load_checkpoint(self) -> bool:
@@ -211,8 +210,8 @@ class Trainer:
         device = self.teacher.device
         load_lora_state_dict(self.teacher.unet, {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("lora.")})
         self.disc.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
-        _load_optimizer("opt_g", self.opt_g, {k: v.to(device) for k, v in tensors.items()})
-        _load_optimizer("opt_d", self.opt_d, {k: v.to(device) for k, v in tensors.items()})
+        load_optimizer_tensors("opt_g", self.opt_g, {k: v.to(device) for k, v in tensors.items()})
+        load_optimizer_tensors("opt_d", self.opt_d, {k: v.to(device) for k, v in tensors.items()})
         self.step = int(meta["step"])
         return True
 
@@ -304,7 +303,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     """
     from tqdm import tqdm
 
-    from rapm.trajectories import library_versions, write_json
+    from rapm.trajectories import _peak_rss_mb, library_versions, write_json
 
     t0 = time.time()
     tcfg = cfg["train"]

@@ -40,9 +40,8 @@ def final_targets(config: Mapping, every: bool = False) -> list[str]:
         *[f"results/eval/{name}/metrics.json" for name in rows(config, every)],
         *table_files("every" if every else "run"),
         f"results/figures/{'every' if every else 'run'}/grid.png",
-        *[f"results/figures/curves/{v}.png" for v in variant_names(config, every)
-          if variant_msd(config, v) is None and config.get("train", {}).get("snapshot_every")
-          and variant_config(config, v)["train"].get("snapshot_every")],
+        *[f"results/figures/curves/{v}.png" for v in variant_names(config, every)  # variants with snapshots
+          if variant_msd(config, v) is None and variant_config(config, v)["train"]["snapshot_every"]],
     ]
 
 

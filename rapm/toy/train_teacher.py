@@ -61,11 +61,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def _save_state(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, losses: list) -> None:
     """The resumable state as safetensors (state dicts, AdamW state; step and losses in the metadata), atomically."""
-    from rapm.train import _atomic_save, _optimizer_tensors
+    from rapm.train import optimizer_tensors, save_safetensors
 
     tensors = {f"{name}.{k}": v.detach().cpu().clone().contiguous() for name, sd in modules.items() for k, v in sd.items()}
-    tensors.update(_optimizer_tensors("optimizer", optimizer))
-    _atomic_save(tensors, path, {"step": str(step), "losses": json.dumps(losses)})
+    tensors.update(optimizer_tensors("optimizer", optimizer))
+    save_safetensors(tensors, path, {"step": str(step), "losses": json.dumps(losses)})
 
 
 def _load_state(path: Path, optimizer: torch.optim.Optimizer, device) -> tuple[dict, int, list] | None:
@@ -73,14 +73,14 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer, device) -> tuple[d
     optimiser in place; None when there is none."""
     from safetensors import safe_open
 
-    from rapm.train import _load_optimizer
+    from rapm.train import load_optimizer_tensors
 
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    _load_optimizer("optimizer", optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optimizer.")})
+    load_optimizer_tensors("optimizer", optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optimizer.")})
     modules: dict[str, dict] = {}
     for key, value in tensors.items():
         name, rest = key.split(".", 1)
