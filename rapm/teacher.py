@@ -63,7 +63,7 @@ class TeacherLoadError(RapmError, OSError):
 class Conditioning:
     """The text conditioning of a batch, as the UNet consumes it.
 
-    ``prompt_embeds`` (B, 77, D): the encoder hidden states (SDXL: both encoders' penultimate layers,
+    ``prompt_embeds`` (B, L, D): the encoder hidden states, L = tokenizer length, 77 for SD (SDXL: both encoders' penultimate layers,
     concatenated). SDXL only: ``pooled_embeds`` (B, P), the second encoder's projected EOS embedding,
     and ``add_time_ids`` (B, 6) = (original height, width, crop top, left, target height, width).
     """

@@ -12,7 +12,7 @@ runs the text encoders or the teacher. Layout of ``results/trajectories/<key>/``
       prompt         (J,)               str      the caption
       coarse         (J, N+1, C, H, W)  float32  z̃ at coarse_timesteps [t_N … t_0]; coarse[j, 0] = z̃_N, the noise
       delta          (J, N, C, H, W)    float32  z̃ at delta_timesteps [t_N − Δ … t_1 − Δ]
-      prompt_embeds  (J, 77, D)         float32  encoder hidden states (SDXL: both encoders)
+      prompt_embeds  (J, L, D)          float32  encoder hidden states (L = the tokenizer length: 77 for SD)
       pooled_embeds  (J, P)             float32  SDXL only: pooled text embedding
       add_time_ids   (J, 6)             float32  SDXL only: micro-conditioning time ids
       done           (J,)               uint8    1 once trajectory j's rows are written (written after them)

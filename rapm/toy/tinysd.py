@@ -7,7 +7,8 @@ unchanged; only the sizes differ:
 =============  =====================================================================
 VAE            32x32 RGB <-> 4x8x8 latents (3 blocks, 32/64/64 channels, factor 4)
 UNet           8x8 latents, 3 levels (32/64/128 channels), cross-attention at every level
-text encoder   CLIP, 3 layers, width 64, 77 positions, vocabulary 49,408 (exact CLIP BPE)
+text encoder   CLIP, 3 layers, width 64, 32 positions, vocabulary 49,408 (exact CLIP BPE);
+               initialised from the text tower of the toy CLIP (as SD1.5's is OpenAI CLIP's)
 scheduler      SD's scaled-linear betas, epsilon prediction, DDIM "trailing" spacing
 =============  =====================================================================
 
@@ -59,10 +60,11 @@ TEXT_CONFIG: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=256,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    max_position_embeddings=77,
+    num_attention_heads=2,
+    max_position_embeddings=32,  # toy captions are at most 24 tokens; the pipeline pads to this
     projection_dim=64,
-)
+    hidden_act="gelu",  # open_clip's text transformer uses exact GELU (no quick_gelu)
+)  # = the text tower of rapm.toy.clip.MODEL_CFG, so text_encoder_from_open_clip can copy it
 
 SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
@@ -102,6 +104,46 @@ def build_text_encoder(tokenizer=None):
     config = CLIPTextConfig(**TEXT_CONFIG, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id)
     return CLIPTextModel(config)
+
+
+def text_encoder_from_open_clip(clip_model, tokenizer=None):
+    """A ``CLIPTextModel`` holding the text tower of an open_clip model of the toy CLIP's shape.
+
+    The mapping is the one between OpenAI's CLIP and transformers' port of it: token and position
+    embeddings, per block ``ln_1``/``ln_2`` -> ``layer_norm1``/``layer_norm2``, the fused
+    ``in_proj`` split into q/k/v, ``c_fc``/``c_proj`` -> ``fc1``/``fc2``, ``ln_final`` ->
+    ``final_layer_norm``. Both are causal, so the hidden state of every token up to the
+    end-of-text token is the same (the padding id differs: open_clip pads with 0, SD's tokenizer
+    with the end-of-text token, which only changes the states after it).
+    """
+    sd = clip_model.state_dict()
+    width, n_layers = TEXT_CONFIG["hidden_size"], TEXT_CONFIG["num_hidden_layers"]
+    shapes = {"token_embedding.weight": (TEXT_CONFIG["vocab_size"], width),
+              "positional_embedding": (TEXT_CONFIG["max_position_embeddings"], width)}
+    for key, shape in shapes.items():
+        if key not in sd or tuple(sd[key].shape) != shape:
+            raise ValueError(f"open_clip model: {key} is {tuple(sd[key].shape) if key in sd else 'missing'}, "
+                             f"expected {shape} (TinySD's TEXT_CONFIG)")
+    out = {"text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
+           "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
+           "text_model.final_layer_norm.weight": sd["ln_final.weight"],
+           "text_model.final_layer_norm.bias": sd["ln_final.bias"]}
+    for i in range(n_layers):
+        src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
+                     ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            for kind in ("weight", "bias"):
+                out[f"{dst}{b}.{kind}"] = sd[f"{src}{a}.{kind}"]
+        for kind in ("weight", "bias"):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[f"{src}attn.in_proj_{kind}"].chunk(3, dim=0)):
+                out[f"{dst}self_attn.{name}.{kind}"] = part
+    model = build_text_encoder(tokenizer)
+    missing, unexpected = model.load_state_dict(
+        {k.removeprefix("text_model."): v.detach().clone().float() for k, v in out.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"open_clip -> CLIPTextModel: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def build_scheduler():

@@ -52,9 +52,31 @@ def train_batch(toy_cfg: Mapping, seed: int, phase: int, step: int, batch_size: 
     return scenes, [caption(s) for s in scenes], x, rng
 
 
+def caption_without_colours(scene, drop) -> str:
+    """The caption of ``scene`` with the colour word of object k left out where ``drop[k]``.
+
+    "a small square at the top left and a large blue circle ..." is a caption in which the square's
+    colour is unspecified: trained on such captions, the shape must be read from the shape word
+    alone, not inferred from the colour (the train split never shows a held-out pair such as
+    "blue square", so "blue and not a triangle" would otherwise predict "circle").
+    """
+    parts = [f"a {o.size} {o.shape} at the {o.position}" if d else f"a {o.size} {o.colour} {o.shape} at the {o.position}"
+             for o, d in zip(scene.objects, drop)]
+    return f"{' and '.join(parts)} on a {scene.background} background"
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def foreground_mask(x: torch.Tensor, scenes) -> torch.Tensor:
+    """(B, 1, H, W) float: 1 where a render ``x`` (in [-1, 1]) differs from its scene's background colour."""
+    from rapm.toy.scene import BACKGROUNDS
+
+    bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=x.dtype, device=x.device)
+    bg = (bg / 127.5 - 1.0)[:, :, None, None]
+    return ((x - bg).abs().amax(dim=1, keepdim=True) > 1.0 / 255).to(x.dtype)
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -140,11 +162,12 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = float(vcfg["lr"]) * _lr_factor(step, steps, int(tcfg["warmup_steps"]), float(tcfg["lr_final_fraction"]))
-        _, _, x, _ = train_batch(toy_cfg, seed, PHASE_VAE, step, bs)
+        scenes, _, x, _ = train_batch(toy_cfg, seed, PHASE_VAE, step, bs)
         x = x.to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        mse, kl = F.mse_loss(rec, x), post.kl().mean()
+        weight = 1.0 + float(vcfg.get("foreground_weight", 0.0)) * foreground_mask(x, scenes)
+        mse, kl = (weight * (rec - x).pow(2)).mean(), post.kl().mean()
         loss = mse + float(vcfg["kl_weight"]) * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,10 +228,23 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
     ckpt_path = state_dir / "diffusion.safetensors"
     torch.manual_seed(seed + 1)
     tokenizer = build_tokenizer()
-    unet, text_encoder = build_unet().to(device), build_text_encoder(tokenizer).to(device)
+    unet = build_unet().to(device)
+    if dcfg.get("text_init") == "toyclip":
+        from rapm.toy.clip import load_toy_clip
+        from rapm.toy.tinysd import text_encoder_from_open_clip
+
+        text_encoder = text_encoder_from_open_clip(load_toy_clip("cpu")[0], tokenizer).to(device)
+    else:
+        text_encoder = build_text_encoder(tokenizer).to(device)
     models = torch.nn.ModuleList([unet, text_encoder])
     ema = copy.deepcopy(models).requires_grad_(False)
-    opt = torch.optim.AdamW(models.parameters(), lr=float(dcfg["lr"]), weight_decay=float(dcfg["weight_decay"]))
+    text_scale = 1.0 if dcfg.get("text_lr") is None else float(dcfg["text_lr"]) / float(dcfg["lr"])
+    groups = [{"params": list(unet.parameters()), "scale": 1.0}]
+    if text_scale > 0:
+        groups.append({"params": list(text_encoder.parameters()), "scale": text_scale})
+    else:
+        text_encoder.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, lr=float(dcfg["lr"]), weight_decay=float(dcfg["weight_decay"]))
     start, losses = 0, []
     if (state := _load_state(ckpt_path, opt, device)) is not None:
         modules, start, losses = state
@@ -221,16 +257,20 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
     vae.requires_grad_(False).eval()
     sf = float(vae.config.scaling_factor)
     steps, bs, drop = int(dcfg["steps"]), int(dcfg["batch_size"]), float(dcfg["caption_dropout"])
+    colour_drop = float(dcfg.get("colour_dropout", 0.0))
     max_len = tokenizer.model_max_length
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="UNet+text", mininterval=5, file=sys.stderr)
     models.train()
     for step in bar:
         lr = float(dcfg["lr"]) * _lr_factor(step, steps, int(tcfg["warmup_steps"]), float(tcfg["lr_final_fraction"]))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["scale"]
         # 1. data: renders x of train-split scenes, captions c ("" with probability `caption_dropout`)
-        _, captions, x, rng = train_batch(toy_cfg, seed, PHASE_DIFFUSION, step, bs)
+        scenes, captions, x, rng = train_batch(toy_cfg, seed, PHASE_DIFFUSION, step, bs)
         captions = ["" if u < drop else c for u, c in zip(rng.random(bs), captions)]
+        if colour_drop > 0:
+            captions = [c and caption_without_colours(s, rng.random(len(s.objects)) < colour_drop)
+                        for s, c in zip(scenes, captions)]
         ids = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -247,7 +287,7 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
         loss = (w * (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), float(dcfg["grad_clip"]))
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], float(dcfg["grad_clip"]))
         opt.step()
         # 4. EMA with warm-up: decay = min(ema_decay, (1 + k) / (10 + k))
         _ema_update(ema, models, min(float(dcfg["ema_decay"]), (1 + step) / (10 + step)))
