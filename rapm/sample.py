@@ -76,16 +76,32 @@ def load_row_pipeline(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any]):
     from rapm.teacher import load_teacher
 
     teacher = load_teacher(teacher_cfg)
-    lora = row.get("lora")
-    if lora:
-        if not Path(lora).is_file():
-            raise SamplingError(f"{lora}: LoRA file not found (row {row.get('name')!r})")
-        try:
-            teacher.pipe.load_lora_weights(str(lora))
-            teacher.pipe.fuse_lora()
-        except Exception as err:  # noqa: BLE001 - re-raised with the file named
-            raise SamplingError(f"{lora}: diffusers could not load it as a LoRA of {teacher.location}: {err}") from err
+    if row.get("lora"):
+        fuse_row_lora(teacher, row)
     return teacher
+
+
+def fuse_row_lora(teacher, row: Mapping[str, Any]) -> None:
+    """Load ``row["lora"]`` into the teacher's pipeline and fuse it (what a user of the LoRA runs)."""
+    lora = row["lora"]
+    if not Path(lora).is_file():
+        raise SamplingError(f"{lora}: LoRA file not found (row {row.get('name')!r})")
+    try:
+        teacher.pipe.load_lora_weights(str(lora))
+        teacher.pipe.fuse_lora()
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise SamplingError(f"{lora}: diffusers could not load it as a LoRA of {teacher.location}: {err}") from err
+
+
+def restore_base(teacher, base: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Remove a fused LoRA: unload its layers, then put back the saved base weights bit for bit.
+
+    ``unfuse_lora`` subtracts the update again, which is exact only up to rounding; copying the
+    saved weights back makes the next student's pipeline identical to a freshly loaded teacher.
+    """
+    teacher.pipe.unload_lora_weights()
+    for name, state in base.items():
+        getattr(teacher.pipe, name).load_state_dict(state)
 
 
 @torch.no_grad()
@@ -101,13 +117,12 @@ def generate(teacher, prompts: list[str], seeds: list[int], *, steps: int, guida
 
 
 @torch.no_grad()
-def route(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], captions: list[str]) -> list[int]:
-    """The MSD student of each caption: the row's router on the teacher's pooled text embedding."""
+def route(row: Mapping[str, Any], teacher, captions: list[str]) -> list[int]:
+    """The MSD student of each caption: the row's router on the (LoRA-free) teacher's pooled text embedding."""
     from rapm.msd import Router, pooled_features
-    from rapm.teacher import encode_prompts, load_teacher
+    from rapm.teacher import encode_prompts
 
     router = Router.load(row["router"])
-    teacher = load_teacher(teacher_cfg)
     groups = []
     for start in range(0, len(captions), 64):
         cond = encode_prompts(teacher, captions[start:start + 64])
@@ -149,15 +164,28 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
 
     todo = [i for i in range(lo, hi) if not (images_dir / f"{i:06d}.png").is_file()]
     log.info("row %s, shard %d: images [%d, %d), %d to sample", row.get("name"), shard, lo, hi, len(todo))
-    groups = route(row, teacher_cfg, [prompts["caption"][i] for i in range(lo, hi)]) if row["kind"] == "msd" else None
-    # one pipeline per LoRA: the row's, or (MSD) each student's for the prompts routed to it
-    plan = [(row, todo)] if groups is None else [
-        ({**row, "lora": lora}, [i for i in todo if groups[i - lo] == k]) for k, lora in enumerate(row["loras"])]
+    from rapm.teacher import load_teacher
+
+    groups = plan = None
+    if row["kind"] == "msd":
+        # one teacher for routing and every student: each student's LoRA is fused for its prompts,
+        # then removed by restoring the base weights
+        teacher = load_teacher(teacher_cfg)
+        groups = route(row, teacher, [prompts["caption"][i] for i in range(lo, hi)])
+        plan = [({**row, "lora": lora}, [i for i in todo if groups[i - lo] == k]) for k, lora in enumerate(row["loras"])]
+        plan = [(sub_row, indices) for sub_row, indices in plan if indices]
+        if plan:
+            base = {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(teacher.pipe, name).state_dict().items()}
+                    for name in ("unet", "text_encoder", "text_encoder_2") if getattr(teacher.pipe, name, None) is not None}
+    elif todo:
+        teacher = load_row_pipeline(row, teacher_cfg)
+        plan = [(row, todo)]
     bs = int(sampling_cfg["batch_size"])
-    for sub_row, indices in plan:
-        if not indices:
-            continue
-        teacher = load_row_pipeline(sub_row, teacher_cfg)
+    for n, (sub_row, indices) in enumerate(plan or []):
+        if groups is not None:
+            if n:
+                restore_base(teacher, base)
+            fuse_row_lora(teacher, sub_row)
         for start in tqdm(range(0, len(indices), bs), desc=f"sampling {row.get('name')}", mininterval=5, file=sys.stderr):
             idx = indices[start:start + bs]
             images = generate(teacher, [prompts["caption"][i] for i in idx], [image_seed(seed, i) for i in idx],

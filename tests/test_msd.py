@@ -76,3 +76,48 @@ def test_students_train_on_their_groups_only(tiny_sd_dir, tmp_path):
     log = [json.loads(x) for x in (tmp_path / "s0" / "losses.jsonl").read_text().splitlines()]
     assert all(set(r["trajectories"]) <= set(info["groups"][0]) for r in log)
     assert json.loads((tmp_path / "s0" / "summary.json").read_text())["name"] == "msd/s0"
+
+
+def test_msd_sampling_with_one_teacher_equals_each_students_own_pipeline(tiny_sd_dir, tmp_path):
+    """MSD rows load the teacher once and swap fused LoRAs; every image must equal the one its student's
+    own freshly loaded pipeline gives (so no student's update leaks into the next)."""
+    import pandas as pd
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from test_train import PROMPTS, build_store, make_cfg
+
+    from rapm.sample import read_row_images, sample_shard
+    from rapm.train import train
+
+    store = build_store(tmp_path / "data", tiny_sd_dir)
+    info = partition_store(store, 2, "pca", 0, tmp_path / "msd")
+    loras = []
+    for k in range(2):
+        train(make_cfg(tiny_sd_dir, iterations=4, optim={"student_lr": 5e-2}), store, tmp_path / f"s{k}",
+              tmp_path / f"s{k}.state", subset=info["groups"][k], name=f"msd/s{k}")
+        loras.append(str(tmp_path / f"s{k}" / "lora.safetensors"))
+        # a few iterations move the images by about a pixel level; scale the updates up so that a
+        # student's update left fused in the next student's pipeline changes its images visibly
+        with safe_open(loras[-1], framework="pt") as f:
+            meta = f.metadata()
+        tensors = {n: t * 30 if "lora_B" in n else t for n, t in load_file(loras[-1]).items()}
+        save_file(tensors, loras[-1], metadata=meta)
+    prompts = tmp_path / "eval.csv"
+    pd.DataFrame({"prompt_id": range(4), "image_id": range(4), "caption_id": range(4), "caption": PROMPTS[:4],
+                  "file_name": [f"x{i}.jpg" for i in range(4)]}).to_csv(prompts, index=False)
+    teacher = {"path": str(tiny_sd_dir), "type": "auto", "dtype": "float32", "device": "cpu"}
+    cfg = {"seed": 3, "num_images": None, "shards": 1, "batch_size": 1}
+    msd = {"name": "msd", "kind": "msd", "steps": 4, "guidance": 1.0, "loras": loras,
+           "router": str(tmp_path / "msd" / "router.safetensors")}
+    sample_shard(msd, teacher, cfg, prompts, 0, tmp_path / "msd-row", tmp_path / "msd-row.csv")
+    images, table = read_row_images([tmp_path / "msd-row.csv"])
+    assert sorted(set(table["group"])) == [0, 1]  # both students are used
+    own = []
+    for k, lora in enumerate(loras):
+        row = {"name": f"s{k}", "kind": "student", "steps": 4, "guidance": 1.0, "lora": lora}
+        sample_shard(row, teacher, cfg, prompts, 0, tmp_path / f"row{k}", tmp_path / f"row{k}.csv")
+        own.append(read_row_images([tmp_path / f"row{k}.csv"])[0])
+    # the students differ by far more than rounding, so a leaked update would show
+    assert np.abs(own[0].astype(int) - own[1].astype(int)).max() > 20
+    for i, k in enumerate(table["group"]):
+        assert np.array_equal(images[i], own[k][i]), f"image {i} (student {k})"

@@ -14,7 +14,7 @@ scheduler      SD's scaled-linear betas, epsilon prediction, DDIM "trailing" spa
 
 Builders return freshly initialised modules from these configs (no download); the trained
 weights ship in ``rapm/assets/tinysd`` (see :func:`shipped_path`) as float16 safetensors, about
-15 MB, and load with ``StableDiffusionPipeline.from_pretrained(path)`` in float32.
+21 MB with the tokenizer files, and load with ``StableDiffusionPipeline.from_pretrained(path)`` in float32.
 """
 
 from __future__ import annotations

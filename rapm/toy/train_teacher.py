@@ -3,13 +3,20 @@
 Two phases, both on renders of scenes sampled on the fly from the toy TRAIN split (held-out
 colour-shape pairs never appear):
 
-1. VAE: x -> q(z|x) -> x_hat, loss = MSE(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I)).
-   Afterwards the latent scaling factor is set to 1 / std of the training latents, as in SD.
+1. VAE: x -> q(z|x) -> x_hat, loss = mean(w * (x_hat - x)^2) + kl_weight * KL(q(z|x) || N(0, I)),
+   w = 1 + foreground_weight on object pixels (objects cover ~5% of a render; unweighted, small
+   shapes blur into blobs). Afterwards the latent scaling factor is set to 1 / std of the training
+   latents, as in SD.
 2. UNet + text encoder jointly, epsilon prediction (DDPM, Ho et al. 2020):
    z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,  loss = w(t) * ||eps_theta(z_t, t, c) - eps||^2,
    with min-SNR weights w(t) = min(SNR(t), gamma) / SNR(t) (Hang et al. 2023) and the caption
    replaced by "" with probability ``caption_dropout`` (classifier-free guidance, Ho & Salimans
-   2022). The saved model is the EMA of the weights.
+   2022). The text encoder starts from the toy CLIP's text tower (``text_init: toyclip``, as SD's
+   is a pretrained CLIP) and trains at ``text_lr``. With probability ``colour_dropout`` an object's
+   colour word is left out of its caption, so its shape must be read from the shape word: the train
+   split never shows a held-out pair, and without this the model learns e.g. "blue and not a
+   triangle means circle" and draws the held-out "blue square" as a blue circle. The saved model
+   is the EMA of the weights.
 
 Batch ``k`` of a phase depends only on (seed, phase, k), and the training state (weights, EMA,
 optimiser, step) is saved atomically (safetensors) every ``checkpoint_every`` steps in the state directory, so
