@@ -37,7 +37,6 @@ from typing import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
