@@ -192,6 +192,11 @@ def save_pipeline(pipe, path: str | Path, dtype: torch.dtype = torch.float16) ->
     out = build_pipeline(*(copy.deepcopy(getattr(pipe, n)).to(dtype) for n in ("vae", "unet", "text_encoder")),
                          tokenizer=pipe.tokenizer)
     out.save_pretrained(path, safe_serialization=True)
+    for component in ("vae", "unet", "text_encoder"):  # a resumed run loads the VAE from its state dir,
+        config_path = path / component / "config.json"  # and diffusers records that local path
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     config_path = path / "text_encoder" / "config.json"
     config = json.loads(config_path.read_text())
     config.pop("torch_dtype", None)
