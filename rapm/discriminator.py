@@ -1,7 +1,8 @@
 """The two PCM-style discriminators of RAPM (method.md §3), sharing the frozen teacher UNet as backbone.
 
 D1 judges relative positions, D2 absolute ones. Both read the same features: the hidden states after
-each down block and the mid block (optionally each up block) of the teacher UNet, i.e. the student's
+each down block and the mid block (and each up block for SD1.5-family teachers: ``blocks: auto``,
+method.md §3) of the teacher UNet, i.e. the student's
 own UNet inside :func:`rapm.lora.teacher_mode`, conditioned on the timestep and the text exactly as
 the UNet is (SDXL: pooled text embedding and time ids through ``added_cond_kwargs``). Each has its own
 small trainable head per feature map (``heads["rel"]``, ``heads["abs"]``):
@@ -10,7 +11,7 @@ small trainable head per feature map (``heads["rel"]``, ``heads["abs"]``):
 
 The features come from forward hooks on the UNet's own blocks, so SD1.5-, SDXL- and toy-type
 ``UNet2DConditionModel`` s run through the same code; the forward stops (an internal exception) right
-after the last block needed, so with the DEFAULT ``[down, mid]`` the up blocks are never computed.
+after the last block needed, so with ``[down, mid]`` (SDXL's default) the up blocks are never computed.
 
 Gradients: the UNet is NOT a submodule (``parameters()``/``state_dict()`` hold only the heads) and
 its base weights are frozen here; gradients flow through it to the input z (the student's G step)
@@ -30,7 +31,7 @@ from rapm.lora import teacher_mode
 
 BLOCKS = ("down", "mid", "up")  # in execution order
 HEADS = ("rel", "abs")  # D1 (relative positions), D2 (absolute positions)
-DISC_DEFAULTS: dict[str, Any] = {"blocks": ["down", "mid"], "head_channels": 64, "renoise": True}
+DISC_DEFAULTS: dict[str, Any] = {"blocks": "auto", "head_channels": 64, "renoise": True, "renoise_tau": "shared"}
 LEAKY_SLOPE = 0.2
 
 
@@ -56,6 +57,14 @@ class DiscriminatorHead(nn.Module):
         return self.out(h + self.block2(h))
 
 
+def default_blocks(unet: nn.Module) -> list[str]:
+    """``blocks: auto`` (method.md §3): down + mid for an SDXL-type UNet (``addition_embed_type`` text_time),
+    down + mid + up for SD1.5-family UNets (the toy teacher included), as in PCM's released code."""
+    config = getattr(unet, "config", None)
+    sdxl = getattr(config, "addition_embed_type", None) == "text_time" if config is not None else False
+    return ["down", "mid"] if sdxl else ["down", "mid", "up"]
+
+
 def _disc_cfg(disc_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = dict(DISC_DEFAULTS)
     unknown = set(disc_cfg or {}) - set(cfg)
@@ -63,6 +72,8 @@ def _disc_cfg(disc_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"unknown train.discriminator key(s) {sorted(unknown)}; allowed: {sorted(cfg)}")
     cfg.update(disc_cfg or {})
     blocks = cfg["blocks"]
+    if blocks == "auto":
+        return cfg
     if isinstance(blocks, str) or not blocks:
         raise ValueError(f"train.discriminator.blocks must be a non-empty list of {BLOCKS}, got {blocks!r}")
     for name in blocks:
@@ -86,6 +97,8 @@ class Discriminator(nn.Module):
     def __init__(self, unet: nn.Module, disc_cfg: Mapping[str, Any] | None = None):
         super().__init__()
         self.cfg = _disc_cfg(disc_cfg)
+        if self.cfg["blocks"] == "auto":
+            self.cfg["blocks"] = default_blocks(unet)
         self._backbone = (unet,)  # a tuple, so the UNet is not registered as a submodule
         for name, p in unet.named_parameters():  # frozen backbone; the student LoRA stays as it is
             if "lora_" not in name:

@@ -15,7 +15,8 @@ Two traps of the peft/diffusers stack (docs/platform-notes.md, "peft LoRA traps"
   ``pipe.load_lora_weights`` + ``pipe.fuse_lora`` and checks module counts and 4-step samples.
 
 peft's ``enable_adapters`` also sets ``requires_grad`` on adapter weights (True on enable, False on
-disable); :func:`teacher_mode` restores the flags the caller had, so it has no side effect.
+disable); :func:`teacher_mode` does not call it: it flips only each layer's disable flag (layers found
+once and cached), so it has no side effect and costs microseconds whatever the size of the UNet.
 """
 
 from __future__ import annotations
@@ -78,9 +79,30 @@ def resolve_targets(unet: nn.Module, targets) -> list[str]:
 
 
 def _peft_layers(unet: nn.Module) -> list[nn.Module]:
+    """The peft tuner layers of ``unet``, found by one walk of its modules and cached on the UNet.
+
+    The cache is keyed by the adapters the UNet carries (``peft_config``), so adding an adapter
+    (:func:`add_student_lora`) finds the new layers; :func:`teacher_mode` and the discriminator call
+    this several times per update, and walking an SDXL UNet's ~6,000 modules each time cost 0.3 s.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    key = tuple(sorted(getattr(unet, "peft_config", {}) or {}))
+    cached = unet.__dict__.get("_rapm_peft_layers")
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
+        unet.__dict__["_rapm_peft_layers"] = cached  # a plain attribute: not a submodule, not in state_dict
+    return cached[1]
+
+
+def _checkpointed_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The modules that have a ``gradient_checkpointing`` switch (diffusers' blocks), cached like
+    :func:`_peft_layers`; whether checkpointing is on is read from them at each call."""
+    cached = unet.__dict__.get("_rapm_ckpt_blocks")
+    if cached is None:
+        cached = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+        unet.__dict__["_rapm_ckpt_blocks"] = cached
+    return cached
 
 
 def _student_params(unet: nn.Module) -> dict[str, nn.Parameter]:
@@ -130,41 +152,39 @@ def count_lora_modules(unet: nn.Module) -> int:
 @contextlib.contextmanager
 def teacher_mode(unet: nn.Module) -> Iterator[nn.Module]:
     """Adapter disabled inside: the module IS the teacher (method.md, "Notation"). On exit the previous
-    state is restored (nesting works), ``requires_grad`` of the LoRA weights included. A UNet without
-    adapters is the teacher already."""
+    state is restored (nesting works). A UNet without adapters is the teacher already.
+
+    Only each cached peft layer's ``_disable_adapters`` flag flips (what peft's ``enable_adapters``
+    sets and its forward reads); ``requires_grad`` is never touched, so there is nothing to restore
+    and the cost does not grow with the number of parameters (peft's ``disable_adapters`` walks every
+    module and rewrites every adapter weight's ``requires_grad``).
+    """
     layers = _peft_layers(unet)
     if not layers:
         yield unet
         return
     _check_checkpointing(unet)
-    was_disabled = layers[0].disable_adapters
-    flags = [(p, p.requires_grad) for p in unet.parameters()]
-    unet.disable_adapters()
-    for p, flag in flags:  # peft cleared the adapters' flags; harmless to keep while they are off
-        p.requires_grad_(flag)
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
     try:
         yield unet
     finally:
-        if not was_disabled:
-            unet.enable_adapters()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for m, off in zip(layers, before):
+            m._disable_adapters = off
 
 
 @contextlib.contextmanager
 def _adapter_state(layers: list[nn.Module], disabled: list[bool]) -> Iterator[None]:
-    """Set each peft layer's adapters on/off as recorded, restoring state and grad flags after."""
-    before = [m.disable_adapters for m in layers]
-    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    """Set each peft layer's adapters on/off as recorded (the flag :func:`teacher_mode` flips), restoring after."""
+    before = [m._disable_adapters for m in layers]
     try:
         for m, off in zip(layers, disabled):
-            m.enable_adapters(not off)
+            m._disable_adapters = off
         yield
     finally:
         for m, off in zip(layers, before):
-            m.enable_adapters(not off)
-        for p, flag in flags:
-            p.requires_grad_(flag)
+            m._disable_adapters = off
 
 
 def _adapter_aware_checkpoint(module, *args):
@@ -177,7 +197,7 @@ def _adapter_aware_checkpoint(module, *args):
     layers = _peft_layers(module) if isinstance(module, nn.Module) else []
     if not layers:
         return checkpoint(module, *args, use_reentrant=False)
-    disabled = [m.disable_adapters for m in layers]
+    disabled = [m._disable_adapters for m in layers]
     return checkpoint(module, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _adapter_state(layers, disabled)))
 
@@ -189,8 +209,11 @@ def enable_gradient_checkpointing(unet: nn.Module) -> None:
 
 
 def _check_checkpointing(unet: nn.Module) -> None:
-    funcs = {getattr(m, "_gradient_checkpointing_func", None) for m in unet.modules() if getattr(m, "gradient_checkpointing", False)}
-    if torch.is_grad_enabled() and funcs - {_adapter_aware_checkpoint}:
+    if not torch.is_grad_enabled():
+        return
+    funcs = {getattr(m, "_gradient_checkpointing_func", None) for m in _checkpointed_blocks(unet)
+             if getattr(m, "gradient_checkpointing", False)}
+    if funcs - {_adapter_aware_checkpoint}:
         raise RuntimeError("gradient checkpointing is on with a function that would recompute the teacher-mode pass "
                            "with the student LoRA enabled; turn it on with rapm.lora.enable_gradient_checkpointing(unet)")
 
@@ -224,9 +247,12 @@ def export_lora(unet: nn.Module, path: str | os.PathLike, lora_cfg: Mapping[str,
     paper's "about 7 MB").
     ``lora_cfg`` must describe the adapter (checked); it and ``metadata`` (str → str, the caller's
     config and provenance) go into the safetensors metadata, ours under ``rapm.lora``. Written
-    atomically. Returns the number of LoRA modules written.
+    atomically with deterministic bytes (:func:`rapm.io.save_safetensors`); every tensor must be finite
+    in ``dtype`` (a float32 weight beyond float16's range is inf once cast), else
+    :class:`rapm.io.NonFiniteTensorError` names it and nothing is written. Returns the number of LoRA
+    modules written.
     """
-    from safetensors.torch import save_file
+    from rapm.io import save_safetensors
 
     cfg = _lora_cfg(lora_cfg)
     metadata = dict(metadata or {})
@@ -253,9 +279,6 @@ def export_lora(unet: nn.Module, path: str | os.PathLike, lora_cfg: Mapping[str,
     info = {"rank": cfg["rank"], "alpha": cfg["alpha"], "targets": list(cfg["targets"]),
             "alpha_folded_into_lora_B": True, "modules": n_modules,
             "dtype": str(dtype).removeprefix("torch.")}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "rapm.lora": json.dumps(info), **metadata})
-    os.replace(tmp, path)
+    save_safetensors(tensors, Path(path), {"format": "pt", "rapm.lora": json.dumps(info), **metadata},
+                     require_finite=True)
     return n_modules

@@ -13,14 +13,23 @@ n = N−1 … 0 (slot k = 0 … N−1, noisiest first; u = t_{n+1}, v = t_n):
 4. advance          z_n = sg[z^φ_n]                                                 (detach #2: ``detach_rollout``)
 
 Discriminator step: d_hinge(D1(ẑ_n), D1(z^φ_n)) + d_hinge(D2(z̃_n), D2(z^φ_n)), averaged over slots,
-all inputs detached, every input re-noised to τ ∈ [t_n, t_n + T/N) with its own noise (method.md §3).
-Student step: Σ_n w_n [λ_rel hinge_G(D1(z^φ_n)) + λ_abs hinge_G(D2(z^φ_n))] (+ λ_reg pseudo-Huber to ẑ_n
-and z̃_n). With detach #2 each slot is back-propagated on its own as soon as it is computed, so the
-memory is that of a one-step method; the re-noised fake is judged by both heads from ONE backbone pass.
+all inputs detached, every input re-noised with its own noise to τ ∈ [t_n, t_n + T/N) (method.md §3):
+ONE τ per slot shared by the fake and both reals (``discriminator.renoise_tau: shared``, PCM's code,
+the DEFAULT) or one τ per input (``independent``). The D step makes N + 2 UNet calls: the N relative
+targets in one batched call (they do not depend on the roll-out), the N roll-out steps, and one
+backbone call on all 3N re-noised inputs.
+Student step: Σ_n w_n [λ_rel hinge_G(D1(z^φ_n)) + λ_abs hinge_G(D2(z^φ_n))]
++ w_n [λ_reg,rel pseudo-Huber(z^φ_n, ẑ_n) + λ_reg,abs pseudo-Huber(z^φ_n, z̃_n)]. With detach #2 each
+slot is back-propagated on its own as soon as it is computed, so the memory is that of a one-step
+method; the re-noised fake is judged by both heads from ONE backbone pass.
 
-Detach #1 only matters where the relative target enters a student loss: the regression term. With
-``losses.regression`` 0 (the DEFAULT) the G step never computes ẑ_n, and "without detach #1" trains
-exactly like RAPM; the target is still computed (and detached or not) for the D step.
+Detach #1 only matters where the relative target enters a student loss: ``regression_rel``. With it
+0 the G step never computes ẑ_n, and "without detach #1" trains exactly like RAPM; the target is still
+computed (detached) for the D step. With detach #1 on, the G step's N targets are one batched call.
+
+``sabotage`` (a list, DEFAULT empty) breaks training on purpose, for a testbed that must tell a working
+student from a broken one: ``swap_real_fake`` trains both discriminators with real and fake swapped
+(the student is then pushed away from the teacher's positions).
 
 All randomness of iteration i (trajectory pick, τ, re-noising noise) is drawn up front from
 generators seeded with (seed, i) on the CPU, so a resumed run repeats it exactly and results do not
@@ -105,10 +114,16 @@ def load_batch(dataset, indices: Sequence[int], device: torch.device | str) -> B
                  cond=cond, indices=[int(j) for j in indices])
 
 
+RENOISE_TAU = ("shared", "independent")
+SABOTAGE = ("swap_real_fake", "shuffle_prompts")
+INPUTS = ("fake", "rel", "abs")  # the re-noised inputs of a slot: the student's state and the two reals
+
+
 @dataclass
 class Noise:
     """The random draws of one iteration: τ and ε for every slot and every re-noised input
-    (``fake``, ``rel``, ``abs``), each (N, B) / (N, B, C, H, W), on the CPU."""
+    (``fake``, ``rel``, ``abs``), each (N, B) / (N, B, C, H, W), on the CPU. With a shared τ the
+    three ``tau`` entries are the same tensor."""
 
     tau: dict[str, Tensor]
     eps: dict[str, Tensor]
@@ -131,10 +146,19 @@ class RAPM:
         self.T = teacher.num_train_timesteps
         losses = cfg["losses"]
         self.lambda_rel, self.lambda_abs = float(losses["lambda_rel"]), float(losses["lambda_abs"])
-        self.lambda_reg, self.huber_c = float(losses["regression"]), float(losses["huber_c"])
+        self.huber_c = float(losses["huber_c"])
         self.weights = slot_weights(losses["slot_weights"], self.num_steps)
         self.detach_target, self.detach_rollout = bool(cfg["detach_target"]), bool(cfg["detach_rollout"])
         self.renoise = bool(cfg["discriminator"]["renoise"])
+        self.renoise_tau = cfg["discriminator"].get("renoise_tau", "shared")
+        if self.renoise_tau not in RENOISE_TAU:
+            raise ValueError(f"unknown train.discriminator.renoise_tau {self.renoise_tau!r}; choose {', '.join(RENOISE_TAU)}")
+        self.sabotage = list(cfg.get("sabotage") or [])
+        unknown = sorted(set(self.sabotage) - set(SABOTAGE))
+        if unknown:
+            raise ValueError(f"unknown train.sabotage {unknown}; choose from {', '.join(SABOTAGE)}")
+        self.lambda_reg_rel = float(losses["regression_rel"])
+        self.lambda_reg_abs = float(losses["regression_abs"])
         self.autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg["mixed_precision"]]
 
     # --- pieces ------------------------------------------------------------------------------
@@ -159,16 +183,33 @@ class RAPM:
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return self.student_step(batch.delta[:, k], self.delta_t[k], self.coarse_t[k + 1], batch.cond)
 
+    def relative_targets(self, batch: Batch) -> list[Tensor]:
+        """ẑ_n of every slot from ONE batched UNet call (rows slot-major), without grad; per slot (B, C, H, W)."""
+        B, N = len(batch.indices), self.num_steps
+        z = batch.delta.transpose(0, 1).reshape(N * B, *batch.delta.shape[2:])
+        u = torch.tensor(self.delta_t, dtype=torch.long).repeat_interleave(B)
+        v = torch.tensor(self.coarse_t[1:], dtype=torch.long).repeat_interleave(B)
+        with torch.no_grad(), self.autocast():
+            eps = unet_eps(self.teacher, z, u.to(z.device), Conditioning.cat([batch.cond.expand(B)] * N))
+        return list(ddim_transfer(z, u, v, eps.float(), self.alphas_cumprod).split(B))
+
     def draw_noise(self, seed: int, iteration: int, batch_size: int, latent_shape: Sequence[int]) -> Noise:
         """τ ∈ [t_n, min(t_n + T/N, T)) and ε ~ N(0, I) for each slot and re-noised input (CPU generator)."""
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, iteration, 1]).generate_state(1)[0]))
         span = self.T // self.num_steps
         v = torch.tensor(self.coarse_t[1:], dtype=torch.long).view(-1, 1)
         tau, eps = {}, {}
-        for name in ("fake", "rel", "abs"):
-            offset = torch.randint(0, span, (self.num_steps, batch_size), generator=gen)
-            tau[name] = (v + offset).clamp(max=self.T - 1) if self.renoise else v.expand(-1, batch_size).clone()
-            eps[name] = torch.randn((self.num_steps, batch_size, *latent_shape), generator=gen)
+        shape = (self.num_steps, batch_size)
+        if self.renoise_tau == "shared":
+            offset = torch.randint(0, span, shape, generator=gen)
+            shared = (v + offset).clamp(max=self.T - 1) if self.renoise else v.expand(*shape).clone()
+        for name in INPUTS:  # "independent" keeps the draw order of the first release
+            if self.renoise_tau == "shared":
+                tau[name] = shared
+            else:
+                offset = torch.randint(0, span, shape, generator=gen)
+                tau[name] = (v + offset).clamp(max=self.T - 1) if self.renoise else v.expand(*shape).clone()
+            eps[name] = torch.randn((*shape, *latent_shape), generator=gen)
         return Noise(tau, eps)
 
     def _noised(self, x: Tensor, k: int, name: str, noise: Noise) -> tuple[Tensor, Tensor]:
@@ -189,33 +230,36 @@ class RAPM:
     def discriminator_loss(self, batch: Batch, noise: Noise) -> dict[str, Tensor]:
         """D step (method.md §4): {"d_rel", "d_abs", "loss"}; gradients reach only the heads.
 
-        Roll-out, targets and backbone features without grad; real and fake of a slot share one
-        backbone call (batched). A head whose λ is 0 is not trained (its term is an exact 0).
+        Without grad: the N relative targets in one call, the N roll-out steps, then ONE backbone call
+        on every slot's re-noised fake and reals (3N·B rows). A head whose λ is 0 is not trained (its
+        term is an exact 0). ``sabotage: swap_real_fake`` swaps the two sides of every hinge.
         """
         use = {"rel": self.lambda_rel != 0, "abs": self.lambda_abs != 0}
+        cond, B, N = batch.cond, len(batch.indices), self.num_steps
+        with torch.no_grad():
+            reals = {"rel": self.relative_targets(batch) if use["rel"] else None,
+                     "abs": [batch.coarse[:, k + 1] for k in range(N)]}
+            fakes, z = [], batch.coarse[:, 0]
+            for k in range(N):
+                z = self.student_step(z, self.coarse_t[k], self.coarse_t[k + 1], cond)
+                fakes.append(z)
+            names = ["fake"] + [h for h in ("rel", "abs") if use[h]]
+            inputs = [self._noised(fakes[k] if name == "fake" else reals[name][k], k, name, noise)
+                      for name in names for k in range(N)]
+            feats = self._features(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
+                                   Conditioning.cat([cond.expand(B)] * len(inputs)))
+        chunks = list(zip(*[f.split(B) for f in feats]))  # per (input, slot), in the order of ``inputs``
         terms = {"d_rel": [], "d_abs": []}
-        z = batch.coarse[:, 0]
-        cond, B = batch.cond, len(batch.indices)
-        for k in range(self.num_steps):
-            u, v = self.coarse_t[k], self.coarse_t[k + 1]
-            with torch.no_grad():
-                fake = self.student_step(z, u, v, cond)
-                inputs = [self._noised(fake, k, "fake", noise)]
-                if use["rel"]:
-                    inputs.append(self._noised(self.relative_target(batch, k, grad=False), k, "rel", noise))
-                if use["abs"]:
-                    inputs.append(self._noised(batch.coarse[:, k + 1], k, "abs", noise))
-                feats = self._features(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
-                                       Conditioning.cat([cond] * len(inputs)))
-            z = fake
-            chunks = list(zip(*[f.split(B) for f in feats]))  # per input: its feature maps
-            row = 1
-            for head in ("rel", "abs"):
-                if not use[head]:
-                    continue
-                real_logits, fake_logits = self._logits(list(chunks[row]), head), self._logits(list(chunks[0]), head)
+        swap = "swap_real_fake" in self.sabotage
+        for head in ("rel", "abs"):
+            if not use[head]:
+                continue
+            row = names.index(head) * N
+            for k in range(N):
+                real_logits, fake_logits = self._logits(list(chunks[row + k]), head), self._logits(list(chunks[k]), head)
+                if swap:
+                    real_logits, fake_logits = fake_logits, real_logits
                 terms[f"d_{head}"].append(d_hinge(real_logits, fake_logits))
-                row += 1
         out = {name: torch.stack(vals).mean() if vals else torch.zeros(()) for name, vals in terms.items()}
         out["loss"] = out["d_rel"] + out["d_abs"]
         return out
@@ -232,6 +276,9 @@ class RAPM:
         pending: list[Tensor] = []
         z = batch.coarse[:, 0]
         cond = batch.cond
+        targets_rel = None
+        if self.lambda_reg_rel != 0 and self.detach_target:  # no graph: all N targets in one call
+            targets_rel = self.relative_targets(batch)
         for k in range(self.num_steps):
             u, v, w = self.coarse_t[k], self.coarse_t[k + 1], self.weights[k]
             fake = self.student_step(z, u, v, cond)
@@ -243,10 +290,14 @@ class RAPM:
                     self._logits(feats, "rel") if self.lambda_rel else None,
                     self._logits(feats, "abs") if self.lambda_abs else None,
                     weight=w, lambda_rel=self.lambda_rel, lambda_abs=self.lambda_abs))
-            if self.lambda_reg != 0 and w != 0:
-                target_rel = self.relative_target(batch, k)
-                parts["reg"] = w * self.lambda_reg * (pseudo_huber(fake, target_rel, self.huber_c)
-                                                      + pseudo_huber(fake, batch.coarse[:, k + 1], self.huber_c))
+            if w != 0 and (self.lambda_reg_rel != 0 or self.lambda_reg_abs != 0):
+                reg = torch.zeros((), device=fake.device)
+                if self.lambda_reg_rel != 0:
+                    target_rel = targets_rel[k] if targets_rel is not None else self.relative_target(batch, k)
+                    reg = reg + self.lambda_reg_rel * pseudo_huber(fake, target_rel, self.huber_c)
+                if self.lambda_reg_abs != 0:
+                    reg = reg + self.lambda_reg_abs * pseudo_huber(fake, batch.coarse[:, k + 1], self.huber_c)
+                parts["reg"] = w * reg
             slot_loss = sum(p.to(fake.device) for p in parts.values()) if parts else None
             for name, value in parts.items():
                 totals[name] = totals[name] + value.detach().float().cpu()

@@ -231,6 +231,17 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return float(norm)
 
+    def batch(self, indices: list[int]):
+        """The trajectories ``indices`` as a :class:`rapm.objective.Batch` on the device; with
+        ``sabotage: [shuffle_prompts]`` each one carries the conditioning of the next trajectory."""
+        from rapm.objective import load_batch
+
+        batch = load_batch(self.dataset, indices, self.teacher.device)
+        if "shuffle_prompts" in (self.tcfg.get("sabotage") or []):
+            others = [(j + 1) % len(self.dataset) for j in indices]
+            batch.cond = load_batch(self.dataset, others, self.teacher.device).cond
+        return batch
+
     def run_iteration(self) -> dict[str, Any]:
         """Iteration ``self.step``: the updates of the schedule; returns its log record."""
         from rapm.lora import lora_parameters
@@ -239,7 +250,7 @@ class Trainer:
         i, tcfg = self.step, self.tcfg
         seed, bs = int(tcfg["seed"]), int(tcfg["batch_size"])
         indices = [self.subset[k] for k in iteration_indices(seed, i, len(self.subset), bs)]
-        batch = load_batch(self.dataset, indices, self.teacher.device)
+        batch = self.batch(indices)
         noise = self.rapm.draw_noise(seed, i, bs, batch.coarse.shape[2:])
         record: dict[str, Any] = {"step": i, "trajectories": indices}
         for kind in update_kinds(tcfg["schedule"], i):

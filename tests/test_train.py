@@ -198,7 +198,7 @@ def test_detach_rollout_cuts_the_gradient_through_earlier_slots(tiny_sd_dir, sd_
 def test_relative_target_is_detached_unless_detach_target_is_off(tiny_sd_dir, sd_store, tmp_path):
     grads = {}
     for detach in (True, False):
-        tr = trainer(tiny_sd_dir, sd_store, tmp_path / str(detach), detach_target=detach, losses={"regression": 1.0})
+        tr = trainer(tiny_sd_dir, sd_store, tmp_path / str(detach), detach_target=detach, losses={"regression_rel": 1.0})
         _prime_lora(tr)
         batch = load_batch(tr.dataset, [2], "cpu")
         target = tr.rapm.relative_target(batch, 1)
@@ -216,7 +216,86 @@ def test_regression_off_never_computes_the_target_in_the_student_step(tiny_sd_di
     assert record["reg"] == 0.0
     tr.step = 0
     record = tr.run_iteration()
-    assert record["d_unet_calls"] == 12 and record["d_unet_rows"] == 20  # 4 student + 4 target + 4 x (3 rows)
+    assert record["d_unet_calls"] == 6 and record["d_unet_rows"] == 20  # 4 targets in 1 call + 4 student + 12 rows in 1
+
+
+def test_regression_terms_are_separate_and_the_targets_one_call(tiny_sd_dir, sd_store, tmp_path):
+    """regression_abs needs no relative target; regression_rel (detach #1 on) adds ONE batched target call."""
+    for losses, calls in (({"regression_abs": 1.0}, 8), ({"regression_rel": 1.0}, 9)):
+        tr = trainer(tiny_sd_dir, sd_store, tmp_path / str(calls), losses=losses)
+        tr.step = 1
+        record = tr.run_iteration()
+        assert record["g_unet_calls"] == calls and record["reg"] > 0
+    only_abs = trainer(tiny_sd_dir, sd_store, tmp_path / "a", losses={"regression_abs": 1.0, "lambda_rel": 0.0,
+                                                                     "lambda_abs": 0.0})
+    _prime_lora(only_abs)
+    batch = load_batch(only_abs.dataset, [1], "cpu")
+    noise = only_abs.rapm.draw_noise(0, 1, 1, batch.coarse.shape[2:])
+    out = only_abs.rapm.generator_backward(batch, noise, backward=False)
+    from rapm.losses import pseudo_huber
+
+    z, expected = batch.coarse[:, 0], 0.0
+    with torch.no_grad():
+        for k in range(4):  # the oracle: the roll-out and pseudo-Huber to the stored states, by hand
+            z = only_abs.rapm.student_step(z, only_abs.rapm.coarse_t[k], only_abs.rapm.coarse_t[k + 1], batch.cond)
+            expected += float(pseudo_huber(z, batch.coarse[:, k + 1], 1e-3))
+    assert float(out["reg"]) == pytest.approx(expected, rel=1e-5)
+
+
+def _per_slot_discriminator_loss(r, batch, noise):
+    """The D loss as the first release computed it: per slot, a target call, a student call, a backbone call."""
+    from rapm.losses import d_hinge
+    from rapm.teacher import Conditioning
+
+    z, B = batch.coarse[:, 0], len(batch.indices)
+    terms = {"rel": [], "abs": []}
+    with torch.no_grad():
+        for k in range(r.num_steps):
+            fake = r.student_step(z, r.coarse_t[k], r.coarse_t[k + 1], batch.cond)
+            inputs = [r._noised(fake, k, "fake", noise), r._noised(r.relative_target(batch, k, grad=False), k, "rel", noise),
+                      r._noised(batch.coarse[:, k + 1], k, "abs", noise)]
+            feats = r._features(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
+                                Conditioning.cat([batch.cond] * 3))
+            z = fake
+            chunks = list(zip(*[f.split(B) for f in feats]))
+            for row, head in ((1, "rel"), (2, "abs")):
+                terms[head].append(d_hinge(r._logits(list(chunks[row]), head), r._logits(list(chunks[0]), head)))
+    return {f"d_{h}": torch.stack(v).mean() for h, v in terms.items()}
+
+
+@pytest.mark.parametrize("renoise_tau", ["shared", "independent"])
+def test_batched_discriminator_step_equals_the_per_slot_computation(tiny_sd_dir, sd_store, tmp_path, renoise_tau):
+    tr = trainer(tiny_sd_dir, sd_store, tmp_path, discriminator={"renoise_tau": renoise_tau})
+    _prime_lora(tr)
+    batch = load_batch(tr.dataset, [0, 3], "cpu")
+    noise = tr.rapm.draw_noise(0, 4, 2, batch.coarse.shape[2:])
+    if renoise_tau == "shared":  # one tau per slot for the fake and both reals, each its own noise
+        assert torch.equal(noise.tau["fake"], noise.tau["rel"]) and torch.equal(noise.tau["fake"], noise.tau["abs"])
+        assert not torch.equal(noise.eps["fake"], noise.eps["rel"])
+    else:
+        assert not torch.equal(noise.tau["fake"], noise.tau["rel"])
+    batched = tr.rapm.discriminator_loss(batch, noise)
+    reference = _per_slot_discriminator_loss(tr.rapm, batch, noise)
+    for name in ("d_rel", "d_abs"):  # equal up to the UNet's batch non-invariance (float32 rounding)
+        assert float(batched[name]) == pytest.approx(float(reference[name]), abs=1e-5), name
+    batched["loss"].backward()
+    assert all(p.grad is not None for p in tr.disc.parameters())
+
+
+def test_swap_real_fake_sabotage_swaps_the_hinge_sides(tiny_sd_dir, sd_store, tmp_path):
+    tr = trainer(tiny_sd_dir, sd_store, tmp_path / "ok")
+    bad = trainer(tiny_sd_dir, sd_store, tmp_path / "bad", sabotage=["swap_real_fake"])
+    batch = load_batch(tr.dataset, [1], "cpu")
+    noise = tr.rapm.draw_noise(0, 2, 1, batch.coarse.shape[2:])
+    ok, swapped = tr.rapm.discriminator_loss(batch, noise), bad.rapm.discriminator_loss(batch, noise)
+    assert float(ok["d_abs"]) != pytest.approx(float(swapped["d_abs"]), abs=1e-6)
+
+
+def test_shuffle_prompts_sabotage_pairs_each_trajectory_with_the_next_prompt(tiny_sd_dir, sd_store, tmp_path):
+    bad = trainer(tiny_sd_dir, sd_store, tmp_path, sabotage=["shuffle_prompts"])
+    batch = bad.batch([1, 3])
+    assert torch.equal(batch.coarse, load_batch(bad.dataset, [1, 3], "cpu").coarse)
+    assert torch.equal(batch.cond.prompt_embeds, load_batch(bad.dataset, [2, 0], "cpu").cond.prompt_embeds)
 
 
 # --- the job -------------------------------------------------------------------------------------------
