@@ -72,15 +72,14 @@ def _disc_cfg(disc_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"unknown train.discriminator key(s) {sorted(unknown)}; allowed: {sorted(cfg)}")
     cfg.update(disc_cfg or {})
     blocks = cfg["blocks"]
-    if blocks == "auto":
-        return cfg
-    if isinstance(blocks, str) or not blocks:
-        raise ValueError(f"train.discriminator.blocks must be a non-empty list of {BLOCKS}, got {blocks!r}")
-    for name in blocks:
-        if name not in BLOCKS:
-            raise ValueError(f"unknown discriminator block {name!r}; choose from {', '.join(BLOCKS)}")
-    if len(set(blocks)) != len(blocks):
-        raise ValueError(f"train.discriminator.blocks lists a block twice: {blocks!r}")
+    if blocks != "auto":
+        if isinstance(blocks, str) or not blocks:
+            raise ValueError(f"train.discriminator.blocks must be a non-empty list of {BLOCKS}, got {blocks!r}")
+        for name in blocks:
+            if name not in BLOCKS:
+                raise ValueError(f"unknown discriminator block {name!r}; choose from {', '.join(BLOCKS)}")
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"train.discriminator.blocks lists a block twice: {blocks!r}")
     hc = cfg["head_channels"]
     if isinstance(hc, bool) or not isinstance(hc, int) or hc < 1:
         raise ValueError(f"train.discriminator.head_channels must be a positive integer, got {hc!r}")

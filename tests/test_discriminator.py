@@ -92,8 +92,10 @@ def test_features_are_the_teacher_block_outputs(kind):
             assert [tuple(l.shape) for l in logits] == [(2, 1, *f.shape[2:]) for f in feats]
         # the adapter is back on after the discriminator ran: the student is unchanged
         assert torch.equal(unet(z, t, **cond.unet_kwargs()).sample, student_before)
-    n_down = len(unet.down_blocks)
-    assert len(Discriminator(unet, {}).feature_names) == n_down + 1  # DEFAULT down + mid
+    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    # DEFAULT blocks "auto" (method.md §3): SDXL down + mid, SD1.5-family (the toy too) down + mid + up
+    expected = n_down + 1 if kind == "sdxl" else n_down + 1 + n_up
+    assert len(Discriminator(unet, {}).feature_names) == expected
 
 
 def test_features_ignore_the_student_lora():
