@@ -18,14 +18,12 @@ into a tidy, sorted DataFrame; it does not care whether the file came from COCO 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import io
 import json
 import locale
 import logging
 import os
-import secrets
 import shutil
 import ssl
 import sys
@@ -35,7 +33,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -45,6 +43,7 @@ from tqdm import tqdm
 
 import rapm
 from rapm.errors import RapmError
+from rapm.io import atomic_path, sha256_file  # noqa: F401 - re-exported (rapm.coco.atomic_path)
 
 log = logging.getLogger(__name__)
 
@@ -67,30 +66,7 @@ class CaptionsFormatError(RapmError, ValueError):
 
 # --- small file helpers -------------------------------------------------------------------
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it onto ``final`` if the block succeeds.
-
-    The caller writes the temporary path. On an exception it is removed and ``final`` is left
-    untouched, so readers only ever see complete files.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+# sha256_file and atomic_path live in rapm.io (the bottom layer); imported above and re-exported here.
 
 
 # --- captions schema and loading ----------------------------------------------------------

@@ -4,6 +4,10 @@ The schema (``rapm/schemas/config.schema.yaml``, also reachable as
 ``workflow/schemas/config.schema.yaml``) is the single description of every key. It is
 applied when the workflow starts (``Snakefile``) and when any CLI stage starts, so a typo
 fails before any job runs, with a message that names the key and the file.
+
+Beyond the schema, :func:`validate` refuses NaN and ±inf for every number (JSON Schema lets NaN
+pass every bound; YAML reads ``.nan``/``.inf``), and a ``run_variants`` entry that is not in
+``variants`` (:func:`check_run_variants`, the check the workflow shares).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import copy
 import difflib
 import functools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -163,6 +168,40 @@ def _coerce_floats(instance: Any, schema: dict) -> Any:
     return instance
 
 
+def _non_finite_numbers(node: Any, path: list) -> dict[str, str]:
+    """{dotted key: message} for every NaN or ±inf number in ``node`` (any depth, list items too)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return {_key(path): f"{_key(path)}: {node!r} is not a finite number (NaN and ±inf are refused)"}
+    out: dict[str, str] = {}
+    if isinstance(node, dict):
+        for name, value in node.items():
+            out.update(_non_finite_numbers(value, [*path, name]))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out.update(_non_finite_numbers(value, [*path, i]))
+    return out
+
+
+def run_variants_problem(config: Mapping) -> str | None:
+    """What is wrong with ``run_variants`` (names that are not in ``variants``), or None; None too when
+    either key is absent (a partial config) or malformed (the schema reports that)."""
+    names, variants = config.get("run_variants"), config.get("variants")
+    if not isinstance(names, list) or not isinstance(variants, Mapping):
+        return None
+    unknown = [n for n in names if isinstance(n, str) and n not in variants]
+    if unknown:
+        return f"names {unknown}, which are not in variants ({sorted(variants)})"
+    return None
+
+
+def check_run_variants(config: Mapping) -> None:
+    """Raise :class:`ConfigError` when ``run_variants`` names a variant that ``variants`` does not define
+    (the message: ``run_variants names [...], which are not in variants ([...])``)."""
+    problem = run_variants_problem(config)
+    if problem:
+        raise ConfigError(f"run_variants {problem}")
+
+
 def validate(config: Mapping, source: str = "<config>", partial: bool = False) -> dict:
     """Validate ``config`` and return a copy with schema defaults filled in.
 
@@ -178,11 +217,18 @@ def validate(config: Mapping, source: str = "<config>", partial: bool = False) -
     _fill_defaults(instance, schema)
     _coerce_floats(instance, schema)
     validator = jsonschema.Draft202012Validator(schema)
+    non_finite = _non_finite_numbers(instance, [])
     lines: list[str] = []
     for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
         if partial and error.validator == "required":
             continue
+        if _key(error.absolute_path) in non_finite:  # reported once, below, as not finite
+            continue
         lines.extend(_describe(error, schema))
+    lines.extend(non_finite.values())
+    problem = run_variants_problem(instance)
+    if problem:
+        lines.append(f"run_variants: {problem}")
     if lines:
         body = "\n".join(f"  - {line}" for line in lines)
         raise ConfigError(f"{source}: invalid configuration\n{body}")

@@ -99,15 +99,13 @@ class Router:
         return np.argmin(((xc[:, None, :] - self.centroids[None]) ** 2).sum(-1), axis=1).astype(np.int64)
 
     def save(self, path: str | Path) -> None:
-        from safetensors.numpy import save_file
+        """Write the router as safetensors (numpy arrays; deterministic bytes, :func:`rapm.io.save_safetensors`)."""
+        from rapm.io import save_safetensors
 
         arrays = {k: np.ascontiguousarray(getattr(self, k)) for k in ("center", "components", "medians", "centroids")
                   if getattr(self, k) is not None}
-        from rapm.coco import atomic_path
-
         meta = {"rapm.router": json.dumps({"method": self.method, "num_groups": self.num_groups})}
-        with atomic_path(path) as tmp:
-            save_file(arrays, str(tmp), metadata=meta)
+        save_safetensors(arrays, path, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Router:

@@ -202,3 +202,32 @@ def test_exponent_floats_read_as_numbers(tmp_path):
     cfg = validate({"train": {"optim": {"student_lr": "2e-4"}}, "profile": "x"}, partial=True)
     assert cfg["train"]["optim"]["student_lr"] == 2e-4
     assert validate({"profile": "1e5"}, partial=True)["profile"] == "1e5"  # a string key stays a string
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", "1e999", ".NaN"])
+def test_non_finite_numbers_are_refused_naming_the_key(text, capsys):
+    """JSON Schema lets NaN pass every bound (``nan < 0`` is false): the validator refuses NaN/±inf itself."""
+    cfg = ROOT / "config" / "config.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config([cfg], [f"train.optim.student_lr={text}"])
+    assert "  - train.optim.student_lr: " in str(err.value) and "not a finite number" in str(err.value)
+    assert str(err.value).count("student_lr") == 1  # once, not also as a schema bound
+    assert main(["validate-config", str(cfg), "--set", f"train.optim.student_lr={text}"]) == 2
+    assert "train.optim.student_lr" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"  - variants\.rank4\.train\.lora\.alpha: .*not a finite number"):
+        load_config([cfg], [f"variants.rank4.train.lora.alpha={text}"])
+    with pytest.raises(ConfigError, match=r"  - train\.optim\.student_betas\.1: .*not a finite number"):
+        validate({"train": {"optim": {"student_betas": [0.9, float(text.replace(".", "", 1))]}}}, partial=True)
+
+
+def test_unknown_run_variant_is_refused_by_validate_config(toy_config, capsys):
+    from rapm.config import check_run_variants
+
+    cfg = ROOT / "config" / "config.yaml"
+    assert main(["validate-config", str(cfg), "--set", "run_variants=[rapm, nope]"]) == 2
+    assert "run_variants: names ['nope'], which are not in variants" in capsys.readouterr().err
+    assert main(["validate-config", str(cfg), "--set", "run_variants=[rapm, rank4]"]) == 0
+    bad = deep_merge(toy_config, {"run_variants": ["rapm", "nope"]})
+    with pytest.raises(ConfigError, match=r"^run_variants names \['nope'\], which are not in variants \(\["):
+        check_run_variants(bad)
+    check_run_variants(toy_config)

@@ -290,6 +290,23 @@ def test_float16_export_is_the_rounded_float32_export(tmp_path):
     torch.testing.assert_close(full[key], 8 * lora_state_dict(unet)[f"{module}.lora_B.weight"])
 
 
+def test_export_is_byte_reproducible_and_refuses_weights_not_finite_in_its_dtype(tmp_path):
+    from rapm.io import NonFiniteTensorError
+
+    unet = _unet("sd")
+    add_student_lora(unet, LORA)
+    _randomize(unet)
+    meta = {"rapm.config": "{}", "rapm.step": "8", "run": "x"}  # 5 keys with ours: safetensors' order would vary
+    export_lora(unet, tmp_path / "a.safetensors", LORA, meta, dtype=torch.float16)
+    export_lora(unet, tmp_path / "b.safetensors", LORA, dict(reversed(list(meta.items()))), dtype=torch.float16)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    _randomize(unet, std=1e4)  # finite in float32; lora_B * alpha/r = 8 overflows float16 (max 65504)
+    with pytest.raises(NonFiniteTensorError, match=r"tensor 'unet\..*\.lora_B\.weight' \(float16.*±inf") as err:
+        export_lora(unet, tmp_path / "c.safetensors", LORA, {}, dtype=torch.float16)
+    assert ".lora_B." in err.value.name and not (tmp_path / "c.safetensors").exists()
+    export_lora(unet, tmp_path / "c.safetensors", LORA, {})  # float32 holds it
+
+
 def test_export_checks_config_and_metadata(tmp_path):
     unet = _unet("sd")
     add_student_lora(unet, LORA)

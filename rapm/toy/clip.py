@@ -288,18 +288,16 @@ def _lr(step: int, cfg: Mapping) -> float:
 
 
 def _save_weights(model, seen_tokens: torch.Tensor, path: Path, metadata: dict) -> None:
-    """fp16 safetensors; token-embedding rows never looked up in training are stored as zeros."""
-    from safetensors.torch import save_file
+    """fp16 safetensors; token-embedding rows never looked up in training are stored as zeros. Written by
+    :func:`rapm.io.save_safetensors` (deterministic bytes, atomic, mode from the umask)."""
+    from rapm.io import save_safetensors
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     emb = state["token_embedding.weight"]
     keep = torch.zeros(emb.shape[0], dtype=torch.bool)
     keep[seen_tokens] = True
     emb[~keep] = 0
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_safetensors(state, path, {k: json.dumps(v) for k, v in metadata.items()})
 
 
 def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLike, threads: int = 1,

@@ -192,6 +192,9 @@ def save_pipeline(pipe, path: str | Path, dtype: torch.dtype = torch.float16) ->
     out = build_pipeline(*(copy.deepcopy(getattr(pipe, n)).to(dtype) for n in ("vae", "unet", "text_encoder")),
                          tokenizer=pipe.tokenizer)
     out.save_pretrained(path, safe_serialization=True)
+    from rapm.io import apply_umask_mode
+
+    apply_umask_mode(path.rglob("*.safetensors"))  # safetensors' save_file leaves them 0600 whatever the umask
     for component in ("vae", "unet", "text_encoder"):  # a resumed run loads the VAE from its state dir,
         config_path = path / component / "config.json"  # and diffusers records that local path
         config = json.loads(config_path.read_text())

@@ -89,7 +89,8 @@ def foreground_mask(x: torch.Tensor, scenes) -> torch.Tensor:
 
 def _save_state(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, losses: list) -> None:
     """The resumable state as safetensors (state dicts, AdamW state; step and losses in the metadata), atomically."""
-    from rapm.train import optimizer_tensors, save_safetensors
+    from rapm.io import save_safetensors
+    from rapm.train import optimizer_tensors
 
     tensors = {f"{name}.{k}": v.detach().cpu().clone().contiguous() for name, sd in modules.items() for k, v in sd.items()}
     tensors.update(optimizer_tensors("optimizer", optimizer))

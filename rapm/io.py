@@ -1,0 +1,203 @@
+"""File output primitives (bottom layer: imports nothing of rapm but :mod:`rapm.errors`).
+
+* :func:`atomic_path`: write a file under a temporary name in its final folder, rename it into place
+  only when the block succeeds; the file gets the mode the process's umask gives
+  (``0o666 & ~umask``), whatever the writer did (safetensors' own ``save_file`` writes through a
+  0600 temporary file).
+* :func:`save_safetensors`: the one safetensors writer of the project. safetensors 0.8 serialises
+  its metadata from a hash map, so two identical runs give files with different bytes; this writes
+  the format itself, deterministically: an 8-byte little-endian header length, the JSON header
+  (compact, UTF-8; ``__metadata__`` first with its keys sorted, then one entry per tensor in data
+  order), padded with spaces to a multiple of 8 bytes as safetensors pads, then the raw tensor bytes.
+  Data order is safetensors' own (its dtype enum, i.e. alignment, descending, then name), so every
+  tensor stays aligned and a file with at most one metadata key is byte-identical to
+  ``safetensors.torch.save_file``'s (``tests/test_io.py`` checks that).
+  ``require_finite`` refuses NaN/±inf in floating tensors before anything is written.
+* :func:`sha256_file`, :func:`umask_mode`, :func:`apply_umask_mode`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import struct
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from rapm.errors import RapmError
+
+CHUNK_BYTES = 1 << 20
+
+
+class NonFiniteTensorError(RapmError, ValueError):
+    """A tensor to be written holds NaN or ±inf values (nothing was written)."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def umask_mode() -> int:
+    """The mode a new regular file gets from this process's umask: ``0o666 & ~umask``."""
+    try:  # Linux >= 4.7: read it without changing it (os.umask is process-wide, not thread-safe)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def apply_umask_mode(paths: Iterable[str | Path]) -> None:
+    """Give each regular file in ``paths`` the umask's mode (for files a library wrote as 0600)."""
+    mode = umask_mode()
+    for p in paths:
+        if Path(p).is_file():
+            os.chmod(p, mode)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it onto ``final`` if the block succeeds.
+
+    The caller writes the temporary path. On an exception it is removed and ``final`` is left
+    untouched, so readers only ever see complete files. A written file gets :func:`umask_mode`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, umask_mode())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- safetensors -----------------------------------------------------------------------------------
+
+_TORCH_DTYPES = {  # torch dtype name -> safetensors dtype
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64",
+    "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+_NUMPY_DTYPES = {  # numpy dtype name -> safetensors dtype
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
+    "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def _as_bytes(name: str, value: Any) -> tuple[str, list[int], Any]:
+    """(safetensors dtype, shape, the data as a flat uint8 numpy view)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        dtype = _NUMPY_DTYPES.get(arr.dtype.name)
+        if dtype is None or not arr.dtype.isnative:
+            raise ValueError(f"tensor {name!r}: numpy dtype {arr.dtype} cannot be written to safetensors")
+        return dtype, list(arr.shape), arr.reshape(-1).view(np.uint8)
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"tensor {name!r}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
+    t = value.detach().to("cpu").contiguous()
+    dtype = _TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+    if dtype is None:
+        raise ValueError(f"tensor {name!r}: torch dtype {t.dtype} cannot be written to safetensors")
+    return dtype, list(t.shape), t.reshape(-1).view(torch.uint8).numpy()
+
+
+def non_finite_count(value: Any) -> tuple[int, int]:
+    """(NaN count, ±inf count) of a torch tensor or numpy array; (0, 0) for non-floating dtypes."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind != "f" or np.isfinite(value).all():
+            return 0, 0
+        return int(np.isnan(value).sum()), int(np.isinf(value).sum())
+    import torch
+
+    value = value.detach()
+    if not value.is_floating_point() or bool(torch.isfinite(value).all()):
+        return 0, 0
+    return int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+
+
+#: safetensors' ``Dtype`` enum order (increasing alignment); data is laid out in descending order, then by name
+_DTYPE_ORDER = {d: i for i, d in enumerate(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+                                            "I32", "U32", "F32", "F64", "I64", "U64"))}
+
+
+def _encode(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None):
+    """(header bytes including the 8-byte length and padding, [(name, uint8 buffer)] in data order)."""
+    meta = dict(metadata or {})
+    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata must map str to str; bad keys: {bad}")
+    if "__metadata__" in tensors:
+        raise ValueError("'__metadata__' cannot be a tensor name")
+    entries = []
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {name!r}")
+        dtype, shape, data = _as_bytes(name, value)
+        entries.append((name, dtype, shape, data))
+    entries.sort(key=lambda e: (-_DTYPE_ORDER[e[1]], e[0]))  # safetensors' own data order
+    header: dict[str, Any] = {}
+    if meta:
+        header["__metadata__"] = {k: meta[k] for k in sorted(meta)}
+    offset = 0
+    for name, dtype, shape, data in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.nbytes]}
+        offset += data.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, [(name, data) for name, _, _, data in entries]
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None, *,
+                     require_finite: bool = False) -> Path:
+    """Write ``tensors`` (torch tensors or numpy arrays) and ``metadata`` (str → str) to ``path``:
+    deterministic bytes (see the module docstring), atomic (:func:`atomic_path`), mode from the umask,
+    fsynced. ``require_finite``: raise :class:`NonFiniteTensorError` naming the first floating tensor
+    (by name) that holds NaN/±inf, before anything is written. Readable by ``safetensors.safe_open``,
+    ``safetensors.torch.load_file`` and ``safetensors.numpy.load_file``."""
+    if sys.byteorder != "little":  # safetensors is little-endian; so far no big-endian machine to test on
+        raise RuntimeError("rapm.io.save_safetensors writes native byte order and needs a little-endian machine")
+    path = Path(path)
+    if require_finite:
+        for name in sorted(tensors):
+            n_nan, n_inf = non_finite_count(tensors[name])
+            if n_nan or n_inf:
+                value = tensors[name]
+                raise NonFiniteTensorError(
+                    f"tensor {name!r} ({str(value.dtype).removeprefix('torch.')}, shape {tuple(value.shape)}) holds "
+                    f"{n_nan} NaN and {n_inf} ±inf values; {path} was not written", name)
+    head, data = _encode(tensors, metadata)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for _, buf in data:
+                f.write(memoryview(buf))
+            f.flush()
+            os.fsync(f.fileno())
+    return path

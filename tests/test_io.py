@@ -1,0 +1,94 @@
+"""rapm.io: the project's one safetensors writer (deterministic bytes, atomic, umask mode) and atomic_path."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from rapm.io import NonFiniteTensorError, atomic_path, save_safetensors, umask_mode
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(3, 2, generator=g), "a16": torch.randn(5, generator=g).half(),
+            "steps": torch.arange(7), "mask": torch.tensor([True, False, True]),
+            "bf": torch.randn(2, 3, generator=g).bfloat16(), "empty": torch.zeros(0), "scalar": torch.tensor(3.5, dtype=torch.float64),
+            "i16": torch.arange(4, dtype=torch.int16), "u8": torch.arange(3, dtype=torch.uint8),
+            "strided": torch.arange(12.0).reshape(3, 4).t()}
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test, restoring it after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}, {"x": "é\n\"/\\\x01 ☃"}])
+def test_bytes_equal_safetensors_own_writer_when_its_order_is_unambiguous(metadata, tmp_path):
+    """With at most one metadata key safetensors' hash-map order does not matter: the files must be identical."""
+    from safetensors.torch import save_file
+
+    data = tensors()
+    save_file({k: v.contiguous() for k, v in data.items()}, str(tmp_path / "ref.safetensors"), metadata=metadata)
+    save_safetensors(data, tmp_path / "ours.safetensors", metadata)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_many_metadata_keys_give_the_same_bytes_in_any_order_and_load_everywhere(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    data, meta = tensors(), {f"key{i}": f"value {i}" for i in range(8)}
+    save_safetensors(data, tmp_path / "a.safetensors", meta)
+    save_safetensors(dict(reversed(list(data.items()))), tmp_path / "b.safetensors", dict(reversed(list(meta.items()))))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert f.metadata() == meta and sorted(f.keys()) == sorted(data)
+    loaded = load_file(tmp_path / "a.safetensors")
+    assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in data.items())
+
+
+def test_numpy_arrays(tmp_path):
+    from safetensors.numpy import load_file
+
+    arrays = {"center": np.arange(5, dtype=np.float64), "medians": np.ones((2, 2), np.float32),
+              "ids": np.arange(3, dtype=np.int64)}
+    save_safetensors(arrays, tmp_path / "r.safetensors", {"rapm.router": "{}"})
+    loaded = load_file(tmp_path / "r.safetensors")
+    assert all(np.array_equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in arrays.items())
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_file_mode_comes_from_the_umask(mask, mode, umask, tmp_path):
+    umask(mask)
+    assert umask_mode() == mode
+    path = save_safetensors({"x": torch.ones(2)}, tmp_path / "x.safetensors")
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    with atomic_path(tmp_path / "y.txt") as tmp:
+        tmp.write_text("y")
+        os.chmod(tmp, 0o600)  # what safetensors' own save_file does to its temporary file
+    assert stat.S_IMODE((tmp_path / "y.txt").stat().st_mode) == mode
+
+
+def test_non_finite_tensor_is_named_and_nothing_is_written(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"x": torch.ones(2)}, path)
+    before = path.read_bytes()
+    bad = {"fine": torch.ones(3), "bad": torch.tensor([1.0, float("inf"), float("nan")]).half(), "ints": torch.arange(3)}
+    with pytest.raises(NonFiniteTensorError, match=r"tensor 'bad' \(float16, shape \(3,\)\) holds 1 NaN and 1 ±inf") as err:
+        save_safetensors(bad, path, require_finite=True)
+    assert err.value.name == "bad" and path.read_bytes() == before
+    save_safetensors(bad, tmp_path / "unchecked.safetensors")  # the check is opt-in
+    with pytest.raises(TypeError, match="tensor 'x'"):
+        save_safetensors({"x": [1.0]}, path)
+    with pytest.raises(ValueError, match="bad keys"):
+        save_safetensors({"x": torch.ones(1)}, path, {"n": 1})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["unchecked.safetensors",
+                                                                                          "x.safetensors"]
