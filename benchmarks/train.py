@@ -14,9 +14,20 @@ is split into
 - heads      the discriminator heads (forward),
 - backward   back-propagation and the optimiser step (the rest of the update).
 
-UNet evaluations per update are counted by a forward hook. The baseline, measured in the same run, is
-one plain forward of the UNet at batch 1 (``unet forward``): ``x forward`` says how many forwards one
-update costs. Peak memory is the process's peak RSS on the CPU and CUDA max allocated on a GPU.
+UNet evaluations per update (calls and rows) are counted by a forward hook. Two baselines are measured
+in the same run:
+
+- ``bare``: the SAME update code (rapm.objective.RAPM, same rows, same calls, same batch and noise) on
+  a second copy of the model that carries NO adapter: teacher mode is then a no-op and every pass is a
+  plain UNet pass. Where the update back-propagates (the G step) the bare run back-propagates through
+  the same passes (its first conv's weight is made trainable so the backward runs through the whole
+  network, as the LoRA's does); there is no optimiser step. ``ratio`` = update time / bare time is the
+  cost of the adapter machinery (peft wrappers, LoRA maths, teacher-mode switches, optimiser, clipping);
+  1.0 would be the cost of the network passes alone.
+- ``unet forward``: one plain forward of the UNet at batch 1; ``x forward`` says how many forwards one
+  update costs.
+
+Peak memory is the process's peak RSS on the CPU and CUDA max allocated on a GPU.
 """
 
 from __future__ import annotations
@@ -102,6 +113,38 @@ class Timers:
         return out
 
 
+def bare_update_ms(name: str, args, cfg) -> dict:
+    """Median ms of the D and G updates' passes on a copy of the model without any adapter (see module doc)."""
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    teacher, cond_shapes = make_teacher(name, device, dtype)
+    unet = teacher.unet
+    torch.manual_seed(0)
+    if cfg["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    disc = Discriminator(unet, cfg["discriminator"]).to(device)
+    unet.conv_in.weight.requires_grad_(True)  # so the G step's backward runs through every pass
+    rapm = RAPM(teacher, disc, coarse_timesteps(4), delta_timesteps(4, 10), cfg)
+    times = {"d": [], "g": []}
+    for it in range(args.warmup + args.repeats):
+        for kind in ("d", "g"):
+            batch = random_batch(teacher, cond_shapes, 4, args.batch_size, device)
+            noise = rapm.draw_noise(0, it, args.batch_size, batch.coarse.shape[2:])
+            sync(device)
+            t0 = time.perf_counter()
+            if kind == "d":
+                rapm.discriminator_loss(batch, noise)["loss"].backward()
+            else:
+                rapm.generator_backward(batch, noise)
+            sync(device)
+            if it >= args.warmup:
+                times[kind].append(time.perf_counter() - t0)
+            unet.zero_grad(set_to_none=True)
+            disc.zero_grad(set_to_none=True)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def bench_model(name: str, args) -> dict:
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
@@ -119,8 +162,13 @@ def bench_model(name: str, args) -> dict:
     rapm = RAPM(teacher, disc, coarse_timesteps(n), delta_timesteps(n, 10), cfg)
     opt_g = torch.optim.AdamW(lora_parameters(unet), lr=1e-5)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-5, betas=(0.0, 0.999))
-    calls = {"n": 0}
-    unet.register_forward_pre_hook(lambda m, a: calls.__setitem__("n", calls["n"] + 1))
+    calls = {"n": 0, "rows": 0}
+
+    def count(module, a):
+        calls["n"] += 1
+        calls["rows"] += int(a[0].shape[0]) if a else 0
+
+    unet.register_forward_pre_hook(count)
     timers = Timers(device)
     timers.wrap(rapm, "student_step", "student")
     timers.wrap(rapm, "_features", "backbone")
@@ -156,7 +204,7 @@ def bench_model(name: str, args) -> dict:
             noise = rapm.draw_noise(0, it, args.batch_size, batch.coarse.shape[2:])
             sync(device)
             t_data = time.perf_counter() - t0
-            calls["n"] = 0
+            calls["n"] = calls["rows"] = 0
             timers.take()
             t1 = time.perf_counter()
             if kind == "d":
@@ -176,14 +224,21 @@ def bench_model(name: str, args) -> dict:
             parts["backward"] = t_update - sum(parts.values())
             parts["data"] = t_data
             if it >= args.warmup:
-                rows[kind].append({**parts, "total": t_data + t_update, "unet_calls": calls["n"]})
+                rows[kind].append({**parts, "total": t_data + t_update, "update": t_update, "unet_calls": calls["n"],
+                                   "unet_rows": calls["rows"]})
     out = {"model": name, "device": str(device), "dtype": args.dtype, "mixed_precision": args.mixed_precision,
            "gradient_checkpointing": args.gradient_checkpointing, "batch_size": args.batch_size,
            "latent": list(batch0.coarse.shape[2:]), "unet_forward_ms": 1e3 * statistics.median(fwd)}
     for kind, recs in rows.items():
-        med = {k: 1e3 * statistics.median(r[k] for r in recs) for k in recs[0] if k != "unet_calls"}
+        med = {k: 1e3 * statistics.median(r[k] for r in recs) for k in recs[0] if k not in ("unet_calls", "unet_rows")}
         out[kind] = {**{f"{k}_ms": round(v, 2) for k, v in med.items()}, "unet_calls": recs[0]["unet_calls"],
-                     "x_forward": round(med["total"] / out["unet_forward_ms"], 2)}
+                     "unet_rows": recs[0]["unet_rows"], "x_forward": round(med["total"] / out["unet_forward_ms"], 2)}
+    if not args.no_bare:
+        bare = bare_update_ms(name, args, cfg)
+        for kind in ("d", "g"):
+            out[kind]["bare_ms"] = round(bare[kind], 2)
+            out[kind]["ratio"] = round(out[kind]["update_ms"] / bare[kind], 3)
+        out["ratio"] = round((out["d"]["update_ms"] + out["g"]["update_ms"]) / (bare["d"] + bare["g"]), 3)
     per_iteration = (out["d"]["total_ms"] + out["g"]["total_ms"]) / 2
     out["iterations_per_s"] = round(1e3 / per_iteration, 3)
     out["seconds_per_iteration"] = round(per_iteration / 1e3, 4)
@@ -206,6 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare-UNet baseline")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = [bench_model(m, args) for m in args.model]
@@ -213,11 +269,15 @@ def main(argv=None) -> int:
         print(f"\n{r['model']} on {r['device']} (latent {r['latent']}, batch {r['batch_size']}, {r['dtype']}, "
               f"autocast {r['mixed_precision']}, checkpointing {r['gradient_checkpointing']}): "
               f"one UNet forward {r['unet_forward_ms']:.2f} ms")
-        print(f"{'update':<8}{'total':>9}{'data':>8}{'student':>9}{'backbone':>10}{'heads':>8}{'backward':>10}{'UNet calls':>12}{'x forward':>11}")
+        print(f"{'update':<8}{'total':>9}{'data':>8}{'student':>9}{'backbone':>10}{'heads':>8}{'backward':>10}"
+              f"{'UNet calls':>12}{'rows':>6}{'x forward':>11}{'bare':>9}{'ratio':>7}")
         for kind in ("d", "g"):
             x = r[kind]
             print(f"{kind:<8}{x['total_ms']:>9.1f}{x['data_ms']:>8.1f}{x.get('student_ms', 0):>9.1f}{x.get('backbone_ms', 0):>10.1f}"
-                  f"{x.get('heads_ms', 0):>8.1f}{x['backward_ms']:>10.1f}{x['unet_calls']:>12}{x['x_forward']:>11.1f}")
+                  f"{x.get('heads_ms', 0):>8.1f}{x['backward_ms']:>10.1f}{x['unet_calls']:>12}{x['unet_rows']:>6}"
+                  f"{x['x_forward']:>11.1f}{x.get('bare_ms', float('nan')):>9.1f}{x.get('ratio', float('nan')):>7.2f}")
+        if "ratio" in r:
+            print(f"update time / bare passes (D + G): {r['ratio']:.3f}   (bare: the same passes on a UNet without adapters)")
         print(f"iterations/s {r['iterations_per_s']}  s/iteration {r['seconds_per_iteration']}  peak RSS {r['peak_rss_mb']} MB"
               + (f"  peak GPU {r['peak_gpu_mb']} MB" if r["peak_gpu_mb"] else "") + "  (times in ms, medians)")
     if args.json:

@@ -158,7 +158,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--group must be in [0, {len(groups)}) with --subset-file {args.subset_file}")
         subset = groups[args.group]
     summary = train(cfg, args.trajectories, args.out_dir, args.state_dir, max_iterations=args.max_iterations,
-                    subset=subset, name=args.name)
+                    subset=subset, name=args.name, prompts=args.prompts)
     if summary is None:
         print("rapm: training stopped before train.iterations; run the same command again to resume "
               "(no outputs written)", file=sys.stderr)
@@ -201,7 +201,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rapm.evaluate import evaluate_row
 
     row = _read_row(args.row)
-    evaluate_row(cfg, row, args.manifests, args.reference, args.prompts, args.out)
+    evaluate_row(cfg, row, args.manifests, args.reference, args.prompts, args.out,
+                 teacher_manifests=args.teacher_manifests or None)
     return 0
 
 
@@ -344,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-file", default=None, help="groups.json of `rapm msd-partition` (train one MSD student)")
     p.add_argument("--group", type=int, default=None, help="the student's group in --subset-file")
     p.add_argument("--name", default=None, help="the run's name in summary.json (default: the out-dir's name)")
+    p.add_argument("--prompts", default=None,
+                   help="train.csv of the data stage: the store must have been computed from it (hash and, with "
+                        "trajectories.num_trajectories null, row count checked)")
 
     p = add("msd-partition", _cmd_msd_partition,
             "MSD: split the training trajectories into K groups by the pooled text embedding; save the router")
@@ -373,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--row", required=True, help="the row's config file (results/config/rows/<row>.yaml)")
     p.add_argument("--manifests", nargs="+", required=True, help="the row's shard manifests")
+    p.add_argument("--teacher-manifests", nargs="*", default=[],
+                   help="the teacher row's shard manifests (same noise): distance to the teacher's images")
     p.add_argument("--reference", required=True, help="reference statistics (.npz) of the protocol")
     p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
     p.add_argument("--out", required=True, help="metrics JSON to write")

@@ -27,7 +27,8 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
                    num_images: int, out_json: str | Path, out_png: str | Path) -> dict[str, Any]:
     from rapm.evaluate import reference_images, toy_accuracy
     from rapm.metrics import feature_extractor, frechet_distance, gaussian_stats, resize_all
-    from rapm.sample import generate, image_seed, load_row_pipeline
+    from rapm.sample import fuse_row_lora, generate, image_seed, restore_base
+    from rapm.teacher import load_teacher
     from rapm.trajectories import write_json
 
     prompts = pd.read_csv(prompts_csv, keep_default_na=False).iloc[:num_images]
@@ -38,8 +39,14 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
     ref = gaussian_stats(extract(resize_all(reference_images(cfg, prompts), res)))
     seed, bs = int(cfg["sampling"]["seed"]), int(cfg["sampling"]["batch_size"])
     points = []
-    for snap in [{"iteration": 0, "lora": None}, *snapshots]:
-        teacher = load_row_pipeline({**row, "lora": snap["lora"]}, cfg["teacher"])
+    teacher = load_teacher(cfg["teacher"])  # once: each snapshot's LoRA is fused, then the base weights restored
+    base = {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(teacher.pipe, name).state_dict().items()}
+            for name in ("unet", "text_encoder", "text_encoder_2") if getattr(teacher.pipe, name, None) is not None}
+    for n, snap in enumerate([{"iteration": 0, "lora": None}, *snapshots]):
+        if n > 1:
+            restore_base(teacher, base)
+        if snap["lora"]:
+            fuse_row_lora(teacher, {**row, "lora": snap["lora"]})
         images = np.concatenate([
             generate(teacher, captions[i:i + bs], [image_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
                      steps=row["steps"], guidance=row["guidance"],

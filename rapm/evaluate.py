@@ -10,6 +10,16 @@ A row's metrics: FID at each resolution (generated images centre-cropped and res
 CLIP score, and on the toy profile the attribute reader's prompt-following accuracy. FID is refused
 on fewer images than the protocol asks for (``evaluation.fid.min_images``, default: every
 evaluation prompt).
+
+What a distillation optimises is measured against the teacher row's own images (method.md §8), given
+with ``teacher_manifests``: image i of every row comes from the same initial noise (sampling.seed + i),
+so ``teacher_distance.rmse`` is the mean over images of the pixel RMSE (0-255) between a row's image
+and the teacher's image of the same index, and ``teacher_distance.fd`` the Fréchet distance of the
+row's features to the teacher's samples' features (first protocol resolution). Intervals
+(``intervals``) are 95% bias-corrected percentile-bootstrap intervals over images (``evaluation.bootstrap``
+resamples, seeded by the number of images only, so every row of a run draws the same image indices
+and the difference of two rows' replicates (``bootstrap_replicates``) is a paired bootstrap of
+their difference, which the tables use to mark a difference as significant).
 """
 
 from __future__ import annotations
@@ -63,6 +73,43 @@ def toy_accuracy(images: np.ndarray, captions: list[str]) -> dict[str, float]:
     return {k: float(v) for k, v in accuracy(images, [parse_caption(c) for c in captions]).items() if k != "n"}
 
 
+def toy_scores(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
+    """Per-image reader scores {attribute: (n,) floats}; their means are :func:`toy_accuracy`."""
+    from rapm.toy.reader import compare, read_scenes
+    from rapm.toy.scene import parse_caption
+
+    rows = [compare(f, parse_caption(c)) for f, c in zip(read_scenes(images), captions)]
+    return {key: np.array([r[key] for r in rows], dtype=np.float64) for key in rows[0]}
+
+
+def pixel_rmse(images: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """Per-image RMSE (0-255 levels) between images and the teacher's images of the same index (same noise)."""
+    if images.shape != teacher.shape:
+        raise MetricsError(f"same-noise distance: images {images.shape} and teacher images {teacher.shape} differ")
+    diff = images.astype(np.float64) - teacher.astype(np.float64)
+    return np.sqrt((diff ** 2).reshape(len(images), -1).mean(axis=1))
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """(resamples, n) image indices drawn with replacement by a seeded generator (the same for every row)."""
+    return np.random.default_rng([seed, n]).integers(0, n, size=(resamples, n))
+
+
+def interval(values: np.ndarray, estimate: float | None = None) -> list[float]:
+    """The 95% interval [2.5%, 97.5%] of bootstrap replicates, shifted by the bootstrap's bias when the
+    full-sample ``estimate`` is given (bias-corrected percentile interval: the replicates' spread around
+    the estimate). FD needs it: a resample repeats images, which inflates FD by far more than its spread
+    at a few hundred images; for means (accuracy, RMSE) the shift is ~0. FD intervals are clipped at 0."""
+    values = np.asarray(values, dtype=np.float64)
+    shift = 0.0 if estimate is None else float(estimate) - float(values.mean())
+    return [float(np.percentile(values, 2.5)) + shift, float(np.percentile(values, 97.5)) + shift]
+
+
+def fd_replicates(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Bootstrap replicates of the Fréchet distance of ``feats`` (resampled by ``idx``) to fixed reference stats."""
+    return np.array([frechet_distance(*gaussian_stats(feats[i]), mu_ref, sigma_ref) for i in idx])
+
+
 def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the reference statistics (``mu_<res>``, ``sigma_<res>`` per resolution) to ``out`` (.npz)."""
     t0 = time.time()
@@ -86,8 +133,12 @@ def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out
 
 
 def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list[str | Path],
-                 reference: str | Path, prompts_csv: str | Path, out: str | Path) -> dict[str, Any]:
-    """Metrics of one row's images; writes ``out`` (JSON, validated against the metrics schema)."""
+                 reference: str | Path, prompts_csv: str | Path, out: str | Path,
+                 teacher_manifests: list[str | Path] | None = None) -> dict[str, Any]:
+    """Metrics of one row's images; writes ``out`` (JSON, validated against the metrics schema).
+
+    ``teacher_manifests``: the teacher row's images, for the same-noise distance and the Fréchet
+    distance to the teacher's samples (None for the teacher row itself)."""
     from rapm.metrics import clip_score, load_clip
     from rapm.sample import read_row_images
     from rapm.trajectories import write_json
@@ -101,19 +152,27 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
         raise MetricsError(f"row {row['name']!r}: {len(images)} images, the protocol asks for {required}; FID on fewer "
                            "images is biased and not comparable (sample more, or lower evaluation.fid.min_images)")
     extract = feature_extractor(ecfg["fid"]["features"], inception_weights=ecfg["fid"]["inception_weights"])
+    resamples = int(ecfg.get("bootstrap", 0) or 0)
+    idx = bootstrap_indices(len(images), resamples) if resamples else None
+    replicates: dict[str, np.ndarray] = {}  # same image indices for every row: differences are paired
+    feats_first = None
     with np.load(reference, allow_pickle=False) as ref:
         if str(ref["protocol"]) != json.dumps(protocol_summary(ecfg), sort_keys=True):
             raise MetricsError(f"{reference}: reference statistics of another protocol; delete it to recompute")
         fids = {}
         for res in ecfg["fid"]["resolutions"]:
-            mu, sigma = gaussian_stats(extract(resize_all(images, int(res))))
+            feats = extract(resize_all(images, int(res)))
+            feats_first = feats if feats_first is None else feats_first
+            mu, sigma = gaussian_stats(feats)
             fids[str(res)] = frechet_distance(mu, sigma, ref[f"mu_{res}"], ref[f"sigma_{res}"])
+            if idx is not None:
+                replicates[f"fid_{res}"] = fd_replicates(feats, ref[f"mu_{res}"], ref[f"sigma_{res}"], idx)
     clip = load_clip(ecfg["clip"]["model"], ecfg["clip"]["pretrained"])
     captions = list(table["caption"])
     result: dict[str, Any] = {
         "format": METRICS_FORMAT,
         "row": row["name"], "kind": row["kind"], "steps": int(row["steps"]), "guidance": float(row["guidance"]),
-        "lora": row.get("lora"), "images": len(images),
+        "lora": row.get("lora"), "images": len(images), "init": row.get("init"),
         "fid": fids,
         "clip_score": clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"]),
         "accuracy": None,
@@ -123,7 +182,35 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
         "wall_time_s": None,
     }
     if cfg["data"]["source"] == "toy" and ecfg["reader_accuracy"]:
-        result["accuracy"] = toy_accuracy(images, captions)
+        scores = toy_scores(images, captions)
+        result["accuracy"] = {k: float(v.mean()) for k, v in scores.items()}
+        if idx is not None:
+            for k in ("all", "colour", "shape", "position"):
+                if k in scores:
+                    replicates[f"accuracy_{k}"] = scores[k][idx].mean(axis=1)
+    if teacher_manifests:
+        t_images, t_table = read_row_images(teacher_manifests)
+        if list(t_table["caption"]) != captions:
+            raise MetricsError(f"row {row['name']!r}: the teacher row's images are of other prompts (or another order); "
+                               "resample the teacher row")
+        rmse = pixel_rmse(images, t_images)
+        res0 = int(ecfg["fid"]["resolutions"][0])
+        t_mu, t_sigma = gaussian_stats(extract(resize_all(t_images, res0)))
+        result["teacher_distance"] = {"rmse": float(rmse.mean()),
+                                      "fd": frechet_distance(*gaussian_stats(feats_first), t_mu, t_sigma),
+                                      "resolution": res0}
+        if idx is not None:
+            replicates["teacher_rmse"] = rmse[idx].mean(axis=1)
+            replicates["teacher_fd"] = fd_replicates(feats_first, t_mu, t_sigma, idx)
+    if idx is not None:
+        estimates = {**{f"fid_{r}": v for r, v in fids.items()},
+                     **{f"accuracy_{k}": v for k, v in (result["accuracy"] or {}).items()},
+                     **({"teacher_rmse": result["teacher_distance"]["rmse"], "teacher_fd": result["teacher_distance"]["fd"]}
+                        if "teacher_distance" in result else {})}
+        cis = {k: interval(v, estimates.get(k)) for k, v in replicates.items()}
+        cis = {k: ([max(0.0, lo), max(0.0, hi)] if "fd" in k or "fid" in k else [lo, hi]) for k, (lo, hi) in cis.items()}
+        result["intervals"] = {"level": 0.95, "resamples": resamples, **cis}
+        result["bootstrap_replicates"] = {k: [round(float(x), 6) for x in v] for k, v in replicates.items()}
     if "group" in table.columns:  # MSD: per-partition CLIP score and accuracy (FID needs the whole set)
         result["partitions"] = {}
         for k, idx in table.groupby("group").indices.items():

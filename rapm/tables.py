@@ -26,7 +26,12 @@ RESULTS_END = "<!-- results:end -->"
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
-    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+    if isinstance(value, Value):
+        text = _fmt(float(value), digits)
+        if value.lo is not None:
+            text += f" ({_fmt(float(value.lo), digits)}, {_fmt(float(value.hi), digits)})"
+        return text + value.mark
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1 and abs(value) < 1e6:
         return str(int(value))
     if isinstance(value, float):
         return f"{value:.{digits + 1 if abs(value) < 1 else digits}f}"  # 3 decimals below 1 (toy distances, accuracies)
@@ -60,11 +65,56 @@ def _hours(seconds: float | None) -> float | None:
 def _label(m: Mapping) -> str:
     if m["kind"] == "teacher":
         return f"Teacher, {m['steps']}-step DDIM, w={m['guidance']:g}" + (" (undistilled)" if m["row"] != "teacher" else "")
+    if m["kind"] == "init":
+        return f"Teacher, {m['steps']}-step DDIM, w={m['guidance']:g} (the student's initialisation)"
     if m["kind"] == "msd":
         return f"MSD: {m['row']}"
     if m["kind"] == "external":
         return f"{m['row']} (external LoRA)"
     return f"RAPM: {m['row']}"
+
+
+class Value(float):
+    """A measured number with its 95% interval (``lo``, ``hi``) and an optional significance mark; a float
+    for arithmetic and CSV, rendered ``0.045 (0.040, 0.051)`` in Markdown and LaTeX."""
+
+    def __new__(cls, value: float, lo: float | None = None, hi: float | None = None, mark: str = ""):
+        obj = super().__new__(cls, value)
+        obj.lo, obj.hi, obj.mark = lo, hi, mark
+        return obj
+
+
+def _with_interval(m: Mapping, value, replicate: str):
+    if value is None:
+        return None
+    ci = (m.get("intervals") or {}).get(replicate)
+    return Value(value, *ci) if ci else float(value)
+
+
+def _delta(m: Mapping, ref: Mapping | None, get, replicate: str):
+    """m − ref, with the paired bootstrap interval of the difference and * when it excludes 0."""
+    if ref is None or get(m) is None or get(ref) is None:
+        return None
+    d = float(get(m)) - float(get(ref))
+    a = (m.get("bootstrap_replicates") or {}).get(replicate)
+    b = (ref.get("bootstrap_replicates") or {}).get(replicate)
+    if not a or not b or len(a) != len(b) or m.get("images") != ref.get("images"):
+        return d
+    import numpy as np
+
+    diff = np.asarray(a) - np.asarray(b)
+    diff = diff + (d - diff.mean())  # bias-corrected, as rapm.evaluate.interval
+    lo, hi = float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
+    return Value(d, lo, hi, "*" if lo > 0 or hi < 0 else "")
+
+
+def row_order(by_row: Mapping[str, Mapping]) -> list[str]:
+    """The many-step teacher first, then per N (largest first): teacher with guidance, initialisation, students."""
+    first = [r for r in by_row if by_row[r]["kind"] == "teacher" and r == "teacher"]
+    rank = {"teacher": 0, "init": 1}
+    rest = [r for r in by_row if r not in first]
+    rest.sort(key=lambda r: (-int(by_row[r]["steps"]), rank.get(by_row[r]["kind"], 2)))  # stable: config order kept
+    return first + rest
 
 
 def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Sequence[dict],
@@ -103,21 +153,33 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
         else:
             row.update({"hardware": "", "batch": None, "train h (+ trajectories h)": ""})
         for r in resolutions:
-            row[f"{fid_name} @{r}"] = m["fid"].get(r)
+            row[f"{fid_name} @{r}"] = _with_interval(m, m["fid"].get(r), f"fid_{r}")
+        td = m.get("teacher_distance") or {}
+        row["RMSE to teacher (same noise)"] = _with_interval(m, td.get("rmse"), "teacher_rmse")
+        row["FD to teacher's samples"] = _with_interval(m, td.get("fd"), "teacher_fd")
         row["CLIP"] = m["clip_score"]
         if is_toy and m.get("accuracy"):
-            row["accuracy (all attributes)"] = m["accuracy"].get("all")
-            row["colour"], row["shape"], row["position"] = (m["accuracy"].get(k) for k in ("colour", "shape", "position"))
+            row["accuracy (all attributes)"] = _with_interval(m, m["accuracy"].get("all"), "accuracy_all")
+            for k in ("colour", "shape", "position"):
+                row[k] = _with_interval(m, m["accuracy"].get(k), f"accuracy_{k}")
         row["real images"] = "no" if m["kind"] != "external" else ""
         return row
 
-    order = [r for r in by_row if by_row[r]["kind"] == "teacher"] + [r for r in by_row if by_row[r]["kind"] != "teacher"]
-    main = pd.DataFrame([measured(by_row[r]) for r in order])
+    order = row_order(by_row)
+    main = pd.DataFrame([measured(by_row[r]) for r in order], dtype=object)
     proto = metrics[0]["protocol"] if metrics else {}
     notes = [f"Measured in this run ({cfg['profile']} profile): {proto.get('images')} images of {proto.get('prompts')}, "
              f"image i from the noise of sampling.seed + i; {proto.get('fid_code')} at {', '.join(resolutions)} px; "
              f"CLIP score = 100 x cosine, open_clip {proto.get('clip_model')} ({proto.get('clip_pretrained') or 'shipped weights'})"
              + (f", caption prefix {proto.get('clip_prefix')!r}" if proto.get("clip_prefix") else "") + "."]
+    boot = next((m["intervals"] for m in metrics if m.get("intervals")), None)
+    notes.append("Rows by N: the teacher (many steps), then for each N the teacher with guidance, the student's "
+                 "initialisation (the teacher at N steps and guidance 1, LoRA B = 0: where training starts) and the "
+                 "students; a student that does not beat its initialisation has distilled nothing. RMSE to teacher: "
+                 "mean pixel RMSE (0-255) of each image to the teacher row's image from the same noise; FD to "
+                 "teacher's samples: Fréchet distance to the teacher row's images."
+                 + (f" (a, b): 95% bootstrap interval over images ({boot['resamples']} resamples)." if boot else "")
+                 + " One training seed per variant.")
     if is_toy:
         notes.append("Toy profile: the Fréchet distance uses the toy CLIP's image features (not Inception) and the "
                      "reference images are renders of the evaluation prompts; accuracy is the attribute reader's "
@@ -133,20 +195,28 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     notes.append("Published rows: " + "; ".join(sorted({f"{p}" for p in pub["protocol"]})) + " (protocol keys; see "
                  "rapm/assets/published_results.csv for sources). Rows of different protocols are not comparable.")
 
-    # ablations: every student row against the base variant (the first run variant)
+    # ablations: every student row against its initialisation and the base variant (the first run variant)
     students = [by_row[r] for r in order if by_row[r]["kind"] in ("student", "msd")]
     base = students[0] if students else None
+    metric_keys = [(f"{fid_name} @{r}", lambda m, r=r: m["fid"].get(r), f"fid_{r}") for r in resolutions]
+    metric_keys.append(("RMSE to teacher", lambda m: (m.get("teacher_distance") or {}).get("rmse"), "teacher_rmse"))
+    if is_toy:
+        metric_keys.append(("accuracy", lambda m: (m.get("accuracy") or {}).get("all"), "accuracy_all"))
     abl_rows = []
     for m in students:
+        init = by_row.get(m.get("init") or f"init-{m['steps']}step")
         row = {"variant": m["row"], "description": variants.get(m["row"], {}).get("description", ""), "steps": m["steps"]}
-        for r in resolutions:
-            row[f"{fid_name} @{r}"] = m["fid"].get(r)
-            row[f"Δ vs {base['row']}"] = m["fid"].get(r) - base["fid"].get(r) if base else None
+        for label, get, rep in metric_keys:
+            row[label] = _with_interval(m, get(m), rep)
+            row[f"{label}: Δ vs init"] = _delta(m, init, get, rep)
+            row[f"{label}: Δ vs {base['row']}"] = _delta(m, base, get, rep) if m is not base else None
         row["CLIP"] = m["clip_score"]
-        if is_toy and m.get("accuracy"):
-            row["accuracy"] = m["accuracy"].get("all")
         abl_rows.append(row)
-    ablations = pd.DataFrame(abl_rows)
+    ablations = pd.DataFrame(abl_rows, dtype=object)
+    abl_notes = notes[:1] + ["Δ = variant − reference (lower is better for FD and RMSE, higher for accuracy); "
+                             "* marks a difference whose 95% paired bootstrap interval over images excludes 0 "
+                             "(the same image indices for both rows); one training seed per variant, so seed-to-seed "
+                             "spread is not in these intervals."]
 
     res_rows = []
     for key, t in traj_by_key.items():
@@ -162,8 +232,24 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     resources = pd.DataFrame(res_rows)
     res_notes = ["Hours are wall-clock seconds logged by each job / 3600; peak memory is CUDA max allocated on a GPU, "
                  "else the process's peak RSS; storage is the trajectory store on disk or the exported LoRA file."]
-    return {"main": (main, notes, pub_table), "ablations": (ablations, notes[:1], None),
+    return {"main": (main, notes, pub_table), "ablations": (ablations, abl_notes, None),
             "resources": (resources, res_notes, None)}
+
+
+def expand_intervals(df: pd.DataFrame) -> pd.DataFrame:
+    """For CSV: every column holding :class:`Value` s gets ``<col> low`` / ``<col> high`` columns (and
+    ``<col> significant`` for differences) next to it; the values themselves become plain floats."""
+    out = {}
+    for col in df.columns:
+        values = list(df[col])
+        out[col] = [float(v) if isinstance(v, Value) else v for v in values]
+        if any(isinstance(v, Value) and v.lo is not None for v in values):
+            out[f"{col} low"] = [v.lo if isinstance(v, Value) else None for v in values]
+            out[f"{col} high"] = [v.hi if isinstance(v, Value) else None for v in values]
+            if "Δ" in col:
+                out[f"{col} significant"] = [(v.mark == "*") if isinstance(v, Value) and v.lo is not None else None
+                                             for v in values]
+    return pd.DataFrame(out)
 
 
 def write_tables(cfg: Mapping[str, Any], *, metrics: Sequence[str | Path], train_summaries: Sequence[str | Path],
@@ -174,10 +260,10 @@ def write_tables(cfg: Mapping[str, Any], *, metrics: Sequence[str | Path], train
     md_main = ""
     for name, (table, notes, extra) in tables.items():
         md = f"**{name}** ({cfg['profile']} profile)\n\n" + to_markdown(table)
-        csv = table.copy()
+        csv = expand_intervals(table)
         if extra is not None:
             md += "\nPublished reference rows" + (" (a separate block: other models, data and protocols)" if cfg["data"]["source"] == "toy" else "") + ":\n\n" + to_markdown(extra)
-            csv = pd.concat([table.assign(protocol=f"this run ({cfg['profile']})", source="measured"), extra], ignore_index=True)
+            csv = pd.concat([csv.assign(protocol=f"this run ({cfg['profile']})", source="measured"), extra], ignore_index=True)
         md += "\n" + "\n".join(f"{i + 1}. {n}" for i, n in enumerate(notes)) + "\n"
         (out_dir / f"{name}.md").write_text(md)
         csv.to_csv(out_dir / f"{name}.csv", index=False)

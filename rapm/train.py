@@ -6,7 +6,8 @@ The losses and gradients of one iteration are :class:`rapm.objective.RAPM`; this
         1. batch   B trajectories picked by a generator seeded with (seed, i); τ and ε drawn likewise
         2. update  D on even i, G on odd i (``schedule: alternate``, DEFAULT), or D then G every i
         3. check   every loss term finite, else stop (TrainingError names the step and term)
-        4. clip    gradient norm ≤ ``optim.grad_clip``, AdamW step
+        4. clip    gradient norm ≤ ``optim.grad_clip``, AdamW step; the weights it updated must be finite
+                   (one fused check per update, else TrainingError naming the tensor and the iteration)
         5. log     one JSON line per iteration (per-term losses) in ``losses.jsonl``
         6. save    atomically every ``checkpoint_every`` iterations; a validation grid every ``validate_every``
 
@@ -14,11 +15,19 @@ State (``--state-dir``, outside the rule's declared outputs, which Snakemake del
 ``checkpoint.safetensors`` (LoRA, discriminator heads, both AdamW states; step and config in the
 metadata), ``losses.jsonl``, ``validation/step_XXXXXX.png`` and ``snapshots/lora_XXXXXX.safetensors``.
 All randomness of iteration i derives from (seed, i), so running the same command again resumes
-where the last checkpoint left off and ends bitwise identical (on CPU) to an uninterrupted run.
+where the last checkpoint left off and ends bitwise identical (on CPU) to an uninterrupted run. A torn
+last line of ``losses.jsonl`` (a kill during a write) is dropped on resume.
+
+Every safetensors file (checkpoint, snapshots, the LoRA) is written by :func:`rapm.io.save_safetensors`:
+byte-reproducible (two identical runs give the same sha256), atomic, mode from the umask, and refused
+(TrainingError naming the tensor and the iteration; nothing written) when a tensor is not finite
+after the cast to its stored dtype (e.g. a float32 weight beyond float16's range with
+``export_dtype: float16``).
 
 Outputs (``--out-dir``): ``lora.safetensors`` (diffusers ``load_lora_weights`` + ``fuse_lora``, alpha
 folded in, the resolved config in its metadata), ``summary.json``, ``losses.jsonl``, ``validation.png``,
-``snapshots.json`` (the LoRA snapshots in the state directory, for :mod:`rapm.curves`).
+``snapshots.json`` (the LoRA snapshots in the state directory, for :mod:`rapm.curves`). The summary
+records the sha256 of ``lora.safetensors`` (``sha256``).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ import numpy as np
 import torch
 
 from rapm.errors import RapmError
+from rapm.io import NonFiniteTensorError
+from rapm.io import save_safetensors as _save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +97,8 @@ def load_optimizer_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: Map
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    """``safetensors.torch.save_file``, atomically (:func:`rapm.coco.atomic_path`)."""
-    from safetensors.torch import save_file
-
-    from rapm.coco import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+    """Alias of :func:`rapm.io.save_safetensors` (deterministic bytes, atomic, mode from the umask)."""
+    _save_safetensors(tensors, path, metadata)
 
 
 def _json_line(record: Mapping) -> str:
@@ -100,15 +106,34 @@ def _json_line(record: Mapping) -> str:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of iterations before ``step`` (a resumed run rewrites the rest)."""
+    """Keep the log lines of iterations before ``step`` (a resumed run rewrites the rest).
+
+    A torn last line (no newline at its end and not valid JSON: the process was killed while writing
+    it) is dropped with a warning; any other unreadable line is a TrainingError naming the file and line.
+    """
     if not path.is_file():
         return
-    from rapm.coco import atomic_path
+    from rapm.io import atomic_path
 
-    lines = [line for line in path.read_text().splitlines(keepends=True)
-             if line.strip() and json.loads(line)["step"] < step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+        except (json.JSONDecodeError, TypeError, KeyError) as err:
+            if number == len(lines) and not line.endswith("\n"):
+                log.warning("%s: dropping the torn last line %d (%d bytes; a write was interrupted)",
+                            path, number, len(line.encode("utf-8")))
+                continue
+            raise TrainingError(f"{path}, line {number}: not a loss-log record ({type(err).__name__}: {err}); "
+                                f"repair or delete the line (or delete {path.parent} to start again)") from err
+        if record_step < step:
+            kept.append(line)
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(lines))
+        tmp.write_text("".join(kept), encoding="utf-8")
 
 
 class _EvalCounter:
@@ -134,9 +159,9 @@ class Trainer:
     """Everything a RAPM run holds: teacher UNet + LoRA, heads, optimisers, data, and where to write."""
 
     def __init__(self, cfg: Mapping[str, Any], trajectories: str | Path, state_dir: str | Path,
-                 subset: list[int] | None = None):
+                 subset: list[int] | None = None, prompts: str | Path | None = None):
         from rapm.discriminator import Discriminator
-        from rapm.lora import add_student_lora, enable_gradient_checkpointing, lora_parameters
+        from rapm.lora import _student_params, add_student_lora, enable_gradient_checkpointing, lora_parameters
         from rapm.objective import RAPM
         from rapm.teacher import load_teacher
         from rapm.trajectories import TrajectoryDataset
@@ -150,8 +175,9 @@ class Trainer:
         if tcfg["mixed_precision"] != "no" and self.teacher.device.type != "cuda":
             raise TrainingError(f"train.mixed_precision {tcfg['mixed_precision']!r} needs a CUDA device; "
                                 f"the teacher is on {self.teacher.device} (set it to 'no' on the CPU)")
-        # the store must match this teacher (weights hash) and grid: checked before the LoRA changes the UNet
-        self.dataset = TrajectoryDataset.from_config(trajectories, cfg, self.teacher)
+        # the store must match this teacher (weights hash), grid and prompt set (cfg["prompts"] / the
+        # ``prompts`` train.csv, when given): checked before the LoRA changes the UNet
+        self.dataset = TrajectoryDataset.from_config(trajectories, cfg, self.teacher, prompts=prompts)
         # the trajectories this run trains on: all, or an MSD student's group (indices into the store)
         self.subset = list(range(len(self.dataset))) if subset is None else [int(j) for j in subset]
         if not self.subset or not all(0 <= j < len(self.dataset) for j in self.subset):
@@ -170,6 +196,9 @@ class Trainer:
                                        betas=tuple(o["student_betas"]), weight_decay=float(o["student_weight_decay"]))
         self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=float(o["disc_lr"]),
                                        betas=tuple(o["disc_betas"]), weight_decay=float(o["disc_weight_decay"]))
+        # (name, parameter) updated by each optimiser, same order as its param group: checked after every step
+        self._named_g = [(f"lora.{k}", p) for k, p in _student_params(unet).items()]
+        self._named_d = [(f"heads.{k}", p) for k, p in self.disc.named_parameters()]
         self.counter = _EvalCounter(unet)
         self.step = 0
 
@@ -189,7 +218,11 @@ class Trainer:
         tensors.update(optimizer_tensors("opt_g", self.opt_g))
         tensors.update(optimizer_tensors("opt_d", self.opt_d))
         path = self.state_dir / CHECKPOINT
-        save_safetensors(tensors, path, {"step": str(self.step), "config": self._config_json()})
+        try:
+            _save_safetensors(tensors, path, {"step": str(self.step), "config": self._config_json()}, require_finite=True)
+        except NonFiniteTensorError as err:
+            raise TrainingError(f"checkpoint after {self.step} iterations: {err}; the last good checkpoint is kept. "
+                                "Lower train.optim learning rates") from err
         return path
 
     def load_checkpoint(self) -> bool:
@@ -225,10 +258,25 @@ class Trainer:
                     f"good checkpoint ({self.state_dir / CHECKPOINT}, if any) is kept. Lower train.optim "
                     "learning rates or switch train.mixed_precision to bf16/no")
 
-    def _clip_and_step(self, opt: torch.optim.Optimizer, params) -> float:
+    def _check_weights(self, named: list[tuple[str, torch.Tensor]], kind: str) -> None:
+        """The weights an update touched are finite: one fused check; the offender is looked up only on failure."""
+        with torch.no_grad():
+            if bool(torch.isfinite(torch.cat([p.reshape(-1) for _, p in named])).all()):
+                return
+            for name, p in named:
+                if not bool(torch.isfinite(p).all()):
+                    raise TrainingError(
+                        f"non-finite {kind} weights after the update of iteration {self.step}: tensor {name!r} holds "
+                        f"{int(torch.isnan(p).sum())} NaN and {int(torch.isinf(p).sum())} ±inf of {p.numel()} values; "
+                        f"the last good checkpoint ({self.state_dir / CHECKPOINT}, if any) is kept. Lower train.optim "
+                        "learning rates")
+
+    def _clip_and_step(self, opt: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]], kind: str) -> float:
+        params = [p for _, p in named]
         norm = torch.nn.utils.clip_grad_norm_(params, float(self.tcfg["optim"]["grad_clip"]))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        self._check_weights(named, kind)
         return float(norm)
 
     def batch(self, indices: list[int]):
@@ -244,7 +292,6 @@ class Trainer:
 
     def run_iteration(self) -> dict[str, Any]:
         """Iteration ``self.step``: the updates of the schedule; returns its log record."""
-        from rapm.lora import lora_parameters
         from rapm.objective import load_batch
 
         i, tcfg = self.step, self.tcfg
@@ -260,12 +307,12 @@ class Trainer:
                 self._check_finite(losses, "discriminator")
                 if losses["loss"].requires_grad:
                     losses["loss"].backward()
-                    record["d_grad_norm"] = self._clip_and_step(self.opt_d, self.disc.parameters())
+                    record["d_grad_norm"] = self._clip_and_step(self.opt_d, self._named_d, "discriminator")
             else:
                 self.opt_g.zero_grad(set_to_none=True)
                 losses = self.rapm.generator_backward(batch, noise)
                 self._check_finite(losses, "student")
-                record["g_grad_norm"] = self._clip_and_step(self.opt_g, lora_parameters(self.teacher.unet))
+                record["g_grad_norm"] = self._clip_and_step(self.opt_g, self._named_g, "student")
             for name, value in losses.items():
                 if name != "loss":
                     record[name] = float(value.detach())
@@ -296,31 +343,39 @@ class Trainer:
         from rapm.lora import export_lora
 
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.tcfg["export_dtype"]]
-        return export_lora(self.teacher.unet, path, self.tcfg["lora"], {"rapm.config": self._config_json(),
-                                                                       "rapm.step": str(self.step)}, dtype=dtype)
+        try:
+            return export_lora(self.teacher.unet, path, self.tcfg["lora"], {"rapm.config": self._config_json(),
+                                                                           "rapm.step": str(self.step)}, dtype=dtype)
+        except NonFiniteTensorError as err:
+            raise TrainingError(
+                f"the LoRA after {self.step} iterations is not finite in train.export_dtype {self.tcfg['export_dtype']}: "
+                f"{err}. Lower train.optim.student_lr (or export float32)") from err
 
 
 # --- entry point ---------------------------------------------------------------------------------
 
 def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path, state_dir: str | Path,
           max_iterations: int | None = None, subset: list[int] | None = None,
-          name: str | None = None) -> dict[str, Any] | None:
+          name: str | None = None, prompts: str | Path | None = None) -> dict[str, Any] | None:
     """Train (or resume) RAPM from ``cfg`` (sections teacher, trajectories, train) on a gathered store.
 
     Writes the outputs to ``out_dir`` when all ``train.iterations`` are done and returns the summary;
     with ``max_iterations`` it stops after that many iterations of this invocation (checkpointed) and
     returns None, so a rerun resumes. ``subset``: train on these trajectory indices only (an MSD
-    student's group); ``name``: the run's name in the summary (default: the out_dir's name).
+    student's group); ``name``: the run's name in the summary (default: the out_dir's name); ``prompts``:
+    the data stage's train.csv, which the store must have been computed from (hash and, with
+    ``trajectories.num_trajectories: null``, row count checked; see ``TrajectoryDataset.from_config``).
     """
     from tqdm import tqdm
 
+    from rapm.io import sha256_file
     from rapm.trajectories import _peak_rss_mb, library_versions, write_json
 
     t0 = time.time()
     tcfg = cfg["train"]
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, trajectories, state_dir, subset)
+    trainer = Trainer(cfg, trajectories, state_dir, subset, prompts=prompts)
     log_path = state_dir / "losses.jsonl"
     resumed = trainer.load_checkpoint()
     _truncate_log(log_path, trainer.step)
@@ -393,6 +448,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
         "device": str(device),
         "lora_modules": n_modules,
         "lora_bytes": (out_dir / "lora.safetensors").stat().st_size,
+        "sha256": {"lora.safetensors": sha256_file(out_dir / "lora.safetensors")},
         "num_trajectories": len(trainer.subset),
         "trajectory_store": str(trajectories),
         "final_losses": {t: float(np.mean([r[t] for r in records[-100:] if t in r]))

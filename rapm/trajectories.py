@@ -195,11 +195,40 @@ def read_prompts(train_csv: str | Path, manifest: str | Path, num_trajectories: 
 
 # --- attributes ----------------------------------------------------------------------------------
 
+def store_grid(traj_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``trajectories`` section of the STORE a config trains on: ``store_steps`` (null: ``num_steps``)
+    coarse slots of ``num_steps · steps_per_slot / store_steps`` fine steps each, the same fine grid.
+
+    A student with fewer steps trains on a coarser sub-grid of a store's grid: for N = 1 (M = 40) and
+    N = 2 (M = 20), the 40-step trailing grid, its coarse states and its Δ-states (Δ = one fine step)
+    are those of the N = 4, M = 10 store at every (4/N)-th slot, computed by the same teacher steps from
+    the same noise, so ``store_steps: 4`` reads them from that store instead of recomputing them.
+    """
+    out = {k: v for k, v in traj_cfg.items() if k != "store_steps"}
+    n, m = int(traj_cfg["num_steps"]), int(traj_cfg["steps_per_slot"])
+    ns = traj_cfg.get("store_steps") or n
+    if ns % n or (n * m) % ns:
+        raise ValueError(f"trajectories.store_steps {ns} must be a multiple of num_steps {n} and divide "
+                         f"num_steps x steps_per_slot = {n * m}")
+    out["num_steps"], out["steps_per_slot"] = int(ns), n * m // int(ns)
+    return out
+
+
+def subgrid_indices(store_steps: int, num_steps: int) -> tuple[list[int], list[int]]:
+    """Indices into a store's coarse (N_s + 1) and delta (N_s) axes of the sub-grid of ``num_steps`` slots."""
+    if store_steps % num_steps:
+        raise ValueError(f"a {num_steps}-step grid is not a sub-grid of the store's {store_steps} slots")
+    stride = store_steps // num_steps
+    return list(range(0, store_steps + 1, stride)), list(range(0, store_steps, stride))
+
+
 def expected_attrs(teacher_cfg: Mapping[str, Any], traj_cfg: Mapping[str, Any], teacher=None) -> dict[str, Any]:
-    """Attribute values (dotted names) a store must have for this ``teacher``/``trajectories`` config.
+    """Attribute values (dotted names) a store must have for this ``teacher``/``trajectories`` config
+    (the store's grid: :func:`store_grid`).
 
     With a loaded ``teacher``, its weights' hash is required too (a retrained teacher at the same path).
     """
+    traj_cfg = store_grid(traj_cfg)
     expect: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "teacher.path": str(teacher_cfg["path"]),
@@ -217,6 +246,34 @@ def expected_attrs(teacher_cfg: Mapping[str, Any], traj_cfg: Mapping[str, Any], 
     return expect
 
 
+def prompt_attrs(cfg: Mapping[str, Any], train_csv: str | Path | None = None) -> dict[str, Any]:
+    """Attribute values a store must have for the prompt set of ``cfg`` (and the data stage's ``train_csv``).
+
+    ``trajectories.num_trajectories: null`` means every training prompt: the store must then hold as
+    many trajectories as ``train_csv`` has rows, or (without it) as ``prompts.num_train`` asks, when
+    the config has a ``prompts`` section. With ``train_csv``, the store must have been computed from
+    exactly that file (``prompts.train_csv_sha256``).
+    """
+    expect: dict[str, Any] = {}
+    rows = None
+    if train_csv is not None:
+        import pandas as pd
+
+        from rapm.io import sha256_file
+
+        train_csv = Path(train_csv)
+        if not train_csv.is_file():
+            raise TrajectoryStoreError(f"{train_csv}: not found (the data stage, rule make_prompt_sets, writes it)")
+        expect["prompts.train_csv_sha256"] = sha256_file(train_csv)
+        rows = len(pd.read_csv(train_csv, dtype={"caption": str}, keep_default_na=False))
+    if cfg["trajectories"].get("num_trajectories") is None:
+        if rows is not None:
+            expect["num_trajectories"] = rows
+        elif isinstance(cfg.get("prompts"), Mapping) and cfg["prompts"].get("num_train") is not None:
+            expect["num_trajectories"] = int(cfg["prompts"]["num_train"])
+    return expect
+
+
 def check_attrs(attrs: Mapping, expect: Mapping[str, Any], where: str) -> None:
     """Raise :class:`TrajectoryStoreError` naming every attribute whose stored value differs from ``expect``."""
     diffs = []
@@ -227,7 +284,7 @@ def check_attrs(attrs: Mapping, expect: Mapping[str, Any], where: str) -> None:
         elif _jsonable(have) != _jsonable(want):
             diffs.append(f"attribute {name!r} differs (store: {have!r}, requested: {want!r})")
     if diffs:
-        raise TrajectoryStoreError(f"{where} does not match the requested teacher/grid: " + "; ".join(diffs))
+        raise TrajectoryStoreError(f"{where} does not match the requested teacher/grid/prompt set: " + "; ".join(diffs))
 
 
 def build_attrs(teacher, traj_cfg: Mapping[str, Any], prompt_hashes: Mapping, cond_shapes: Mapping, key: str | None) -> dict:
@@ -565,7 +622,8 @@ class TrajectoryDataset(Dataset):
     ``index``, ``seed``, ``prompt_id`` and ``prompt``.
     """
 
-    def __init__(self, directory: str | Path, expect: Mapping[str, Any] | None = None, *, verify: bool = True):
+    def __init__(self, directory: str | Path, expect: Mapping[str, Any] | None = None, *, verify: bool = True,
+                 num_steps: int | None = None):
         zarr = _zarr()
         self.path = store_path(directory)
         if not (self.path / "zarr.json").is_file():
@@ -580,19 +638,28 @@ class TrajectoryDataset(Dataset):
             verify_store(directory, full=False)
         names = ["coarse", "delta", *COND_ARRAYS, "seed", "prompt_id", "prompt"]
         self._arrays = {n: group[n] for n in names if n in group}
+        # a coarser student reads every (N_s / N)-th slot of the store (store_grid)
+        self.num_steps = int(num_steps or self.attrs["num_steps"])
+        self._coarse_idx, self._delta_idx = subgrid_indices(int(self.attrs["num_steps"]), self.num_steps)
 
     @classmethod
-    def from_config(cls, directory: str | Path, cfg: Mapping[str, Any], teacher=None, **kwargs) -> TrajectoryDataset:
-        """Open the store for the ``teacher`` and ``trajectories`` sections of a config (and a loaded teacher)."""
-        return cls(directory, expected_attrs(cfg["teacher"], cfg["trajectories"], teacher), **kwargs)
+    def from_config(cls, directory: str | Path, cfg: Mapping[str, Any], teacher=None, *,
+                    prompts: str | Path | None = None, **kwargs) -> TrajectoryDataset:
+        """Open the store for the ``teacher`` and ``trajectories`` sections of a config (and a loaded
+        teacher): the teacher, its weights and the grid must match (:func:`expected_attrs`), and so must
+        the prompt set (:func:`prompt_attrs`: the number of trajectories ``trajectories.num_trajectories``
+        or, when null, ``prompts.num_train`` / the rows of ``prompts`` asks; the hash of ``prompts``, the
+        data stage's train.csv, when given). The error names the store, each attribute and both values."""
+        expect = {**expected_attrs(cfg["teacher"], cfg["trajectories"], teacher), **prompt_attrs(cfg, prompts)}
+        return cls(directory, expect, num_steps=int(cfg["trajectories"]["num_steps"]), **kwargs)
 
     @property
     def coarse_timesteps(self) -> list[int]:
-        return list(self.attrs["coarse_timesteps"])
+        return [self.attrs["coarse_timesteps"][i] for i in self._coarse_idx]
 
     @property
     def delta_timesteps(self) -> list[int]:
-        return list(self.attrs["delta_timesteps"])
+        return [self.attrs["delta_timesteps"][i] for i in self._delta_idx]
 
     def __len__(self) -> int:
         return int(self.attrs["num_trajectories"])
@@ -609,5 +676,7 @@ class TrajectoryDataset(Dataset):
             except Exception as err:  # noqa: BLE001 - zarr raises ValueError on a checksum mismatch
                 raise TrajectoryStoreError(f"trajectory store {self.path}: array {name!r}, trajectory {j}: chunk "
                                            f"unreadable ({err}); the store is damaged, recompute it") from err
+            if name in ("coarse", "delta") and self.num_steps != int(self.attrs["num_steps"]):
+                value = np.asarray(value)[self._coarse_idx if name == "coarse" else self._delta_idx]
             item[name] = str(value) if name == "prompt" else (int(value) if np.ndim(value) == 0 else torch.from_numpy(np.array(value)))
         return item

@@ -10,6 +10,7 @@ import json
 from typing import Mapping
 
 from rapm.config import ConfigError, deep_merge, select_keys, validate
+from rapm.trajectories import store_grid
 
 # The config keys each CLI stage reads. The workflow writes exactly these to
 # results/config/<stage>.yaml, so editing a key reruns the stages that read it and no other.
@@ -110,15 +111,18 @@ def trajectory_stores(config: Mapping, every: bool = False) -> dict[str, dict]:
     stores = {}
     for name in variant_names(config, every):
         vc = variant_config(config, name)
-        stores.setdefault(trajectory_store_key({**config, **vc}), {k: vc[k] for k in ("teacher", "trajectories")})
+        stores.setdefault(trajectory_store_key({**config, **vc}),
+                          {"teacher": vc["teacher"], "trajectories": store_grid(vc["trajectories"])})
     return stores
 
 
 # --- table rows -------------------------------------------------------------------------------------
 
 def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
-    """{row name: row} of every table row: the teacher (many steps), the undistilled teacher at each
-    variant's N, each run variant's student, each external LoRA. A row holds what sampling needs."""
+    """{row name: row} of every table row: the teacher (many steps), at each variant's N the teacher
+    with guidance (``teacher-<N>step``) and without (``init-<N>step``, the student's initialisation),
+    each run variant's student (``init`` names its initialisation row), each external LoRA. A row
+    holds what sampling needs."""
     s = config["sampling"]
     guidance = s["teacher_guidance"] if s["teacher_guidance"] is not None else config["trajectories"]["guidance"]
     res = config["trajectories"].get("resolution")
@@ -130,9 +134,12 @@ def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
         n = vc["trajectories"]["num_steps"]
         out.setdefault(f"teacher-{n}step", {"name": f"teacher-{n}step", "kind": "teacher", "steps": n,
                                             "guidance": guidance, "lora": None, "resolution": res})
+        # the student's starting point (method.md §8): the teacher at its N steps and guidance 1 (LoRA B = 0)
+        out.setdefault(f"init-{n}step", {"name": f"init-{n}step", "kind": "init", "steps": n,
+                                         "guidance": 1.0, "lora": None, "resolution": res})
         students[name] = {"name": name, "kind": "student", "steps": n, "guidance": 1.0,
                           "lora": f"results/train/{name}/lora.safetensors", "variant": name,
-                          "resolution": vc["trajectories"].get("resolution")}
+                          "resolution": vc["trajectories"].get("resolution"), "init": f"init-{n}step"}
         msd = variant_msd(config, name)
         if msd is not None:
             students[name].update(kind="msd", lora=None, router=f"results/train/{name}/router.safetensors",
@@ -187,7 +194,9 @@ TRAJECTORY_STORE_KEYS = [
 
 
 def trajectory_store_key(config: Mapping) -> str:
-    """Short hash (12 hex digits) of :data:`TRAJECTORY_STORE_KEYS` in ``config`` (key order does not matter)."""
+    """Short hash (12 hex digits) of :data:`TRAJECTORY_STORE_KEYS` in ``config`` (key order does not matter),
+    on the store's grid (:func:`rapm.trajectories.store_grid`): a student on a sub-grid shares the store."""
+    config = {**config, "trajectories": store_grid(config["trajectories"])}
     text = json.dumps(select_keys(config, TRAJECTORY_STORE_KEYS), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 

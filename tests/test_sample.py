@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -129,3 +130,47 @@ def test_evaluate_row_metrics_and_refusal(toy_rows, tmp_path):
     other["evaluation"]["clip"]["prefix"] = "A photo depicts "
     with pytest.raises(MetricsError, match="reference statistics of another protocol"):
         evaluate_row(other, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m3.json")
+
+
+def test_distance_to_the_teacher_from_the_same_noise_and_bootstrap_intervals(toy_rows, tmp_path):
+    """A row shifted by 10 grey levels from the 'teacher' (the same images) is 10 levels away, and a row
+    that IS the teacher is 0 away; intervals bracket the value, and the paired replicates make the
+    difference of two rows significant exactly when it is."""
+    from PIL import Image
+
+    from rapm.evaluate import compute_reference_stats, evaluate_row
+
+    d, csv = toy_rows
+    cfg = _toy_cfg()
+    cfg["evaluation"]["bootstrap"] = 50
+    compute_reference_stats(cfg, csv, tmp_path / "ref.npz")
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    table = pd.read_csv(d / "m.csv")
+    for f in table["file"]:
+        img = np.asarray(Image.open(d / f)).astype(np.int16)
+        (shifted / Path(f).parent).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img + 10, 0, 255).astype(np.uint8)).save(shifted / f)
+    table.to_csv(shifted / "m.csv", index=False)
+    row = {"name": "x", "kind": "student", "steps": 1, "guidance": 1.0, "lora": None, "init": "init-1step"}
+    same = evaluate_row(cfg, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "a.json",
+                        teacher_manifests=[d / "m.csv"])
+    off = evaluate_row(cfg, row, [shifted / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "b.json",
+                       teacher_manifests=[d / "m.csv"])
+    assert same["teacher_distance"]["rmse"] == 0.0 and same["teacher_distance"]["fd"] == pytest.approx(0.0, abs=1e-3)
+    clipped = np.clip(np.stack([np.asarray(Image.open(d / f)) for f in table["file"]]).astype(np.int16) + 10, 0, 255)
+    expected = np.sqrt(((clipped - np.stack([np.asarray(Image.open(d / f)) for f in table["file"]])) ** 2)
+                       .reshape(12, -1).mean(axis=1)).mean()  # 10 levels except where white clips
+    assert off["teacher_distance"]["rmse"] == pytest.approx(expected, rel=1e-9) and 5 < expected <= 10
+    lo, hi = off["intervals"]["teacher_rmse"]
+    assert lo <= off["teacher_distance"]["rmse"] <= hi and off["intervals"]["resamples"] == 50
+    assert len(off["bootstrap_replicates"]["teacher_rmse"]) == 50 and same["init"] == "init-1step"
+    from rapm.tables import _delta
+
+    get = lambda m: m["teacher_distance"]["rmse"]  # noqa: E731
+    assert _delta(off, same, get, "teacher_rmse").mark == "*"  # 0 vs ~9 levels on every image
+    assert _delta(same, same, get, "teacher_rmse").mark == ""
+    with pytest.raises(Exception, match="other prompts"):
+        other = d / "reversed.csv"
+        table.assign(caption=table["caption"][::-1].values).to_csv(other, index=False)
+        evaluate_row(cfg, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "c.json", teacher_manifests=[other])

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -350,6 +353,90 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tin
     assert (state / CHECKPOINT).read_bytes() == before
 
 
+def test_two_runs_give_byte_identical_loras_with_the_umask_mode_and_their_sha256(tiny_sd_dir, sd_store, tmp_path):
+    old = os.umask(0o022)
+    try:
+        for name, mask, prompts in (("a", 0o022, sd_store.parent / "train.csv"), ("b", 0o027, None)):
+            os.umask(mask)
+            summary = train(make_cfg(tiny_sd_dir, iterations=2, export_dtype="float16"), sd_store, tmp_path / name,
+                            tmp_path / f"{name}.state", prompts=prompts)
+            lora = tmp_path / name / "lora.safetensors"
+            for path in (lora, tmp_path / name / "summary.json", tmp_path / f"{name}.state" / CHECKPOINT):
+                assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+            assert summary["sha256"] == {"lora.safetensors": hashlib.sha256(lora.read_bytes()).hexdigest()}
+            assert json.loads((tmp_path / name / "summary.json").read_text())["sha256"] == summary["sha256"]
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "lora.safetensors").read_bytes() == (tmp_path / "b" / "lora.safetensors").read_bytes()
+
+
+def test_weights_beyond_the_export_dtype_stop_before_anything_is_finished(tiny_sd_dir, sd_store, tmp_path):
+    """student_lr 1e6: the float32 LoRA is finite, its float16 export is not; nothing is written as finished."""
+    cfg = make_cfg(tiny_sd_dir, iterations=2, export_dtype="float16", optim={"student_lr": 1e6})
+    with pytest.raises(TrainingError, match=r"the LoRA after 2 iterations is not finite in train\.export_dtype float16: "
+                                            r"tensor 'unet\..*\.lora_B\.weight' \(float16.*±inf"):
+        train(cfg, sd_store, tmp_path / "out", tmp_path / "state")
+    assert not (tmp_path / "out" / "lora.safetensors").exists() and not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_non_finite_weights_after_an_update_stop_naming_tensor_and_iteration(tiny_sd_dir, sd_store, tmp_path):
+    from safetensors import safe_open
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = []
+
+    def poison(opt, args, kwargs):  # the 3rd update is iteration 2's (alternate: D on even iterations)
+        steps.append(opt)
+        if len(steps) == 3:
+            with torch.no_grad():
+                opt.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+
+    handle = register_optimizer_step_post_hook(poison)
+    try:
+        with pytest.raises(TrainingError, match=r"non-finite discriminator weights after the update of iteration 2: "
+                                                r"tensor 'heads\.[^']+' holds 1 NaN and 0 ±inf"):
+            train(make_cfg(tiny_sd_dir, iterations=4), sd_store, tmp_path / "out", tmp_path / "state")
+    finally:
+        handle.remove()
+    with safe_open(str(tmp_path / "state" / CHECKPOINT), framework="pt") as f:
+        assert f.metadata()["step"] == "2"  # the last good checkpoint
+    assert not (tmp_path / "out" / "lora.safetensors").exists() and not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_corrupt_one_is_named(tiny_sd_dir, sd_store, tmp_path):
+    state, cfg = tmp_path / "state", make_cfg(tiny_sd_dir, iterations=4)
+    assert train(cfg, sd_store, tmp_path / "out", state, max_iterations=2) is None
+    log_path = state / "losses.jsonl"
+    with log_path.open("a") as f:
+        f.write('{"d_abs": 0.69, "d_rel": 0.7, "st')  # killed in the middle of a write
+    train(cfg, sd_store, tmp_path / "out", state)
+    assert [json.loads(x)["step"] for x in (tmp_path / "out" / "losses.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    lines = log_path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"
+    log_path.write_text("".join(lines))
+    with pytest.raises(TrainingError, match=r"losses\.jsonl, line 2: not a loss-log record"):
+        train(cfg, sd_store, tmp_path / "out", state)
+
+
+def test_a_store_of_another_prompt_set_is_refused(tiny_sd_dir, sd_store, tmp_path):
+    from rapm.cli import main
+    from rapm.trajectories import TrajectoryStoreError
+
+    where = re.escape(str(sd_store / "store.zarr"))
+    cfg = {**make_cfg(tiny_sd_dir), "prompts": {"seed": 0, "num_train": 24, "num_eval": 4}}  # num_trajectories: null
+    with pytest.raises(TrajectoryStoreError, match=rf"{where} .*attribute 'num_trajectories' differs \(store: 4, requested: 24\)"):
+        Trainer(cfg, sd_store, tmp_path / "state")
+    edited = tmp_path / "train.csv"
+    edited.write_bytes((sd_store.parent / "train.csv").read_bytes().replace(b"green", b"purple"))
+    with pytest.raises(TrajectoryStoreError, match=rf"{where} .*attribute 'prompts\.train_csv_sha256' differs"):
+        Trainer(make_cfg(tiny_sd_dir), sd_store, tmp_path / "state", prompts=edited)
+    cfg_path = tmp_path / "cfg.yaml"
+    write_yaml(make_cfg(tiny_sd_dir), cfg_path)
+    assert main(["train", "--config", str(cfg_path), "--trajectories", str(sd_store), "--out-dir", str(tmp_path / "out"),
+                 "--state-dir", str(tmp_path / "state"), "--prompts", str(edited)]) == 1
+    assert not (tmp_path / "out").exists()
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import rapm.train as t
@@ -387,6 +474,10 @@ def test_sigkill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_sd
 
     a, b = load_file(tmp_path / "straight" / "lora.safetensors"), load_file(tmp_path / "resumed" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # byte-identical files across processes (safetensors' own writer orders metadata per process)
+    assert (tmp_path / "straight" / "lora.safetensors").read_bytes() == (tmp_path / "resumed" / "lora.safetensors").read_bytes()
+    sha = [json.loads((tmp_path / n / "summary.json").read_text())["sha256"] for n in ("straight", "resumed")]
+    assert sha[0] == sha[1]
     sa = load_file(tmp_path / "straight.state" / CHECKPOINT)
     sb = load_file(tmp_path / "resumed.state" / CHECKPOINT)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # heads and both optimiser states too

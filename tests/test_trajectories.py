@@ -340,6 +340,67 @@ def test_reader_refuses_other_teacher_or_grid(sd_store, sd_teacher, sdxl_teacher
         T.TrajectoryDataset.from_config(directory, full, teacher=sdxl_teacher)
 
 
+def test_reader_refuses_another_prompt_set_or_trajectory_count(sd_store, sd_teacher, prompt_files, tmp_path):
+    import re
+
+    directory, _ = sd_store
+    where = re.escape(str(T.store_path(directory)))
+    full = {"teacher": teacher_cfg(sd_teacher), "trajectories": CFG}  # num_trajectories: null, all 6 prompts
+    assert len(T.TrajectoryDataset.from_config(directory, full, prompts=prompt_files[0])) == 6
+    assert len(T.TrajectoryDataset.from_config(directory, {**full, "prompts": {"num_train": 6}})) == 6
+    with pytest.raises(T.TrajectoryStoreError, match=rf"{where} .*attribute 'num_trajectories' differs "
+                                                     r"\(store: 6, requested: 24\)"):
+        T.TrajectoryDataset.from_config(directory, {**full, "prompts": {"seed": 0, "num_train": 24, "num_eval": 2}})
+    edited = tmp_path / "train.csv"
+    edited.write_bytes(prompt_files[0].read_bytes().replace(b"green", b"brown"))
+    with pytest.raises(T.TrajectoryStoreError, match=rf"{where} .*attribute 'prompts\.train_csv_sha256' differs "
+                                                     r"\(store: '[0-9a-f]{64}', requested: '[0-9a-f]{64}'\)"):
+        T.TrajectoryDataset.from_config(directory, full, prompts=edited)
+    fewer = tmp_path / "fewer.csv"  # one prompt dropped: both the hash and the count differ
+    fewer.write_bytes(b"".join(prompt_files[0].read_bytes().splitlines(keepends=True)[:-1]))
+    with pytest.raises(T.TrajectoryStoreError, match=r"'num_trajectories' differs \(store: 6, requested: 5\)"):
+        T.TrajectoryDataset.from_config(directory, full, prompts=fewer)
+    # an explicit num_trajectories is compared as before (a prefix of the same train.csv is the same prompt set)
+    with pytest.raises(T.TrajectoryStoreError, match=r"'num_trajectories' differs \(store: 6, requested: 4\)"):
+        T.TrajectoryDataset.from_config(directory, {**full, "trajectories": {**CFG, "num_trajectories": 4}},
+                                        prompts=prompt_files[0])
+
+
+BUILD = """
+import json, sys
+from pathlib import Path
+import torch
+from rapm import trajectories as T
+from rapm.teacher import load_teacher
+torch.set_num_threads(1)
+directory, teacher_dir, csv, manifest, cfg = sys.argv[1:]
+cfg, tc = json.loads(cfg), {"path": teacher_dir, "type": "auto", "dtype": "float32", "device": "cpu"}
+teacher = load_teacher(tc)
+T.init_store(directory, tc, cfg, csv, manifest, key="test", teacher=teacher)
+summary = Path(directory) / "shards" / "0-of-1.json"
+summary.parent.mkdir()
+summary.write_text(json.dumps(T.compute_shard(directory, tc, cfg, 0, teacher=teacher, progress=False)))
+T.gather(directory, [summary], Path(directory) / "manifest.json")
+"""
+
+
+def test_two_identical_precomputes_give_byte_identical_stores(sd_store, sd_teacher, prompt_files, tmp_path):
+    """File by file, metadata included; the second store is built in another process with another hash seed."""
+    import os
+
+    one, _ = sd_store
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    done = subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / "again"), sd_teacher.source, *map(str, prompt_files),
+                           json.dumps(CFG)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = T.store_path(one), T.store_path(tmp_path / "again")
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    assert "zarr.json" in files and len(files) > 40
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
 def test_compute_refuses_a_store_made_for_other_settings(sd_teacher, prompt_files, tmp_path):
     tc = teacher_cfg(sd_teacher)
     T.init_store(tmp_path, tc, CFG, *prompt_files, teacher=sd_teacher)
@@ -466,3 +527,30 @@ def test_snakemake_dry_run_scatters_and_gathers(tmp_path):
     for s in range(3):
         assert f"{d}/shards/{s}-of-3.json" in out
     assert f"{d}/manifest.json" in out and "store.zarr" not in out  # the store is never a declared output
+
+
+def test_a_coarser_student_reads_a_sub_grid_equal_to_its_own_store(sd_store, sd_teacher, prompt_files, tmp_path):
+    """N = 2 (M = 4) on the store of N = 4 (M = 2): the same 8 fine teacher steps from the same noise, so
+    every 2nd coarse slot and Δ-state of the N = 4 store IS the N = 2 store (bitwise, same batch size)."""
+    own = tmp_path / "n2"
+    build(own, sd_teacher, prompt_files, num_steps=2, steps_per_slot=4)
+    direct = T.TrajectoryDataset(own)
+    cfg = {"teacher": teacher_cfg(sd_teacher),
+           "trajectories": {**CFG, "num_steps": 2, "steps_per_slot": 4, "store_steps": 4}}
+    view = T.TrajectoryDataset.from_config(sd_store[0], cfg, sd_teacher)
+    assert view.coarse_timesteps == direct.coarse_timesteps == coarse_timesteps(2)
+    assert view.delta_timesteps == direct.delta_timesteps
+    for j in range(len(direct)):
+        a, b = view[j], direct[j]
+        assert a["coarse"].shape[0] == 3 and a["delta"].shape[0] == 2
+        for name in ("coarse", "delta", "prompt_embeds"):
+            assert torch.equal(a[name], b[name]), (j, name)
+    assert T.store_grid(cfg["trajectories"])["steps_per_slot"] == 2
+    base = {"data": {"source": "toy"}, "prompts": {"seed": 0, "num_train": 6},
+            "teacher": {**cfg["teacher"], "revision": None, "variant": None}}
+    assert trajectory_store_key({**base, "trajectories": cfg["trajectories"]}) == trajectory_store_key({**base, "trajectories": CFG})
+    with pytest.raises(ValueError, match="store_steps 3 must be a multiple of num_steps 2"):
+        T.store_grid({**cfg["trajectories"], "store_steps": 3})
+    with pytest.raises(T.TrajectoryStoreError, match="steps_per_slot"):  # a store of another fine grid
+        T.TrajectoryDataset.from_config(sd_store[0], {**cfg, "trajectories": {**cfg["trajectories"], "steps_per_slot": 3,
+                                                                            "store_steps": 2}}, sd_teacher)

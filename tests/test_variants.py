@@ -39,18 +39,21 @@ def test_a_bad_override_fails_naming_the_variant(cfg):
 def test_only_trajectory_changes_get_their_own_store(cfg):
     key = lambda name: trajectory_store_key({**cfg, **variant_config(cfg, name)})  # noqa: E731
     assert key("rank4") == key("rapm") == key("no_renoise") == key("msd4")
-    assert len({key("rapm"), key("m5"), key("m25"), key("j250"), key("n1"), key("n2")}) == 6
-    assert len(trajectory_stores(cfg)) == 1 and len(trajectory_stores(cfg, every=True)) == 6
+    assert len({key("rapm"), key("m5"), key("m25"), key("j250")}) == 4
+    assert key("n1") == key("n2") == key("rapm")  # store_steps 4: sub-grids of the N = 4 store
+    assert len(trajectory_stores(cfg)) == 1 and len(trajectory_stores(cfg, every=True)) == 4
 
 
 def test_rows_cover_teachers_students_msd_and_external(cfg):
     cfg["sampling"]["external"] = [{"name": "pcm", "lora": "pcm.safetensors", "steps": 4, "guidance": 1.0}]
     r = rows(cfg)
-    assert list(r) == ["teacher", "teacher-4step", "rapm", "relative_only", "absolute_only", "pcm"]
+    assert list(r) == ["teacher", "teacher-4step", "init-4step", "rapm", "pure_adversarial", "broken", "pcm"]
+    assert r["init-4step"]["guidance"] == 1.0 and r["init-4step"]["kind"] == "init" and r["rapm"]["init"] == "init-4step"
     assert r["teacher"]["steps"] == 40 and r["teacher"]["guidance"] == cfg["trajectories"]["guidance"]
     assert r["rapm"]["guidance"] == 1.0 and r["rapm"]["lora"] == "results/train/rapm/lora.safetensors"
     every = rows(cfg, every=True)
-    assert {"teacher-1step", "teacher-2step"} <= set(every) and every["n1"]["steps"] == 1
+    assert {"teacher-1step", "teacher-2step", "init-1step", "init-2step"} <= set(every) and every["n1"]["steps"] == 1
+    assert every["n1"]["init"] == "init-1step"
     assert every["msd4"]["kind"] == "msd" and len(every["msd4"]["loras"]) == 4
     cfg["sampling"]["external"] = [{"name": "teacher", "lora": "x", "steps": 4, "guidance": 1.0}]
     with pytest.raises(ConfigError, match="reserved for the teacher rows"):

@@ -88,12 +88,17 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
 
     # The whole DAG ran: a LoRA, one metrics file per row, the tables.
     assert (wd / "results/train/rapm/lora.safetensors").is_file()
-    for row in ("teacher", "teacher-4step", "rapm"):
+    for row in ("teacher", "teacher-4step", "init-4step", "rapm"):
         metrics = json.loads((wd / f"results/eval/{row}/metrics.json").read_text())
         assert metrics["images"] == 40 and metrics["protocol"]["fid_features"] == "toyclip"
         assert metrics["accuracy"] is not None and 0 <= metrics["accuracy"]["colour"] <= 1
+        assert ("teacher_distance" in metrics) is (row != "teacher") and "intervals" in metrics
+    assert json.loads((wd / "results/eval/init-4step/metrics.json").read_text())["guidance"] == 1.0
     main_md = (wd / "results/tables/run/main.md").read_text()
     assert "RAPM: rapm" in main_md and "toy CLIP" in main_md and "published" in main_md
+    assert "the student's initialisation" in main_md and "RMSE to teacher" in main_md
+    ablations = (wd / "results/tables/run/ablations.csv").read_text().splitlines()
+    assert "Δ vs init" in ablations[0] and "low" in ablations[0]
     assert (wd / "results/figures/run/grid.png").stat().st_size > 0
     curve = json.loads((wd / "results/figures/curves/rapm.json").read_text())
     assert [p["iteration"] for p in curve["points"]] == [0, 3, 6] and curve["images"] == 20
@@ -114,7 +119,7 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
 
     # Editing the evaluation protocol reruns evaluation and tables, no training or sampling.
     jobs = plan(lambda d: d["evaluation"].setdefault("clip", {}).update(prefix="A photo depicts "))
-    assert jobs == {"stage_config": 3, "reference_stats": 1, "evaluate": 3, "tables": 1, "curve": 1, "all": 1}, jobs
+    assert jobs == {"stage_config": 3, "reference_stats": 1, "evaluate": 4, "tables": 1, "curve": 1, "all": 1}, jobs
 
     # Editing one variant's training reruns its training, sampling, evaluation and the tables only.
     jobs = plan(lambda d: d.setdefault("variants", {}).update(

@@ -113,6 +113,13 @@ def get_row_manifests(wildcards):
     ]
 
 
+def get_teacher_manifests(wildcards):
+    """The teacher row's images (same noise) for every other row's distance to the teacher."""
+    if wildcards.row == "teacher":
+        return []
+    return [f"results/samples/teacher/shard-{s}-of-{SHARDS}.csv" for s in range(SHARDS)]
+
+
 def get_reference_stats(wildcards):
     return f"results/eval/reference/{protocol_key(config)}.npz"
 

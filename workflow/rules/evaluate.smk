@@ -49,12 +49,14 @@ rule reference_stats:
         " --out {output.stats} --threads {threads} > {log} 2>&1"
 
 
-# FID, CLIP score (and the toy's prompt-following accuracy) of one row.
+# FID, CLIP score, the distance to the teacher's images from the same noise (and the toy's
+# prompt-following accuracy) of one row, with bootstrap intervals over images.
 rule evaluate:
     input:
         config="results/config/evaluation.yaml",
         row="results/config/rows/{row}.yaml",
         manifests=get_row_manifests,
+        teacher=get_teacher_manifests,
         reference=get_reference_stats,
         prompts="results/prompts/eval.csv",
     output:
@@ -70,5 +72,6 @@ rule evaluate:
         gpu=1,
     shell:
         "python -m rapm evaluate --config {input.config} --row {input.row} --manifests {input.manifests}"
-        " --reference {input.reference} --prompts {input.prompts} --out {output.metrics}"
+        " --teacher-manifests {input.teacher} --reference {input.reference}"
+        " --prompts {input.prompts} --out {output.metrics}"
         " --threads {threads} > {log} 2>&1"
