@@ -1,5 +1,5 @@
 # rapm: single-GPU diffusion distillation (RAPM, MSD) as a Snakemake workflow.
-# Run: snakemake all --cores 1 --resources gpu=1   (see README.md)
+# Run: snakemake all   (see README.md; the default profile sets cores and resources)
 from snakemake.utils import min_version
 
 min_version("9.0")
