@@ -138,6 +138,27 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     assert "make_toy_captions" not in jobs
 
 
+def test_two_jobs_side_by_side_give_the_same_bits_as_one_at_a_time(tmp_path):
+    """The default profile runs two one-thread jobs at once; every artefact must equal a sequential run's."""
+    cfg = ".test/config/config.yaml"
+    target = ["results/eval/rapm/metrics.json", "results/eval/init-4step/metrics.json"]
+    runs = {}
+    for name, extra in (("one", ["--cores", "1", "--resources", "gpu=1"]), ("two", ["--cores", "2", "--resources", "gpu=2"])):
+        wd = copy_workflow(tmp_path / name)
+        snakemake(*target, *extra, "--configfile", cfg, cwd=wd)
+        runs[name] = wd
+    files = ["results/train/rapm/lora.safetensors", *sorted(
+        str(p.relative_to(runs["one"])) for p in (runs["one"] / "results/trajectories").rglob("*")
+        if p.is_file() and "/c/" in p.as_posix())]
+    assert len(files) > 5
+    for f in files:
+        assert (runs["one"] / f).read_bytes() == (runs["two"] / f).read_bytes(), f
+    for row in ("rapm", "init-4step"):
+        a, b = (json.loads((runs[k] / f"results/eval/{row}/metrics.json").read_text()) for k in ("one", "two"))
+        a.pop("wall_time_s"), b.pop("wall_time_s")
+        assert a == b, row
+
+
 def _captions(image_ids, prefix):
     return {
         "info": {}, "licenses": [],
