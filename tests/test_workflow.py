@@ -1,6 +1,7 @@
 """The Snakemake workflow: lint, formatting, a DAG for every profile, and the .test profile end to end."""
 
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -225,3 +226,37 @@ def test_fetch_rule_truncated_archive(tmp_path, coco_archive):
     log = (wd / "logs/data/fetch_coco_captions.log").read_text()
     assert "annotations_trainval2014.zip" in log and "Traceback" not in log
     assert not (wd / "results/data/coco/captions_train2014.json").exists()
+
+
+def _printed_commands() -> list[tuple[str, str]]:
+    """(where, command) of every `snakemake ...` command the project prints: README's shell blocks and
+    inline code, and the `#   snakemake ...` lines of the config, profile and Snakefile headers."""
+    out = []
+    readme = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        for line in block.splitlines():
+            cmd = line.split("&&")[-1].split("#")[0].strip()
+            if cmd.startswith("snakemake"):
+                out.append(("README.md", cmd))
+    for cmd in re.findall(r"`(snakemake [^`]*)`", readme):
+        if cmd != "snakemake --cores 1 --resources gpu=1 all":  # the README's example of the wrong order
+            out.append(("README.md", cmd))
+    for path in [*(ROOT / "config").glob("*.yaml"), *(ROOT / "profiles").rglob("*.yaml"), ROOT / ".test/config/config.yaml",
+                 ROOT / "Snakefile"]:
+        for m in re.finditer(r"^#.*?(snakemake [^(\n]*)", path.read_text(), flags=re.M):
+            out.append((str(path.relative_to(ROOT)), m.group(1).split("`")[0].split("  ")[0].strip()))
+    return out
+
+
+def test_every_command_the_project_prints_works_as_printed():
+    """Dry-run each printed command exactly as written (plus -n): the target first, greedy options after."""
+    commands = _printed_commands()
+    assert len(commands) >= 8 and any(c == "snakemake all" for _, c in commands)
+    for where, cmd in commands:
+        args = cmd.split()[1:]
+        if "--report" in args or "--lint" in args:
+            continue  # not a run (the report needs a finished run; --lint has its own test)
+        if "profiles/slurm" in cmd and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+            continue  # the documented example profile needs its executor plugin
+        proc = snakemake(*args, "-n", check=False)
+        assert proc.returncode == 0, f"{where}: `{cmd}` fails:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
