@@ -187,7 +187,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_reference_stats(args: argparse.Namespace) -> int:
-    cfg = stage_config(args, "data", "sampling", "evaluation")
+    cfg = stage_config(args, "data", "sampling.num_images", "evaluation.fid", "evaluation.reference")
     _set_threads(args.threads)
     from rapm.evaluate import compute_reference_stats
 
@@ -224,7 +224,7 @@ def _cmd_msd_partition(args: argparse.Namespace) -> int:
 
 
 def _cmd_curve(args: argparse.Namespace) -> int:
-    cfg = stage_config(args, "data", "teacher", "sampling", "evaluation", "curves")
+    cfg = stage_config(args, "data", "teacher", "sampling", "evaluation.fid", "evaluation.reference", "curves")
     _set_threads(args.threads)
     from rapm.curves import read_snapshots, snapshot_curve
 

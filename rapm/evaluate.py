@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from rapm.metrics import (MetricsError, center_crop_resize, feature_extractor, frechet_distance, gaussian_stats,
-                          protocol_summary, resize_all)
+                          protocol_summary, reference_protocol, resize_all)
 from rapm.sample import num_images
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out
 
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays, protocol=np.array(json.dumps(protocol_summary(cfg["evaluation"]), sort_keys=True)))
+            np.savez(f, **arrays, protocol=np.array(json.dumps(reference_protocol(cfg["evaluation"]), sort_keys=True)))
     info = {"images": len(images), "resolutions": list(fid["resolutions"]), "wall_time_s": round(time.time() - t0, 1)}
     log.info("reference statistics of %d images written to %s", len(images), out)
     return info
@@ -157,7 +157,7 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     replicates: dict[str, np.ndarray] = {}  # same image indices for every row: differences are paired
     feats_first = None
     with np.load(reference, allow_pickle=False) as ref:
-        if str(ref["protocol"]) != json.dumps(protocol_summary(ecfg), sort_keys=True):
+        if str(ref["protocol"]) != json.dumps(reference_protocol(ecfg), sort_keys=True):
             raise MetricsError(f"{reference}: reference statistics of another protocol; delete it to recompute")
         fids = {}
         for res in ecfg["fid"]["resolutions"]:

@@ -177,6 +177,11 @@ def clip_score(images: np.ndarray, captions: Sequence[str], clip, *, prefix: str
     return float(100.0 * torch.cat(sims).mean())
 
 
+def reference_protocol(eval_cfg: Mapping) -> dict:
+    """The part of the protocol the FID reference statistics depend on (not the CLIP score's keys)."""
+    return {k: v for k, v in protocol_summary(eval_cfg).items() if not k.startswith("clip_")}
+
+
 def protocol_summary(eval_cfg: Mapping) -> dict:
     """The protocol keys as they go into every metrics file and table footnote."""
     fid, clip = eval_cfg["fid"], eval_cfg["clip"]

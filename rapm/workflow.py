@@ -20,7 +20,11 @@ STAGE_KEYS: dict[str, list[str]] = {
     "prompts": ["prompts"],
     "sampling": ["teacher", "sampling"],
     "evaluation": ["profile", "data", "sampling", "evaluation"],
-    "curves": ["profile", "data", "teacher", "sampling", "evaluation", "curves"],
+    # FID reference statistics: the FID keys only (a CLIP-only edit must not recompute them)
+    "reference": ["profile", "data", "sampling.num_images", "evaluation.fid", "evaluation.reference"],
+    # curves: FD and the reader's accuracy of snapshots, no CLIP score
+    "curves": ["profile", "data", "teacher", "sampling", "evaluation.fid", "evaluation.reference",
+               "evaluation.reader_accuracy", "curves"],
     "tables": ["profile", "data.source", "trajectories.guidance", "sampling", "evaluation", "variants", "run_variants"],
 }
 
@@ -166,7 +170,7 @@ def row_file(config: Mapping, name: str) -> dict:
 
 def protocol_key(config: Mapping) -> str:
     """Short hash of what the reference statistics depend on (data, prompts, number of images, FID keys)."""
-    keys = ["data", "prompts", "sampling.num_images", "evaluation.fid", "evaluation.clip", "evaluation.reference"]
+    keys = ["data", "prompts", "sampling.num_images", "evaluation.fid", "evaluation.reference"]
     text = json.dumps(select_keys(config, keys), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 

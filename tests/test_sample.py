@@ -127,9 +127,11 @@ def test_evaluate_row_metrics_and_refusal(toy_rows, tmp_path):
     with pytest.raises(MetricsError, match="12 images, the protocol asks for 13"):
         evaluate_row(_toy_cfg(min_images=13), row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m2.json")
     other = _toy_cfg()
-    other["evaluation"]["clip"]["prefix"] = "A photo depicts "
+    other["evaluation"]["clip"]["prefix"] = "A photo depicts "  # CLIP only: the reference statistics still apply
+    assert evaluate_row(other, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m3.json")["fid"] == result["fid"]
+    other["evaluation"]["fid"]["resolutions"] = [16]
     with pytest.raises(MetricsError, match="reference statistics of another protocol"):
-        evaluate_row(other, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m3.json")
+        evaluate_row(other, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m4.json")
 
 
 def test_distance_to_the_teacher_from_the_same_noise_and_bootstrap_intervals(toy_rows, tmp_path):

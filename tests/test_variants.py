@@ -67,9 +67,12 @@ def test_msd_students_share_the_iterations(cfg):
     assert "results/train/msd4/router.safetensors" in targets and "results/train/msd4/lora.safetensors" not in targets
 
 
-def test_protocol_key_tracks_the_evaluation_protocol_only(cfg):
+def test_protocol_key_tracks_the_fid_protocol_only(cfg):
+    """The reference statistics' key: FID keys, data, prompts and the number of images; not CLIP, not training."""
     before = protocol_key(cfg)
     cfg["train"]["iterations"] = 5
     assert protocol_key(cfg) == before
     cfg["evaluation"]["clip"]["prefix"] = "A photo depicts "
+    assert protocol_key(cfg) == before  # the CLIP score does not use the reference statistics
+    cfg["evaluation"]["fid"]["resolutions"] = [32, 16]
     assert protocol_key(cfg) != before

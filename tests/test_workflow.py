@@ -118,9 +118,16 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
         (wd / "edited.yaml").write_text(yaml.safe_dump(data))
         return planned_jobs("all", "--configfile", "edited.yaml", cwd=wd)
 
-    # Editing the evaluation protocol reruns evaluation and tables, no training or sampling.
+    # A CLIP-only edit reruns the evaluations and tables: not the FID reference statistics, not the curves.
     jobs = plan(lambda d: d["evaluation"].setdefault("clip", {}).update(prefix="A photo depicts "))
-    assert jobs == {"stage_config": 3, "reference_stats": 1, "evaluate": 4, "tables": 1, "curve": 1, "all": 1}, jobs
+    assert jobs == {"stage_config": 2, "evaluate": 4, "tables": 1, "all": 1}, jobs
+    # An FID-only edit reruns the reference statistics, the evaluations, the curve and the tables.
+    jobs = plan(lambda d: d["evaluation"]["fid"].update(resolutions=[32, 16]))
+    assert jobs == {"stage_config": 4, "reference_stats": 1, "evaluate": 4, "tables": 1, "curve": 1, "all": 1}, jobs
+    # A sampling-only edit resamples; no training, no trajectories, no reference statistics.
+    jobs = plan(lambda d: d["sampling"].update(batch_size=10))
+    assert jobs["sample_images"] == 8 and jobs["evaluate"] == 4, jobs
+    assert not {"train_rapm", "precompute_trajectories", "reference_stats"} & set(jobs), jobs
 
     # Editing one variant's training reruns its training, sampling, evaluation and the tables only.
     jobs = plan(lambda d: d.setdefault("variants", {}).update(

@@ -31,7 +31,7 @@ rule sample_images:
 # FID reference statistics of the evaluation prompts, once per protocol (results/eval/reference/<key>.npz).
 rule reference_stats:
     input:
-        config="results/config/evaluation.yaml",
+        config="results/config/reference.yaml",
         prompts="results/prompts/eval.csv",
     output:
         stats="results/eval/reference/{protocol}.npz",
