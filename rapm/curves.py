@@ -27,7 +27,7 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
                    num_images: int, out_json: str | Path, out_png: str | Path) -> dict[str, Any]:
     from rapm.evaluate import reference_images, toy_accuracy
     from rapm.metrics import feature_extractor, frechet_distance, gaussian_stats, resize_all
-    from rapm.sample import fuse_row_lora, generate, image_seed, restore_base
+    from rapm.sample import base_weights, fuse_row_lora, generate, image_seed, restore_base
     from rapm.teacher import load_teacher
     from rapm.trajectories import write_json
 
@@ -40,8 +40,7 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
     seed, bs = int(cfg["sampling"]["seed"]), int(cfg["sampling"]["batch_size"])
     points = []
     teacher = load_teacher(cfg["teacher"])  # once: each snapshot's LoRA is fused, then the base weights restored
-    base = {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(teacher.pipe, name).state_dict().items()}
-            for name in ("unet", "text_encoder", "text_encoder_2") if getattr(teacher.pipe, name, None) is not None}
+    base = base_weights(teacher)
     for n, snap in enumerate([{"iteration": 0, "lora": None}, *snapshots]):
         if n > 1:
             restore_base(teacher, base)

@@ -200,15 +200,14 @@ class RAPM:
         v = torch.tensor(self.coarse_t[1:], dtype=torch.long).view(-1, 1)
         tau, eps = {}, {}
         shape = (self.num_steps, batch_size)
-        if self.renoise_tau == "shared":
+
+        def draw_tau() -> Tensor:
             offset = torch.randint(0, span, shape, generator=gen)
-            shared = (v + offset).clamp(max=self.T - 1) if self.renoise else v.expand(*shape).clone()
+            return (v + offset).clamp(max=self.T - 1) if self.renoise else v.expand(*shape).clone()
+
+        shared = draw_tau() if self.renoise_tau == "shared" else None
         for name in INPUTS:  # "independent" keeps the draw order of the first release
-            if self.renoise_tau == "shared":
-                tau[name] = shared
-            else:
-                offset = torch.randint(0, span, shape, generator=gen)
-                tau[name] = (v + offset).clamp(max=self.T - 1) if self.renoise else v.expand(*shape).clone()
+            tau[name] = shared if shared is not None else draw_tau()
             eps[name] = torch.randn((*shape, *latent_shape), generator=gen)
         return Noise(tau, eps)
 

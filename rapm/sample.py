@@ -93,6 +93,12 @@ def fuse_row_lora(teacher, row: Mapping[str, Any]) -> None:
         raise SamplingError(f"{lora}: diffusers could not load it as a LoRA of {teacher.location}: {err}") from err
 
 
+def base_weights(teacher) -> dict[str, dict[str, torch.Tensor]]:
+    """CPU copies of the teacher's LoRA-carrying models' weights, for :func:`restore_base`."""
+    return {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(teacher.pipe, name).state_dict().items()}
+            for name in ("unet", "text_encoder", "text_encoder_2") if getattr(teacher.pipe, name, None) is not None}
+
+
 def restore_base(teacher, base: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """Remove a fused LoRA: unload its layers, then put back the saved base weights bit for bit.
 
@@ -175,8 +181,7 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
         plan = [({**row, "lora": lora}, [i for i in todo if groups[i - lo] == k]) for k, lora in enumerate(row["loras"])]
         plan = [(sub_row, indices) for sub_row, indices in plan if indices]
         if plan:
-            base = {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(teacher.pipe, name).state_dict().items()}
-                    for name in ("unet", "text_encoder", "text_encoder_2") if getattr(teacher.pipe, name, None) is not None}
+            base = base_weights(teacher)
     elif todo:
         teacher = load_row_pipeline(row, teacher_cfg)
         plan = [(row, todo)]

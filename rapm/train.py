@@ -292,8 +292,6 @@ class Trainer:
 
     def run_iteration(self) -> dict[str, Any]:
         """Iteration ``self.step``: the updates of the schedule; returns its log record."""
-        from rapm.objective import load_batch
-
         i, tcfg = self.step, self.tcfg
         seed, bs = int(tcfg["seed"]), int(tcfg["batch_size"])
         indices = [self.subset[k] for k in iteration_indices(seed, i, len(self.subset), bs)]
