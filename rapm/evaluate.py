@@ -36,6 +36,7 @@ import pandas as pd
 from rapm.metrics import (MetricsError, center_crop_resize, feature_extractor, frechet_distance, gaussian_stats,
                           protocol_summary, reference_protocol, resize_all)
 from rapm.sample import num_images
+from rapm.stats import bootstrap_indices, interval
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +89,6 @@ def pixel_rmse(images: np.ndarray, teacher: np.ndarray) -> np.ndarray:
         raise MetricsError(f"same-noise distance: images {images.shape} and teacher images {teacher.shape} differ")
     diff = images.astype(np.float64) - teacher.astype(np.float64)
     return np.sqrt((diff ** 2).reshape(len(images), -1).mean(axis=1))
-
-
-def bootstrap_indices(n: int, resamples: int, seed: int = 0) -> np.ndarray:
-    """(resamples, n) image indices drawn with replacement by a seeded generator (the same for every row)."""
-    return np.random.default_rng([seed, n]).integers(0, n, size=(resamples, n))
-
-
-def interval(values: np.ndarray, estimate: float | None = None) -> list[float]:
-    """The 95% interval [2.5%, 97.5%] of bootstrap replicates, shifted by the bootstrap's bias when the
-    full-sample ``estimate`` is given (bias-corrected percentile interval: the replicates' spread around
-    the estimate). FD needs it: a resample repeats images, which inflates FD by far more than its spread
-    at a few hundred images; for means (accuracy, RMSE) the shift is ~0. FD intervals are clipped at 0."""
-    values = np.asarray(values, dtype=np.float64)
-    shift = 0.0 if estimate is None else float(estimate) - float(values.mean())
-    return [float(np.percentile(values, 2.5)) + shift, float(np.percentile(values, 97.5)) + shift]
 
 
 def fd_replicates(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, idx: np.ndarray) -> np.ndarray:

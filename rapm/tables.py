@@ -14,7 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
+
+from rapm.stats import interval, seed_replicates
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
         return ""
     if isinstance(value, Value):
         text = _fmt(float(value), digits)
+        if value.sd is not None:
+            text += f" ± {_fmt(float(value.sd), digits)}"
         if value.lo is not None:
             text += f" ({_fmt(float(value.lo), digits)}, {_fmt(float(value.hi), digits)})"
         return text + value.mark
@@ -75,12 +80,14 @@ def _label(m: Mapping) -> str:
 
 
 class Value(float):
-    """A measured number with its 95% interval (``lo``, ``hi``) and an optional significance mark; a float
-    for arithmetic and CSV, rendered ``0.045 (0.040, 0.051)`` in Markdown and LaTeX."""
+    """A measured number with its 95% interval (``lo``, ``hi``), the standard deviation over training seeds
+    (``sd``, for a mean over replicates) and an optional significance mark; a float for arithmetic and CSV,
+    rendered ``0.045 ± 0.003 (0.040, 0.051)`` in Markdown and LaTeX."""
 
-    def __new__(cls, value: float, lo: float | None = None, hi: float | None = None, mark: str = ""):
+    def __new__(cls, value: float, lo: float | None = None, hi: float | None = None, mark: str = "",
+                sd: float | None = None):
         obj = super().__new__(cls, value)
-        obj.lo, obj.hi, obj.mark = lo, hi, mark
+        obj.lo, obj.hi, obj.mark, obj.sd = lo, hi, mark, sd
         return obj
 
 
@@ -88,7 +95,63 @@ def _with_interval(m: Mapping, value, replicate: str):
     if value is None:
         return None
     ci = (m.get("intervals") or {}).get(replicate)
-    return Value(value, *ci) if ci else float(value)
+    sd = (m.get("seed_sd") or {}).get(replicate)
+    return Value(value, *(ci or (None, None)), sd=sd) if ci or sd is not None else float(value)
+
+
+def _metric(m: Mapping, replicate: str):
+    """The value of metric ``replicate`` (a key of ``bootstrap_replicates``: fid_<res>, teacher_rmse,
+    teacher_fd, accuracy_<attribute>) in one row's metrics."""
+    if replicate.startswith("fid_"):
+        return (m.get("fid") or {}).get(replicate[4:])
+    if replicate.startswith("teacher_"):
+        return (m.get("teacher_distance") or {}).get(replicate[8:])
+    if replicate.startswith("accuracy_"):
+        return (m.get("accuracy") or {}).get(replicate[9:])
+    return m.get(replicate)
+
+
+def _mean_tree(values: Sequence):
+    """The element-wise mean of equally shaped metric trees (dicts of numbers); other leaves: the first's."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _mean_tree([v[k] for v in values]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return float(np.mean([float(v) for v in values]))
+    return first
+
+
+def combine_replicates(group: Sequence[Mapping], variant: str) -> dict:
+    """One row for the training replicates (seeds) of ``variant``: each metric's mean over seeds, its
+    standard deviation over seeds (``seed_sd``), bootstrap replicates of the mean that resample seeds and
+    images (:func:`rapm.stats.seed_replicates`) and their bias-corrected 95% intervals."""
+    if len(group) == 1:
+        return {**group[0], "row": variant, "seeds": 1}
+    out = {**group[0], "row": variant, "seeds": len(group)}
+    for key in ("fid", "teacher_distance", "accuracy", "clip_score"):
+        if group[0].get(key) is not None:
+            out[key] = _mean_tree([m[key] for m in group])
+    reps = {k: [m["bootstrap_replicates"][k] for m in group] for k in group[0].get("bootstrap_replicates") or {}
+            if all(k in (m.get("bootstrap_replicates") or {}) for m in group)}
+    out["bootstrap_replicates"] = {k: [round(float(x), 6) for x in seed_replicates(v)] for k, v in reps.items()}
+    out["intervals"] = {**(group[0].get("intervals") or {}),
+                        **{k: interval(v, _metric(out, k)) for k, v in out["bootstrap_replicates"].items()}}
+    out["seed_sd"] = {k: float(np.std([float(_metric(m, k)) for m in group], ddof=1))
+                      for k in reps if all(_metric(m, k) is not None for m in group)}
+    return out
+
+
+def group_replicates(metrics: Sequence[Mapping]) -> list[dict]:
+    """The rows with every student variant's replicates (``<variant>-seed<r>``) merged into one row
+    (:func:`combine_replicates`), in the order of each variant's first replicate."""
+    from rapm.workflow import split_replicate
+
+    groups: dict[str, list[Mapping]] = {}
+    for m in metrics:
+        name = split_replicate(m["row"])[0] if m["kind"] in ("student", "msd") else m["row"]
+        groups.setdefault(name, []).append(m)
+    return [combine_replicates(g, name) if g[0]["kind"] in ("student", "msd") else dict(g[0])
+            for name, g in groups.items()]
 
 
 def _delta(m: Mapping, ref: Mapping | None, get, replicate: str):
@@ -100,12 +163,19 @@ def _delta(m: Mapping, ref: Mapping | None, get, replicate: str):
     b = (ref.get("bootstrap_replicates") or {}).get(replicate)
     if not a or not b or len(a) != len(b) or m.get("images") != ref.get("images"):
         return d
-    import numpy as np
-
-    diff = np.asarray(a) - np.asarray(b)
+    diff = np.asarray(a) - np.asarray(b)  # paired: the same image indices (and independent seed draws)
     diff = diff + (d - diff.mean())  # bias-corrected, as rapm.evaluate.interval
     lo, hi = float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
     return Value(d, lo, hi, "*" if lo > 0 or hi < 0 else "")
+
+
+def seeds_note(seeds: Sequence[int]) -> str:
+    """The footnote sentence on training seeds (``seeds``: the distinct replicate counts of the student rows)."""
+    if not seeds or seeds == [1]:
+        return " One training seed per variant."
+    counts = " or ".join(str(s) for s in seeds)
+    return (f" Students: mean over {counts} training seeds (replicates; seed r trains with train.seed + r); "
+            "± is the standard deviation over seeds; the interval resamples seeds, then images (two-level bootstrap).")
 
 
 def row_order(by_row: Mapping[str, Mapping]) -> list[str]:
@@ -137,12 +207,14 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
             summary_by_variant[name] = merged
         else:
             summary_by_variant[name] = s
+    metrics = group_replicates(metrics)
     by_row = {m["row"]: m for m in metrics}
+    seeds = sorted({m.get("seeds", 1) for m in metrics if m["kind"] in ("student", "msd")})
     is_toy = cfg["data"]["source"] == "toy"
 
     def measured(m: Mapping) -> dict:
         s = summary_by_variant.get(m["row"]) if m["kind"] in ("student", "msd") else None
-        row = {"method": _label(m), "steps": m["steps"]}
+        row = {"method": _label(m), "steps": m["steps"], "seeds": m.get("seeds") if m["kind"] in ("student", "msd") else None}
         if s:
             device = s["device"]
             row["hardware"] = "1 GPU" if device.startswith("cuda") else "1 CPU (2 cores)" if device == "cpu" else device
@@ -179,7 +251,7 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
                  "mean pixel RMSE (0-255) of each image to the teacher row's image from the same noise; FD to "
                  "teacher's samples: Fréchet distance to the teacher row's images."
                  + (f" (a, b): 95% bootstrap interval over images ({boot['resamples']} resamples)." if boot else "")
-                 + " One training seed per variant.")
+                 + seeds_note(seeds))
     if is_toy:
         notes.append("Toy profile: the Fréchet distance uses the toy CLIP's image features (not Inception) and the "
                      "reference images are renders of the evaluation prompts; accuracy is the attribute reader's "
@@ -205,7 +277,8 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     abl_rows = []
     for m in students:
         init = by_row.get(m.get("init") or f"init-{m['steps']}step")
-        row = {"variant": m["row"], "description": variants.get(m["row"], {}).get("description", ""), "steps": m["steps"]}
+        row = {"variant": m["row"], "description": variants.get(m["row"], {}).get("description", ""), "steps": m["steps"],
+               "seeds": m.get("seeds", 1)}
         for label, get, rep in metric_keys:
             row[label] = _with_interval(m, get(m), rep)
             row[f"{label}: Δ vs init"] = _delta(m, init, get, rep)
@@ -215,8 +288,11 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     ablations = pd.DataFrame(abl_rows, dtype=object)
     abl_notes = notes[:1] + ["Δ = variant − reference (lower is better for FD and RMSE, higher for accuracy); "
                              "* marks a difference whose 95% paired bootstrap interval over images excludes 0 "
-                             "(the same image indices for both rows); one training seed per variant, so seed-to-seed "
-                             "spread is not in these intervals."]
+                             "(the same image indices for both rows)" + (
+                                 "; a variant with several seeds enters as its mean over seeds and its bootstrap "
+                                 "resamples the seeds too, so the interval holds the seed-to-seed spread."
+                                 if seeds and seeds[-1] > 1 else
+                                 "; one training seed per variant, so seed-to-seed spread is not in these intervals.")]
 
     res_rows = []
     for key, t in traj_by_key.items():
@@ -243,6 +319,8 @@ def expand_intervals(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         values = list(df[col])
         out[col] = [float(v) if isinstance(v, Value) else v for v in values]
+        if any(isinstance(v, Value) and v.sd is not None for v in values):
+            out[f"{col} sd over seeds"] = [v.sd if isinstance(v, Value) else None for v in values]
         if any(isinstance(v, Value) and v.lo is not None for v in values):
             out[f"{col} low"] = [v.lo if isinstance(v, Value) else None for v in values]
             out[f"{col} high"] = [v.hi if isinstance(v, Value) else None for v in values]

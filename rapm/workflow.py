@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Mapping
 
 from rapm.config import ConfigError, deep_merge, select_keys, validate
@@ -41,7 +42,7 @@ def final_targets(config: Mapping, every: bool = False) -> list[str]:
         "results/prompts/train.csv",
         "results/prompts/eval.csv",
         "results/prompts/manifest.json",
-        *[path for v in variant_names(config, every) for path in variant_outputs(config, v)],
+        *[path for v in trained_variants(config, every) for path in variant_outputs(config, v)],
         *[f"results/eval/{name}/metrics.json" for name in rows(config, every)],
         *table_files("every" if every else "run"),
         f"results/figures/{'every' if every else 'run'}/grid.png",
@@ -69,15 +70,45 @@ def variant_names(config: Mapping, every: bool = False) -> list[str]:
     return list(names)
 
 
+REPLICATE = re.compile(r"^(?P<variant>.+)-seed(?P<r>[1-9][0-9]*)$")
+
+
+def replicate_name(variant: str, r: int) -> str:
+    """The name of replicate ``r`` of ``variant``: the variant itself for r = 0, else ``<variant>-seed<r>``."""
+    return variant if r == 0 else f"{variant}-seed{r}"
+
+
+def split_replicate(name: str) -> tuple[str, int]:
+    """``(variant, r)`` of a replicate name (``rapm`` -> ``("rapm", 0)``, ``rapm-seed2`` -> ``("rapm", 2)``)."""
+    m = REPLICATE.match(name)
+    return (m["variant"], int(m["r"])) if m else (name, 0)
+
+
+def replicates(config: Mapping, every: bool = False) -> int:
+    """Training seeds per variant: ``replicates.every`` for the ablation study, else ``replicates.run``."""
+    reps = config.get("replicates") or {}
+    return int(reps.get("every" if every else "run", 1))
+
+
+def trained_variants(config: Mapping, every: bool = False) -> list[str]:
+    """Every replicate of every variant ``rule all`` (or ``ablations``) trains, variant by variant."""
+    n = replicates(config, every)
+    return [replicate_name(v, r) for v in variant_names(config, every) for r in range(n)]
+
+
 def variant_config(config: Mapping, name: str) -> dict:
     """The resolved teacher / trajectories / train sections of variant ``name`` (overrides deep-merged
-    onto the base sections and validated: a bad override fails naming the variant and key)."""
-    if name not in config["variants"]:
+    onto the base sections and validated: a bad override fails naming the variant and key). Replicate
+    ``<variant>-seed<r>`` is the variant with ``train.seed`` + r."""
+    base, r = split_replicate(name)
+    if base not in config["variants"]:
         raise ConfigError(f"unknown variant {name!r}; defined: {sorted(config['variants'])}")
-    entry = config["variants"][name]
+    name, entry = base, config["variants"][base]
     merged = {"teacher": config["teacher"],
               "trajectories": deep_merge(config["trajectories"], entry.get("trajectories", {})),
               "train": deep_merge(config.get("train", {}), entry.get("train", {}))}
+    if r:
+        merged["train"]["seed"] = int(merged["train"].get("seed", 0)) + r
     try:
         return validate(merged, source=f"variants.{name}", partial=True)
     except ConfigError as err:
@@ -86,8 +117,8 @@ def variant_config(config: Mapping, name: str) -> dict:
 
 
 def variant_msd(config: Mapping, name: str) -> dict | None:
-    """The ``msd`` section of variant ``name`` (K students), or None for a single-student variant."""
-    msd = config["variants"][name].get("msd")
+    """The ``msd`` section of variant (or replicate) ``name`` (K students), or None for a single-student variant."""
+    msd = config["variants"][split_replicate(name)[0]].get("msd")
     if msd is None:
         return None
     return {"partition": "pca", "seed": 0, **msd}
@@ -133,7 +164,7 @@ def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
     out = {"teacher": {"name": "teacher", "kind": "teacher", "steps": s["teacher_steps"], "guidance": guidance,
                        "lora": None, "resolution": res}}
     students = {}
-    for name in variant_names(config, every):
+    for name in trained_variants(config, every):
         vc = variant_config(config, name)
         n = vc["trajectories"]["num_steps"]
         out.setdefault(f"teacher-{n}step", {"name": f"teacher-{n}step", "kind": "teacher", "steps": n,
@@ -142,8 +173,10 @@ def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
         out.setdefault(f"init-{n}step", {"name": f"init-{n}step", "kind": "init", "steps": n,
                                          "guidance": 1.0, "lora": None, "resolution": res})
         students[name] = {"name": name, "kind": "student", "steps": n, "guidance": 1.0,
-                          "lora": f"results/train/{name}/lora.safetensors", "variant": name,
+                          "lora": f"results/train/{name}/lora.safetensors", "variant": split_replicate(name)[0],
                           "resolution": vc["trajectories"].get("resolution"), "init": f"init-{n}step"}
+        if split_replicate(name)[1]:
+            students[name]["replicate"] = split_replicate(name)[1]  # train.seed + replicate
         msd = variant_msd(config, name)
         if msd is not None:
             students[name].update(kind="msd", lora=None, router=f"results/train/{name}/router.safetensors",

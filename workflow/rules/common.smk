@@ -10,6 +10,7 @@ from rapm.workflow import (
     stage_keys,
     student_config,
     trajectory_store_key,
+    trained_variants,
     trajectory_stores,
     variant_config,
     variant_msd,
@@ -35,7 +36,7 @@ SHARDS = config["sampling"]["shards"]
 
 wildcard_constraints:
     stage="|".join(stage_keys()),
-    variant="|".join(variant_names(config, every=True)),
+    variant="|".join(trained_variants(config, every=True)),
     table_set="run|every",
     row="|".join(ROWS),
     key="[0-9a-f]{12}",
@@ -144,7 +145,7 @@ def get_all_manifests(wildcards):
 
 def get_all_train_summaries(wildcards):
     out = []
-    for v in variant_names(config, _every(wildcards)):
+    for v in trained_variants(config, _every(wildcards)):
         msd = variant_msd(config, v)
         if msd is None:
             out.append(f"results/train/{v}/summary.json")
