@@ -168,6 +168,49 @@ def _coerce_floats(instance: Any, schema: dict) -> Any:
     return instance
 
 
+_TYPES = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool), "boolean": lambda v: isinstance(v, bool),
+          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "null": lambda v: v is None,
+          "array": lambda v: isinstance(v, list), "object": lambda v: isinstance(v, dict)}
+
+
+def _coerce_string(text: str, schema: dict) -> Any:
+    """``text`` read as YAML when the schema does not take a string there and the YAML value has a type it
+    takes (``"100"`` -> 100 for an integer key); else ``text`` unchanged, for the validator to report."""
+    types = schema.get("type")
+    types = types if isinstance(types, list) else [types] if types else []
+    if not types or "string" in types:
+        return text
+    try:
+        value = yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError:
+        return text
+    if not any(_TYPES.get(t, lambda v: False)(value) for t in types):
+        return text
+    return coerce_strings(value, schema) if isinstance(value, (dict, list)) else value
+
+
+def coerce_strings(instance: Any, schema: dict) -> Any:
+    """Every string where the schema asks for another type, read as YAML (:func:`_coerce_string`). Snakemake
+    passes each value of ``--config 'train={iterations: 100}'`` as a string; the CLI's ``--set`` already
+    reads YAML. Strings where the schema takes a string stay strings."""
+    if isinstance(instance, str):
+        return _coerce_string(instance, schema)
+    if isinstance(instance, dict):
+        extra = schema.get("additionalProperties")
+        return {name: coerce_strings(value, schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else {}))
+                for name, value in instance.items()}
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        return [coerce_strings(v, schema["items"]) for v in instance]
+    return instance
+
+
+def apply_command_line(config: Mapping, command_line: Mapping) -> dict:
+    """``config`` (config files merged with Snakemake's ``--config`` values) with the command-line values
+    read by the schema's types (:func:`coerce_strings`) and merged again, so a nested ``--config`` value
+    gets the type its key asks for. Values from the config files are left as they are."""
+    return deep_merge(config, coerce_strings(copy.deepcopy(dict(command_line)), load_schema()))
+
+
 def _non_finite_numbers(node: Any, path: list) -> dict[str, str]:
     """{dotted key: message} for every NaN or ±inf number in ``node`` (any depth, list items too)."""
     if isinstance(node, float) and not math.isfinite(node):

@@ -231,3 +231,17 @@ def test_unknown_run_variant_is_refused_by_validate_config(toy_config, capsys):
     with pytest.raises(ConfigError, match=r"^run_variants names \['nope'\], which are not in variants \(\["):
         check_run_variants(bad)
     check_run_variants(toy_config)
+
+
+def test_command_line_strings_are_read_by_the_schema_types():
+    from rapm.config import apply_command_line
+
+    cfg = load_config(["config/config.yaml"])
+    line = {"train": {"iterations": "100", "optim": {"student_lr": "1e-4"}, "snapshot_every": "null"},
+            "evaluation": {"clip": {"prefix": "1"}}, "run_variants": "[rapm, n1]", "sampling": {"shards": "two"}}
+    out = apply_command_line(cfg, line)
+    assert out["train"]["iterations"] == 100 and out["train"]["optim"]["student_lr"] == 1e-4
+    assert out["train"]["snapshot_every"] is None and out["run_variants"] == ["rapm", "n1"]
+    assert out["evaluation"]["clip"]["prefix"] == "1"  # a string key keeps the string
+    assert out["sampling"]["shards"] == "two"  # not an integer: left for the validator to name
+    assert out["train"]["optim"]["disc_lr"] == cfg["train"]["optim"]["disc_lr"]

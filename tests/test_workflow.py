@@ -66,6 +66,20 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert "prompts.num_tain: unknown key" in err and "config/config.yaml" in err
 
 
+def test_nested_config_values_get_their_schema_types(tmp_path):
+    """--config 'train={iterations: 100}' (Snakemake passes 100 as a string) sets the integer 100."""
+    wd = copy_workflow(tmp_path / "wd")
+    snakemake("results/config/variants/rapm.yaml", "--cores", "1", "--config",
+              "train={iterations: 100, lora: {rank: 4}, optim: {student_lr: 1e-4}}", "run_variants=[rapm]", cwd=wd)
+    train = yaml.safe_load((wd / "results/config/variants/rapm.yaml").read_text())["train"]
+    assert (train["iterations"], train["lora"]["rank"], train["optim"]["student_lr"]) == (100, 4, 1e-4)
+    assert train["optim"]["disc_lr"] == 1e-3  # the rest of the section is kept
+    proc = snakemake("-n", "all", "--config", "train={iterations: many}", cwd=wd, check=False)
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "train.iterations: 'many' is not of type 'integer'" in err
+    assert "--config on the command line (train)" in err
+
+
 def copy_workflow(dest: Path) -> Path:
     """A copy of the workflow files (not the package), as a user's checkout would hold them."""
     dest.mkdir(parents=True, exist_ok=True)

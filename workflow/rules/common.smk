@@ -1,7 +1,7 @@
 # Helpers shared by all rules: config validation, stage configs, input functions, targets.
 import json
 
-from rapm.config import ConfigError, select_keys, validate
+from rapm.config import ConfigError, apply_command_line, select_keys, validate
 from rapm.workflow import (
     final_targets,
     protocol_key,
@@ -19,11 +19,17 @@ from rapm.workflow import (
 
 # Validate the merged config (config/config.yaml plus any --configfile / --config) before
 # any job is scheduled; a typo fails here with the key and the file named.
+# --config values arrive as strings (Snakemake reads nested ones as text): read them by the schema's
+# types, and name the command line in an error when it set any key.
+COMMAND_LINE = dict(getattr(workflow.config_settings, "overwrite_config", None) or {})
 try:
     config.update(
         validate(
-            config,
-            source=", ".join(str(f) for f in workflow.configfiles) or "<command line>",
+            apply_command_line(config, COMMAND_LINE),
+            source=", ".join(
+                [str(f) for f in workflow.configfiles]
+                + ([f"--config on the command line ({', '.join(COMMAND_LINE)})"] if COMMAND_LINE else [])
+            ),
         )
     )
     ROWS = rows(config, every=True)
