@@ -16,6 +16,7 @@ import yaml
 
 from rapm.config import ConfigError, load_config, require
 from rapm.errors import RapmError
+from rapm.progress import redirect_output, to_terminal
 
 log = logging.getLogger("rapm")
 
@@ -254,6 +255,9 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log", metavar="FILE", default=None,
+                        help="write everything (log records, warnings, library output) to FILE and keep the "
+                             "terminal for progress lines and errors (what the workflow's rules do)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
     def add(name: str, func, help: str, parent=sub) -> argparse.ArgumentParser:
@@ -410,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.log:
+        redirect_output(args.log)
+        logging.captureWarnings(True)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -417,4 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     except RapmError as err:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"rapm: {kind}: {err}", file=sys.stderr)
+        to_terminal(f"rapm {args.command}: {kind}: {err}" + (f" (log: {args.log})" if args.log else ""))
         return err.exit_code
+    except BaseException as err:
+        to_terminal(f"rapm {args.command}: failed with {type(err).__name__}" + (f"; see {args.log}" if args.log else ""))
+        raise

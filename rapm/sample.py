@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +30,7 @@ import pandas as pd
 import torch
 
 from rapm.errors import RapmError
+from rapm.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,6 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
                  prompts_csv: str | Path, shard: int, out_dir: str | Path, manifest: str | Path,
                  *, resolution: int | None = None) -> dict[str, Any]:
     """Sample the missing images of one shard of a row; write its manifest CSV. Returns a summary."""
-    from tqdm import tqdm
 
     from rapm.coco import atomic_path, sha256_file
 
@@ -191,7 +190,9 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
             if n:
                 restore_base(teacher, base)
             fuse_row_lora(teacher, sub_row)
-        for start in tqdm(range(0, len(indices), bs), desc=f"sampling {row.get('name')}", mininterval=5, file=sys.stderr):
+        starts = range(0, len(indices), bs)
+        for start in progress(starts, len(indices), f"sample {row.get('name')}", unit="img",
+                              weight=lambda s: min(bs, len(indices) - s)):
             idx = indices[start:start + bs]
             images = generate(teacher, [prompts["caption"][i] for i in idx], [image_seed(seed, i) for i in idx],
                               steps=row["steps"], guidance=row["guidance"], resolution=resolution)

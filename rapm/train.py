@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +45,7 @@ import torch
 
 from rapm.errors import RapmError
 from rapm.io import NonFiniteTensorError
+from rapm.progress import Progress
 from rapm.io import save_safetensors as _save_safetensors
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,6 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     the data stage's train.csv, which the store must have been computed from (hash and, with
     ``trajectories.num_trajectories: null``, row count checked; see ``TrajectoryDataset.from_config``).
     """
-    from tqdm import tqdm
 
     from rapm.io import sha256_file
     from rapm.trajectories import _peak_rss_mb, library_versions, write_json
@@ -385,7 +384,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     stop = total if max_iterations is None else min(total, trainer.step + int(max_iterations))
     if trainer.teacher.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bar = tqdm(total=total, initial=trainer.step, desc="RAPM", mininterval=5, file=sys.stderr)
+    bar = Progress(total, f"train {name or out_dir.name}", initial=trainer.step)
     recent: list[dict] = []
     with log_path.open("a") as log_file:
         if trainer.step == 0 and every["validate_every"]:
@@ -400,7 +399,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
             bar.update(1)
             if trainer.step % every["log_every"] == 0 or trainer.step == stop:
                 means = {t: np.mean([r[t] for r in recent if t in r]) for t in LOSS_TERMS if any(t in r for r in recent)}
-                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+                bar.note = ", ".join(f"{k} {v:.3f}" for k, v in means.items())
                 log.info("iteration %d/%d: %s", trainer.step, total, ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
                 recent = []
             if snapshot_every and trainer.step % int(snapshot_every) == 0:

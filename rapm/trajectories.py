@@ -53,7 +53,6 @@ import math
 import platform
 import resource
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -64,6 +63,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rapm.errors import RapmError
+from rapm.progress import Progress
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
 
 log = logging.getLogger(__name__)
@@ -434,7 +434,6 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
     point, the next run recomputes exactly the batches whose flags are unset. ``max_trajectories``
     stops after that many trajectories (checked between batches).
     """
-    from tqdm import tqdm
 
     from rapm.teacher import load_teacher
 
@@ -465,8 +464,7 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
              shard, S, start, stop, int(done.sum()), todo, B, teacher.device)
     computed: list[int] = []
     t_compute = time.perf_counter()
-    bar = tqdm(total=todo, desc=f"trajectories shard {shard}/{S}", unit="traj", disable=not progress,
-               file=sys.stderr, mininterval=2.0)
+    bar = Progress(todo, f"trajectories shard {shard}/{S}", unit="traj", every_s=None if progress else float("inf"))
     for b0 in range(start, stop, B):  # global batches [kB, (k+1)B): the same whatever the shard count
         if max_trajectories is not None and len(computed) >= max_trajectories:
             break
@@ -484,7 +482,6 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
             group["done"][a:b] = 1
         computed += idx
         bar.update(len(idx))
-    bar.close()
     remaining = int(stop - start - done.sum() - len(computed))
     now = time.perf_counter()
     wall, compute_s = now - t_start, now - t_compute

@@ -28,7 +28,11 @@ try:
             apply_command_line(config, COMMAND_LINE),
             source=", ".join(
                 [str(f) for f in workflow.configfiles]
-                + ([f"--config on the command line ({', '.join(COMMAND_LINE)})"] if COMMAND_LINE else [])
+                + (
+                    [f"--config on the command line ({', '.join(COMMAND_LINE)})"]
+                    if COMMAND_LINE
+                    else []
+                )
             ),
         )
     )

@@ -20,8 +20,8 @@ rule fetch_coco_captions:
         out_dir=subpath(output.train, parent=True),
         cache_dir="resources/downloads",
     shell:
-        "python -m rapm fetch-coco --config {input.config} --out-dir {params.out_dir}"
-        " --cache-dir {params.cache_dir} > {log} 2>&1"
+        "python -m rapm --log {log} fetch-coco --config {input.config} --out-dir {params.out_dir}"
+        " --cache-dir {params.cache_dir}"
 
 
 # Write the toy dataset's captions in the COCO captions schema.
@@ -40,8 +40,7 @@ rule make_toy_captions:
     params:
         out_dir=subpath(output.train, parent=True),
     shell:
-        "python -m rapm toy captions --config {input.config} --out-dir {params.out_dir}"
-        " > {log} 2>&1"
+        "python -m rapm --log {log} toy captions --config {input.config} --out-dir {params.out_dir}"
 
 
 # Seeded selection of training prompts (train split) and evaluation prompts (val split).
@@ -71,5 +70,5 @@ rule make_prompt_sets:
         captions_dir=subpath(input.train, parent=True),
         out_dir=subpath(output.manifest, parent=True),
     shell:
-        "python -m rapm prompts --config {input.config} --captions-dir {params.captions_dir}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m rapm --log {log} prompts --config {input.config} --captions-dir {params.captions_dir}"
+        " --out-dir {params.out_dir}"

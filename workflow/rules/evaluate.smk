@@ -23,9 +23,9 @@ rule sample_images:
     params:
         out_dir="results/samples/{row}/shard-{shard}",
     shell:
-        "python -m rapm sample --config {input.config} --row {input.row} --prompts {input.prompts}"
+        "python -m rapm --log {log} sample --config {input.config} --row {input.row} --prompts {input.prompts}"
         " --shard {wildcards.shard} --out-dir {params.out_dir} --manifest {output.manifest}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {threads}"
 
 
 # FID reference statistics of the evaluation prompts, once per protocol (results/eval/reference/<key>.npz).
@@ -45,8 +45,8 @@ rule reference_stats:
     resources:
         gpu=1,
     shell:
-        "python -m rapm reference-stats --config {input.config} --prompts {input.prompts}"
-        " --out {output.stats} --threads {threads} > {log} 2>&1"
+        "python -m rapm --log {log} reference-stats --config {input.config} --prompts {input.prompts}"
+        " --out {output.stats} --threads {threads}"
 
 
 # FID, CLIP score, the distance to the teacher's images from the same noise (and the toy's
@@ -71,7 +71,7 @@ rule evaluate:
     resources:
         gpu=1,
     shell:
-        "python -m rapm evaluate --config {input.config} --row {input.row} --manifests {input.manifests}"
+        "python -m rapm --log {log} evaluate --config {input.config} --row {input.row} --manifests {input.manifests}"
         " --teacher-manifests {input.teacher} --reference {input.reference}"
         " --prompts {input.prompts} --out {output.metrics}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {threads}"

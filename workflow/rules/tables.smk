@@ -40,9 +40,9 @@ rule tables:
     params:
         out_dir="results/tables/{table_set}",
     shell:
-        "python -m rapm tables --config {input.config} --metrics {input.metrics}"
+        "python -m rapm --log {log} tables --config {input.config} --metrics {input.metrics}"
         " --train-summaries {input.summaries} --trajectory-manifests {input.trajectories}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --out-dir {params.out_dir}"
 
 
 # The same evaluation prompts and seeds across the teacher, the undistilled N-step teacher and each variant.
@@ -63,7 +63,7 @@ rule comparison_grid:
     conda:
         "../../environment.yml"
     shell:
-        "python -m rapm grid --manifests {input.manifests} --num 8 --out {output.grid} > {log} 2>&1"
+        "python -m rapm --log {log} grid --manifests {input.manifests} --num 8 --out {output.grid}"
 
 
 # FID (and the toy's accuracy) of one variant's LoRA snapshots against training iteration.
@@ -91,6 +91,6 @@ rule curve:
     resources:
         gpu=1,
     shell:
-        "python -m rapm curve --config {input.config} --row {input.row} --snapshots {input.snapshots}"
+        "python -m rapm --log {log} curve --config {input.config} --row {input.row} --snapshots {input.snapshots}"
         " --prompts {input.prompts} --out-json {output.json} --out-png {output.png}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {threads}"

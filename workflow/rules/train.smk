@@ -33,8 +33,8 @@ rule train_rapm:
         out_dir=subpath(output.lora, parent=True),
         state_dir="results/state/train/{variant}",
     shell:
-        "python -m rapm train --config {input.config} --trajectories {params.trajectories}"
-        " --out-dir {params.out_dir} --state-dir {params.state_dir} --threads {threads} > {log} 2>&1"
+        "python -m rapm --log {log} train --config {input.config} --trajectories {params.trajectories}"
+        " --out-dir {params.out_dir} --state-dir {params.state_dir} --threads {threads}"
 
 
 # MSD (docs/method.md §7): split a variant's training trajectories into K groups and fit the router.
@@ -56,9 +56,9 @@ rule msd_partition:
         out_dir=subpath(output.router, parent=True),
         msd=get_msd,
     shell:
-        "python -m rapm msd-partition --config {input.config} --trajectories {params.trajectories}"
+        "python -m rapm --log {log} msd-partition --config {input.config} --trajectories {params.trajectories}"
         " --students {params.msd[students]} --partition {params.msd[partition]}"
-        " --seed {params.msd[seed]} --out-dir {params.out_dir} > {log} 2>&1"
+        " --seed {params.msd[seed]} --out-dir {params.out_dir}"
 
 
 # MSD: train student k of a variant on its group's trajectories (train.iterations / K iterations).
@@ -90,6 +90,6 @@ rule train_msd_student:
         state_dir="results/state/train/{variant}/students/{k}",
         name="{variant}/s{k}",
     shell:
-        "python -m rapm train --config {input.config} --trajectories {params.trajectories}"
+        "python -m rapm --log {log} train --config {input.config} --trajectories {params.trajectories}"
         " --out-dir {params.out_dir} --state-dir {params.state_dir} --subset-file {input.groups}"
-        " --group {wildcards.k} --name {params.name} --threads {threads} > {log} 2>&1"
+        " --group {wildcards.k} --name {params.name} --threads {threads}"

@@ -22,8 +22,8 @@ rule init_trajectories:
     params:
         dir=subpath(output.init, parent=True),
     shell:
-        "python -m rapm trajectories init --config {input.config} --dir {params.dir}"
-        " --prompts {input.prompts} --manifest {input.manifest} --out {output.init} > {log} 2>&1"
+        "python -m rapm --log {log} trajectories init --config {input.config} --dir {params.dir}"
+        " --prompts {input.prompts} --manifest {input.manifest} --out {output.init}"
 
 
 # Compute the missing trajectories of one shard (whole chunks of its own index range; resumable).
@@ -45,8 +45,8 @@ rule precompute_trajectories:
     params:
         dir=subpath(input.init, parent=True),
     shell:
-        "python -m rapm trajectories compute --config {input.config} --dir {params.dir}"
-        " --shard {wildcards.shard} --summary {output.summary} --threads {threads} > {log} 2>&1"
+        "python -m rapm --log {log} trajectories compute --config {input.config} --dir {params.dir}"
+        " --shard {wildcards.shard} --summary {output.summary} --threads {threads}"
 
 
 # Check every trajectory and chunk of the store, consolidate its metadata, write its manifest.
@@ -65,5 +65,5 @@ rule gather_trajectories:
     params:
         dir=subpath(output.manifest, parent=True),
     shell:
-        "python -m rapm trajectories gather --config {input.config} --dir {params.dir}"
-        " --summaries {input.shards} --out {output.manifest} > {log} 2>&1"
+        "python -m rapm --log {log} trajectories gather --config {input.config} --dir {params.dir}"
+        " --summaries {input.shards} --out {output.manifest}"
