@@ -108,3 +108,15 @@ def test_tables_show_seeds_and_sd_columns():
     csv = expand_intervals(tables["ablations"][0])
     assert list(csv["accuracy sd over seeds"]) == [pytest.approx(0.1)]
     assert bool(csv["accuracy: Δ vs init significant"][0])
+
+
+def test_study_parts_build_each_variants_replicates_and_its_reference_rows():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", "benchmarks/study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    cfg = _cfg()
+    assert list(study.study_rows(cfg, ["n1"])) == ["teacher", "teacher-1step", "init-1step", "n1", "n1-seed1", "n1-seed2"]
+    names = list(study.study_rows(cfg, ["absolute_only", "rapm"]))
+    assert names.index("rapm") < names.index("absolute_only")  # the workflow's order: rapm is the Δ base
