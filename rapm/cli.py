@@ -14,6 +14,7 @@ import sys
 
 import yaml
 
+from rapm import __version__
 from rapm.config import ConfigError, load_config, require
 from rapm.errors import RapmError
 from rapm.progress import redirect_output, to_terminal
@@ -253,8 +254,10 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rapm", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="rapm", description=__doc__.split("\n\n")[0].replace("``", "`"),
+                                     allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"rapm {__version__}")
     parser.add_argument("--log", metavar="FILE", default=None,
                         help="write everything (log records, warnings, library output) to FILE and keep the "
                              "terminal for progress lines and errors (what the workflow's rules do)")

@@ -280,7 +280,7 @@ def validate(config: Mapping, source: str = "<config>", partial: bool = False) -
 
 def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = (), partial: bool = False) -> dict:
     """Read, merge (later files win), apply ``--set`` overrides and validate."""
-    paths = [Path(p) for p in paths]
+    paths, overrides = [Path(p) for p in paths], list(overrides)
     if not paths:
         raise ConfigError("no config file given")
     merged: dict = {}
@@ -288,7 +288,7 @@ def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = (), part
         merged = deep_merge(merged, read_yaml(path))
     for text in overrides:
         merged = deep_merge(merged, parse_override(text))
-    source = ", ".join(str(p) for p in paths)
+    source = ", ".join([str(p) for p in paths] + ([f"--set {' '.join(overrides)}"] if overrides else []))
     return validate(merged, source=source, partial=partial)
 
 

@@ -211,7 +211,7 @@ def test_non_finite_numbers_are_refused_naming_the_key(text, capsys):
     with pytest.raises(ConfigError) as err:
         load_config([cfg], [f"train.optim.student_lr={text}"])
     assert "  - train.optim.student_lr: " in str(err.value) and "not a finite number" in str(err.value)
-    assert str(err.value).count("student_lr") == 1  # once, not also as a schema bound
+    assert str(err.value).count("  - train.optim.student_lr") == 1  # once, not also as a schema bound
     assert main(["validate-config", str(cfg), "--set", f"train.optim.student_lr={text}"]) == 2
     assert "train.optim.student_lr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"  - variants\.rank4\.train\.lora\.alpha: .*not a finite number"):
@@ -245,3 +245,21 @@ def test_command_line_strings_are_read_by_the_schema_types():
     assert out["evaluation"]["clip"]["prefix"] == "1"  # a string key keeps the string
     assert out["sampling"]["shards"] == "two"  # not an integer: left for the validator to name
     assert out["train"]["optim"]["disc_lr"] == cfg["train"]["optim"]["disc_lr"]
+
+
+def test_set_errors_name_the_set_override(capsys):
+    assert main(["validate-config", "config/config.yaml", "--set", "train.iterations=x"]) != 0
+    err = capsys.readouterr().err
+    assert "--set train.iterations=x" in err and "train.iterations: 'x' is not of type 'integer'" in err
+
+
+def test_version_and_help_without_rst_markup():
+    import subprocess
+    import sys
+
+    from rapm import __version__
+
+    out = subprocess.run([sys.executable, "-m", "rapm", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"rapm {__version__}"
+    help_text = subprocess.run([sys.executable, "-m", "rapm", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "``" not in help_text and "python -m rapm <stage>" in help_text

@@ -12,6 +12,7 @@ rule fetch_coco_captions:
         "logs/data/fetch_coco_captions.log",
     benchmark:
         "benchmarks/data/fetch_coco_captions.tsv"
+    localrule: True  # on a cluster it runs on the login node: compute nodes often have no internet
     conda:
         "../../environment.yml"
     resources:
