@@ -253,6 +253,21 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    from rapm.verify import verify_results
+
+    damage = verify_results(args.results, full=args.full, repair=args.repair)
+    for d in damage:
+        print(f"damaged: {d.artefact}: {d.problem}")
+    if not damage:
+        print(f"{args.results}: every cached output checked, none damaged")
+    elif not args.repair:
+        print("run `python -m rapm verify --repair`, then `snakemake all`, to recompute them")
+    else:
+        print("removed their outputs; `snakemake all` recomputes them")
+    return 1 if damage else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapm", description=__doc__.split("\n\n")[0].replace("``", "`"),
                                      allow_abbrev=False)
@@ -272,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     p.add_argument("--partial", action="store_true", help="accept a config with only some sections")
+
+    p = add("verify", _cmd_verify, "check every cached output under results/ (trajectory stores, sample shards, "
+            "LoRAs, metrics); --repair deletes each damaged job's output so `snakemake all` reruns it")
+    p.add_argument("--results", default="results", help="the results folder")
+    p.add_argument("--full", action="store_true", help="also read every trajectory chunk (CRC32C, finiteness)")
+    p.add_argument("--repair", action="store_true", help="delete the outputs of each damaged job")
 
     p = add("docs", _cmd_docs, "regenerate (--write) or check (--check) the README's configuration table")
     p.add_argument("--readme", default="README.md", help="the README to update")
