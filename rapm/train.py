@@ -410,7 +410,6 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
                 log_file.flush()
                 os.fsync(log_file.fileno())
                 trainer.save_checkpoint()
-    bar.close()
     if trainer.step < total:
         log.info("stopped at iteration %d of %d; run the same command again to resume", trainer.step, total)
         return None

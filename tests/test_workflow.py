@@ -124,6 +124,21 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     # A no-op rerun schedules nothing.
     assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {}
 
+    # Damage inside an output is invisible to Snakemake until `rapm verify --repair` removes that job's output.
+    png = sorted((wd / "results/samples/rapm").glob("shard-*/images/*.png"))[3]
+    png.unlink()
+    assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {}
+    verify = [sys.executable, "-m", "rapm", "verify"]
+    assert subprocess.run(verify, cwd=wd, capture_output=True, text=True).returncode == 1
+    assert subprocess.run([*verify, "--repair"], cwd=wd, capture_output=True, text=True).returncode == 1
+    assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {"sample_images": 1, "evaluate": 1, "tables": 1,
+                                                               "comparison_grid": 1, "all": 1}
+    snakemake("all", "--cores", "1", "--resources", "gpu=1", "--configfile", cfg, cwd=wd)
+    assert png.is_file() and subprocess.run(verify, cwd=wd).returncode == 0
+
+    # Each job's log holds its output; the terminal got progress lines, not the log records.
+    assert "rapm.train" in (wd / "logs/train/rapm.log").read_text()
+
     edited = yaml.safe_load((wd / cfg).read_text())
 
     def plan(change):
