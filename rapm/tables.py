@@ -217,7 +217,10 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
         row = {"method": _label(m), "steps": m["steps"], "seeds": m.get("seeds") if m["kind"] in ("student", "msd") else None}
         if s:
             device = s["device"]
-            row["hardware"] = "1 GPU" if device.startswith("cuda") else "1 CPU (2 cores)" if device == "cpu" else device
+            threads = s.get("threads")
+            row["hardware"] = ("1 GPU" if device.startswith("cuda") else
+                               (f"CPU, {threads} thread{'s' if threads != 1 else ''}" if threads else "CPU")
+                               if device == "cpu" else device)
             row["batch"] = s["config"]["train"]["batch_size"]
             key = s.get("trajectory_key")
             row["train h (+ trajectories h)"] = (f"{_hours(s['train_seconds_logged']):.3f}"

@@ -442,6 +442,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "device": str(device),
+        "threads": torch.get_num_threads(),  # torch CPU threads the run used
         "lora_modules": n_modules,
         "lora_bytes": (out_dir / "lora.safetensors").stat().st_size,
         "sha256": {"lora.safetensors": sha256_file(out_dir / "lora.safetensors")},

@@ -111,3 +111,15 @@ def test_reader_rejects_bad_input():
         read_scene(np.zeros((32, 32), np.uint8))
     with pytest.raises(ValueError, match="2 images but 1 scenes"):
         accuracy(np.zeros((2, 32, 32, 3), np.uint8), [Scene((ToyObject("red", "circle", "small", "top"),), "black")])
+
+
+def test_images_with_only_specks_below_the_minimum_area_read_as_empty_scenes():
+    """A broken student's images can hold only tiny blobs: the reader returns empty scenes, no IndexError."""
+    import numpy as np
+
+    from rapm.toy.reader import read_scenes
+
+    images = np.full((3, 32, 32, 3), 255, np.uint8)
+    images[0, 5, 5] = [255, 0, 0]
+    images[1, 10:12, 10:12] = [0, 0, 255]
+    assert [s.objects for s in read_scenes(images)] == [(), (), ()]

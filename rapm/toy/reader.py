@@ -113,54 +113,55 @@ def _read_chunk(images: np.ndarray) -> list[Scene]:
         min_area = MIN_AREA * _SHAPE_AREA["triangle"] * (SIZE_FRACTION["small"] * cell) ** 2
         keep = np.flatnonzero(area >= min_area)
         keep = keep[keep > 0]
-        comp_cell = (np.clip((cy[keep] / cell).astype(int), 0, 2) * 3 + np.clip((cx[keep] / cell).astype(int), 0, 2))
-        groups, obj_of_keep = np.unique(comp_img[keep] * 9 + comp_cell, return_inverse=True)
-        n_obj = len(groups)
-        # colour of an object: that of its heaviest component
-        order = np.lexsort((mass[keep], obj_of_keep))  # by object, then by mass
-        last = np.r_[obj_of_keep[order][1:] != obj_of_keep[order][:-1], True]
-        lead = keep[order][last]  # heaviest component of objects 0 .. n_obj - 1
-        obj_colour = comp_colour[lead]
-        obj_img = groups // 9
+        if keep.size:  # else only specks below the minimum area: no object in this chunk
+            comp_cell = (np.clip((cy[keep] / cell).astype(int), 0, 2) * 3 + np.clip((cx[keep] / cell).astype(int), 0, 2))
+            groups, obj_of_keep = np.unique(comp_img[keep] * 9 + comp_cell, return_inverse=True)
+            n_obj = len(groups)
+            # colour of an object: that of its heaviest component
+            order = np.lexsort((mass[keep], obj_of_keep))  # by object, then by mass
+            last = np.r_[obj_of_keep[order][1:] != obj_of_keep[order][:-1], True]
+            lead = keep[order][last]  # heaviest component of objects 0 .. n_obj - 1
+            obj_colour = comp_colour[lead]
+            obj_img = groups // 9
 
-        # 4. soft mask of each object: its colour's alpha on the pixels within GROW cells of it
-        obj_of_label = np.zeros(n_labels + 1, dtype=np.int64)
-        obj_of_label[keep] = obj_of_keep + 1
-        objmap = obj_of_label[labels]
-        # a pixel joins the nearest object; the huge step between images keeps them apart
-        dist, nearest = ndimage.distance_transform_edt(objmap == 0, sampling=(4.0 * size, 1.0, 1.0),
-                                                       return_indices=True)
-        region = np.where(dist <= GROW * cell, objmap[tuple(nearest)], 0).ravel()
-        inside = region > 0
-        rid = region[inside]
-        a = alpha.reshape(-1, alpha.shape[-1])[np.flatnonzero(inside), obj_colour[rid - 1]]
-        py, px = yy[inside] + 0.5, xx[inside] + 0.5
-        m0 = np.bincount(rid, a, minlength=n_obj + 1)[1:]
-        m0s = np.maximum(m0, 1e-9)
-        my = np.bincount(rid, a * py, minlength=n_obj + 1)[1:] / m0s
-        mx = np.bincount(rid, a * px, minlength=n_obj + 1)[1:] / m0s
-        dx, dy = px - mx[rid - 1], py - my[rid - 1]
-        # blur-invariant moments (an isotropic blur adds nothing to mu_03 or to Re C_40)
-        m03 = np.bincount(rid, a * dy ** 3, minlength=n_obj + 1)[1:]
-        c40 = np.bincount(rid, a * (dx ** 4 - 6 * dx ** 2 * dy ** 2 + dy ** 4), minlength=n_obj + 1)[1:]
-        t3 = m03 / m0s ** 2.5
-        q4 = c40 / m0s ** 3
+            # 4. soft mask of each object: its colour's alpha on the pixels within GROW cells of it
+            obj_of_label = np.zeros(n_labels + 1, dtype=np.int64)
+            obj_of_label[keep] = obj_of_keep + 1
+            objmap = obj_of_label[labels]
+            # a pixel joins the nearest object; the huge step between images keeps them apart
+            dist, nearest = ndimage.distance_transform_edt(objmap == 0, sampling=(4.0 * size, 1.0, 1.0),
+                                                           return_indices=True)
+            region = np.where(dist <= GROW * cell, objmap[tuple(nearest)], 0).ravel()
+            inside = region > 0
+            rid = region[inside]
+            a = alpha.reshape(-1, alpha.shape[-1])[np.flatnonzero(inside), obj_colour[rid - 1]]
+            py, px = yy[inside] + 0.5, xx[inside] + 0.5
+            m0 = np.bincount(rid, a, minlength=n_obj + 1)[1:]
+            m0s = np.maximum(m0, 1e-9)
+            my = np.bincount(rid, a * py, minlength=n_obj + 1)[1:] / m0s
+            mx = np.bincount(rid, a * px, minlength=n_obj + 1)[1:] / m0s
+            dx, dy = px - mx[rid - 1], py - my[rid - 1]
+            # blur-invariant moments (an isotropic blur adds nothing to mu_03 or to Re C_40)
+            m03 = np.bincount(rid, a * dy ** 3, minlength=n_obj + 1)[1:]
+            c40 = np.bincount(rid, a * (dx ** 4 - 6 * dx ** 2 * dy ** 2 + dy ** 4), minlength=n_obj + 1)[1:]
+            t3 = m03 / m0s ** 2.5
+            q4 = c40 / m0s ** 3
 
-        small_large = np.sqrt(SIZE_FRACTION["small"] * SIZE_FRACTION["large"]) * cell
-        for i in range(n_obj):
-            if t3[i] < TRIANGLE_T3:
-                shape = "triangle"
-            elif q4[i] < SQUARE_Q4:
-                shape = "square"
-            else:
-                shape = "circle"
-            extent = np.sqrt(m0[i] / _SHAPE_AREA[shape])
-            centre_y = my[i] - _SHAPE_SHIFT[shape] * extent
-            row = min(max(int(centre_y // cell), 0), 2)
-            col = min(max(int(mx[i] // cell), 0), 2)
-            found[obj_img[i]].append((float(m0[i]), ToyObject(
-                _COLOUR_NAMES[obj_colour[i]], shape, "large" if extent > small_large else "small",
-                POSITIONS[3 * row + col])))
+            small_large = np.sqrt(SIZE_FRACTION["small"] * SIZE_FRACTION["large"]) * cell
+            for i in range(n_obj):
+                if t3[i] < TRIANGLE_T3:
+                    shape = "triangle"
+                elif q4[i] < SQUARE_Q4:
+                    shape = "square"
+                else:
+                    shape = "circle"
+                extent = np.sqrt(m0[i] / _SHAPE_AREA[shape])
+                centre_y = my[i] - _SHAPE_SHIFT[shape] * extent
+                row = min(max(int(centre_y // cell), 0), 2)
+                col = min(max(int(mx[i] // cell), 0), 2)
+                found[obj_img[i]].append((float(m0[i]), ToyObject(
+                    _COLOUR_NAMES[obj_colour[i]], shape, "large" if extent > small_large else "small",
+                    POSITIONS[3 * row + col])))
 
     out = []
     for i in range(b):
