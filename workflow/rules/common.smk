@@ -60,6 +60,16 @@ def canonical(data):
     return json.dumps(data, sort_keys=True)
 
 
+def write_config_file(values, path, log_path):
+    """The job of the config rules: write the canonical JSON ``values`` as YAML to ``path``, a line to its log."""
+    from pathlib import Path
+
+    from rapm.config import write_yaml
+
+    write_yaml(json.loads(values), path)
+    Path(log_path).write_text(f"wrote {path}\n")
+
+
 def get_stage_config(wildcards):
     """The config keys one stage reads."""
     return canonical(select_keys(config, stage_keys()[wildcards.stage]))

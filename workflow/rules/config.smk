@@ -11,12 +11,7 @@ rule stage_config:
     params:
         values=get_stage_config,
     run:
-        from pathlib import Path
-
-        from rapm.config import write_yaml
-
-        write_yaml(json.loads(params["values"]), output[0])
-        Path(log[0]).write_text(f"wrote {output[0]}\n")
+        write_config_file(params["values"], output[0], log[0])
 
 
 # The resolved config of one variant (variants/<name>: base sections + its overrides, the training
@@ -32,9 +27,4 @@ rule named_config:
     params:
         values=get_named_config,
     run:
-        from pathlib import Path
-
-        from rapm.config import write_yaml
-
-        write_yaml(json.loads(params["values"]), output[0])
-        Path(log[0]).write_text(f"wrote {output[0]}\n")
+        write_config_file(params["values"], output[0], log[0])
