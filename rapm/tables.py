@@ -293,7 +293,9 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
                              "* marks a difference whose 95% paired bootstrap interval over images excludes 0 "
                              "(the same image indices for both rows)" + (
                                  "; a variant with several seeds enters as its mean over seeds and its bootstrap "
-                                 "resamples the seeds too, so the interval holds the seed-to-seed spread."
+                                 "resamples the seeds too, so the interval holds the seed-to-seed spread (the same "
+                                 "seed draws for every variant: replicate r of each trains with train.seed + r, so a "
+                                 "Δ between variants is paired by seed as well as by image)."
                                  if seeds and seeds[-1] > 1 else
                                  "; one training seed per variant, so seed-to-seed spread is not in these intervals.")]
 
