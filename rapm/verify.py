@@ -5,7 +5,10 @@ damaged trajectory chunk is invisible to it: ``snakemake -n all`` says there is 
 command checks every cached artefact under ``results/`` and, with ``--repair``, deletes the one output
 file that stands for the damaged job (a sample shard's manifest, the LoRA, a store's shard summaries
 and manifest, a metrics file), so a plain ``snakemake all`` reruns exactly those jobs (and what depends
-on them); the stages resume, so only the damaged part is recomputed.
+on them); the stages resume, so only the damaged part is recomputed. Snakemake rebuilds a missing
+intermediate file only when a target needs it, so a damaged sample shard also loses its row's
+metrics; a damaged trajectory store is rebuilt by ``snakemake results/trajectories/<key>/manifest.json``
+(its LoRAs stay valid: they were trained on the intact store).
 
 Checked: each trajectory store (every done flag, every chunk file present with its size; ``--full``
 also reads every chunk, checking its CRC32C and finiteness), each sample shard (every listed PNG
@@ -66,9 +69,9 @@ def _samples(results: Path) -> list[Damage]:
                     image.load()
             except Exception:  # noqa: BLE001 - missing, truncated or not an image
                 bad.append(str(name))
-        if bad:
+        if bad:  # Snakemake regenerates a missing intermediate only when a target needs it: remove the row's metrics too
             out.append(Damage(str(shard), f"{len(bad)} of {len(files)} images missing or unreadable (first: {bad[0]})",
-                              [shard]))
+                              [shard, results / "eval" / shard.parent.name / "metrics.json"]))
     return out
 
 
