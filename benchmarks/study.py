@@ -51,11 +51,12 @@ def collect(cfg: dict, variants: list[str], out: Path, results: Path) -> None:
     for name, row in study_rows(cfg, variants).items():
         shutil.copyfile(results / "eval" / name / "metrics.json", out / "metrics" / f"{name}.json")
         if row["kind"] in ("student", "msd"):
-            summaries = ([Path(lora).parent / "summary.json" for lora in row["loras"]] if row["kind"] == "msd"
-                         else [results / "train" / name / "summary.json"])
-            for k, summary in enumerate(summaries):
-                suffix = f"-s{k}" if row["kind"] == "msd" else ""
-                shutil.copyfile(summary if summary.is_absolute() else ROOT / summary, out / "train" / f"{name}{suffix}.json")
+            if row["kind"] == "msd":
+                for k in range(len(row["loras"])):
+                    shutil.copyfile(results / "train" / name / "students" / str(k) / "summary.json",
+                                    out / "train" / f"{name}-s{k}.json")
+            else:
+                shutil.copyfile(results / "train" / name / "summary.json", out / "train" / f"{name}.json")
             key = trajectory_store_key({**cfg, **variant_config(cfg, name)})
             shutil.copyfile(results / "trajectories" / key / "manifest.json", out / "trajectories" / f"{key}.json")
     tables_cfg = select_keys(cfg, stage_keys()["tables"])

@@ -72,6 +72,22 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# Replicate r >= 1 of variant V (trained with train.seed + r) is named V-seed<r>; the schema refuses
+# variant names of that form.
+REPLICATE = re.compile(r"^(?P<variant>.+)-seed(?P<r>[1-9][0-9]*)$")
+
+
+def replicate_name(variant: str, r: int) -> str:
+    """The name of replicate ``r`` of ``variant``: the variant itself for r = 0, else ``<variant>-seed<r>``."""
+    return variant if r == 0 else f"{variant}-seed{r}"
+
+
+def split_replicate(name: str) -> tuple[str, int]:
+    """``(variant, r)`` of a replicate name (``rapm`` -> ``("rapm", 0)``, ``rapm-seed2`` -> ``("rapm", 2)``)."""
+    m = REPLICATE.match(name)
+    return (m["variant"], int(m["r"])) if m else (name, 0)
+
+
 def deep_merge(base: Mapping, override: Mapping) -> dict:
     """Return ``base`` with ``override`` merged in; nested mappings merge, everything else replaces."""
     out = copy.deepcopy(dict(base))
@@ -168,11 +184,6 @@ def _coerce_floats(instance: Any, schema: dict) -> Any:
     return instance
 
 
-_TYPES = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool), "boolean": lambda v: isinstance(v, bool),
-          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "null": lambda v: v is None,
-          "array": lambda v: isinstance(v, list), "object": lambda v: isinstance(v, dict)}
-
-
 def _coerce_string(text: str, schema: dict) -> Any:
     """``text`` read as YAML when the schema does not take a string there and the YAML value has a type it
     takes (``"100"`` -> 100 for an integer key); else ``text`` unchanged, for the validator to report."""
@@ -184,7 +195,10 @@ def _coerce_string(text: str, schema: dict) -> Any:
         value = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError:
         return text
-    if not any(_TYPES.get(t, lambda v: False)(value) for t in types):
+    import jsonschema
+
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER
+    if not any(checker.is_type(value, t) for t in types):
         return text
     return coerce_strings(value, schema) if isinstance(value, (dict, list)) else value
 

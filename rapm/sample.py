@@ -150,7 +150,6 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
                  prompts_csv: str | Path, shard: int, out_dir: str | Path, manifest: str | Path,
                  *, resolution: int | None = None) -> dict[str, Any]:
     """Sample the missing images of one shard of a row; write its manifest CSV. Returns a summary."""
-
     from rapm.coco import atomic_path, sha256_file
 
     t0 = time.time()

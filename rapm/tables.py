@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from rapm.config import split_replicate
 from rapm.stats import interval, seed_replicates
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,6 @@ def combine_replicates(group: Sequence[Mapping], variant: str) -> dict:
 def group_replicates(metrics: Sequence[Mapping]) -> list[dict]:
     """The rows with every student variant's replicates (``<variant>-seed<r>``) merged into one row
     (:func:`combine_replicates`), in the order of each variant's first replicate."""
-    from rapm.workflow import split_replicate
-
     groups: dict[str, list[Mapping]] = {}
     for m in metrics:
         name = split_replicate(m["row"])[0] if m["kind"] in ("student", "msd") else m["row"]
@@ -163,9 +162,8 @@ def _delta(m: Mapping, ref: Mapping | None, get, replicate: str):
     b = (ref.get("bootstrap_replicates") or {}).get(replicate)
     if not a or not b or len(a) != len(b) or m.get("images") != ref.get("images"):
         return d
-    diff = np.asarray(a) - np.asarray(b)  # paired: the same image indices (and independent seed draws)
-    diff = diff + (d - diff.mean())  # bias-corrected, as rapm.evaluate.interval
-    lo, hi = float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
+    # paired: the same image indices, and for means over seeds the same seed draws (rapm.stats.seed_replicates)
+    lo, hi = interval(np.asarray(a) - np.asarray(b), d)
     return Value(d, lo, hi, "*" if lo > 0 or hi < 0 else "")
 
 
@@ -273,10 +271,11 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     # ablations: every student row against its initialisation and the base variant (the first run variant)
     students = [by_row[r] for r in order if by_row[r]["kind"] in ("student", "msd")]
     base = students[0] if students else None
-    metric_keys = [(f"{fid_name} @{r}", lambda m, r=r: m["fid"].get(r), f"fid_{r}") for r in resolutions]
-    metric_keys.append(("RMSE to teacher", lambda m: (m.get("teacher_distance") or {}).get("rmse"), "teacher_rmse"))
+    labels = {f"fid_{r}": f"{fid_name} @{r}" for r in resolutions}
+    labels["teacher_rmse"] = "RMSE to teacher"
     if is_toy:
-        metric_keys.append(("accuracy", lambda m: (m.get("accuracy") or {}).get("all"), "accuracy_all"))
+        labels["accuracy_all"] = "accuracy"
+    metric_keys = [(label, lambda m, rep=rep: _metric(m, rep), rep) for rep, label in labels.items()]
     abl_rows = []
     for m in students:
         init = by_row.get(m.get("init") or f"init-{m['steps']}step")

@@ -45,8 +45,8 @@ import torch
 
 from rapm.errors import RapmError
 from rapm.io import NonFiniteTensorError
-from rapm.progress import Progress
 from rapm.io import save_safetensors as _save_safetensors
+from rapm.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,6 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     the data stage's train.csv, which the store must have been computed from (hash and, with
     ``trajectories.num_trajectories: null``, row count checked; see ``TrajectoryDataset.from_config``).
     """
-
     from rapm.io import sha256_file
     from rapm.trajectories import _peak_rss_mb, library_versions, write_json
 

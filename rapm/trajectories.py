@@ -434,7 +434,6 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
     point, the next run recomputes exactly the batches whose flags are unset. ``max_trajectories``
     stops after that many trajectories (checked between batches).
     """
-
     from rapm.teacher import load_teacher
 
     zarr = _zarr()

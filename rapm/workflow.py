@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Mapping
 
-from rapm.config import ConfigError, deep_merge, select_keys, validate
+from rapm.config import ConfigError, deep_merge, replicate_name, select_keys, split_replicate, validate
 from rapm.trajectories import store_grid
 
 # The config keys each CLI stage reads. The workflow writes exactly these to
@@ -70,24 +69,9 @@ def variant_names(config: Mapping, every: bool = False) -> list[str]:
     return list(names)
 
 
-REPLICATE = re.compile(r"^(?P<variant>.+)-seed(?P<r>[1-9][0-9]*)$")
-
-
-def replicate_name(variant: str, r: int) -> str:
-    """The name of replicate ``r`` of ``variant``: the variant itself for r = 0, else ``<variant>-seed<r>``."""
-    return variant if r == 0 else f"{variant}-seed{r}"
-
-
-def split_replicate(name: str) -> tuple[str, int]:
-    """``(variant, r)`` of a replicate name (``rapm`` -> ``("rapm", 0)``, ``rapm-seed2`` -> ``("rapm", 2)``)."""
-    m = REPLICATE.match(name)
-    return (m["variant"], int(m["r"])) if m else (name, 0)
-
-
 def replicates(config: Mapping, every: bool = False) -> int:
     """Training seeds per variant: ``replicates.every`` for the ablation study, else ``replicates.run``."""
-    reps = config.get("replicates") or {}
-    return int(reps.get("every" if every else "run", 1))
+    return int(config["replicates"]["every" if every else "run"])
 
 
 def trained_variants(config: Mapping, every: bool = False) -> list[str]:
@@ -165,7 +149,7 @@ def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
                        "lora": None, "resolution": res}}
     students = {}
     for name in trained_variants(config, every):
-        vc = variant_config(config, name)
+        vc, (variant, replicate) = variant_config(config, name), split_replicate(name)
         n = vc["trajectories"]["num_steps"]
         out.setdefault(f"teacher-{n}step", {"name": f"teacher-{n}step", "kind": "teacher", "steps": n,
                                             "guidance": guidance, "lora": None, "resolution": res})
@@ -173,10 +157,10 @@ def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
         out.setdefault(f"init-{n}step", {"name": f"init-{n}step", "kind": "init", "steps": n,
                                          "guidance": 1.0, "lora": None, "resolution": res})
         students[name] = {"name": name, "kind": "student", "steps": n, "guidance": 1.0,
-                          "lora": f"results/train/{name}/lora.safetensors", "variant": split_replicate(name)[0],
+                          "lora": f"results/train/{name}/lora.safetensors", "variant": variant,
                           "resolution": vc["trajectories"].get("resolution"), "init": f"init-{n}step"}
-        if split_replicate(name)[1]:
-            students[name]["replicate"] = split_replicate(name)[1]  # train.seed + replicate
+        if replicate:
+            students[name]["replicate"] = replicate  # trained with train.seed + replicate
         msd = variant_msd(config, name)
         if msd is not None:
             students[name].update(kind="msd", lora=None, router=f"results/train/{name}/router.safetensors",
