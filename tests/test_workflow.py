@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -289,7 +290,7 @@ def test_every_command_the_project_prints_works_as_printed():
     commands = _printed_commands()
     assert len(commands) >= 8 and any(c == "snakemake all" for _, c in commands)
     for where, cmd in commands:
-        args = cmd.split()[1:]
+        args = shlex.split(cmd)[1:]  # as a shell reads it (quoted --config values stay one argument)
         if "--report" in args or "--lint" in args:
             continue  # not a run (the report needs a finished run; --lint has its own test)
         if "profiles/slurm" in cmd and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
