@@ -84,7 +84,7 @@ def test_nested_config_values_get_their_schema_types(tmp_path):
 def copy_workflow(dest: Path) -> Path:
     """A copy of the workflow files (not the package), as a user's checkout would hold them."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ["Snakefile", "workflow", "config", "profiles", ".test", "environment.yml"]:
+    for name in ["Snakefile", "workflow", "config", "profiles", ".test", "environment.yml", "environment.post-deploy.sh"]:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dest / name)
@@ -295,5 +295,7 @@ def test_every_command_the_project_prints_works_as_printed():
             continue  # not a run (the report needs a finished run; --lint has its own test)
         if "profiles/slurm" in cmd and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
             continue  # the documented example profile needs its executor plugin
+        if "--sdm" in args and shutil.which("conda") is None:
+            continue  # conda environments need conda (tests/test_environment.py checks what is ours)
         proc = snakemake(*args, "-n", check=False)
         assert proc.returncode == 0, f"{where}: `{cmd}` fails:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
