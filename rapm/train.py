@@ -171,6 +171,11 @@ class Trainer:
         self.state_dir = Path(state_dir)
         if tcfg.get("num_threads"):
             torch.set_num_threads(int(tcfg["num_threads"]))
+        # inputs first: a missing or ungathered store, or a missing prompt file, fails before the teacher
+        # (seconds on the toy, minutes for SDXL) is loaded; the full check against the teacher follows
+        TrajectoryDataset(trajectories, verify=False)
+        if prompts is not None and not Path(prompts).is_file():
+            raise TrainingError(f"{prompts}: not found (the data stage's train.csv, rule make_prompt_sets)")
         self.teacher = load_teacher(cfg["teacher"])
         if tcfg["mixed_precision"] != "no" and self.teacher.device.type != "cuda":
             raise TrainingError(f"train.mixed_precision {tcfg['mixed_precision']!r} needs a CUDA device; "

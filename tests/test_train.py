@@ -516,3 +516,16 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_rapm_sampler(kind, requ
     plain = load_teacher(cfg["teacher"]).pipe(prompts, num_inference_steps=4, guidance_scale=1.0,
                                               latents=batch.coarse[:, 0].clone(), output_type="latent", **extra).images
     assert float((plain - ours).abs().max()) > 1e-3
+
+
+def test_missing_inputs_are_named_before_the_teacher_is_loaded(tiny_sd_dir, sd_store, tmp_path, monkeypatch):
+    import rapm.teacher
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the inputs were checked")
+
+    monkeypatch.setattr(rapm.teacher, "load_teacher", no_teacher)
+    with pytest.raises(T.TrajectoryStoreError, match=r"nonexistent/store\.zarr: no trajectory store here"):
+        Trainer(make_cfg(tiny_sd_dir), tmp_path / "nonexistent", tmp_path / "state")
+    with pytest.raises(TrainingError, match=r"train\.csv: not found"):
+        Trainer(make_cfg(tiny_sd_dir), sd_store, tmp_path / "state", prompts=tmp_path / "train.csv")
