@@ -253,6 +253,31 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_kohya(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rapm.errors import RapmError
+    from rapm.lora import export_kohya
+
+    if not Path(args.lora).is_file():
+        raise RapmError(f"{args.lora}: LoRA file not found")
+    try:
+        n = export_kohya(args.lora, args.out)
+    except Exception as err:  # not a safetensors file, or not a rapm LoRA (names the key)
+        raise RapmError(f"{args.lora}: not a LoRA written by `rapm train`: {err}") from err
+    print(f"{args.out}: {n} LoRA modules in kohya-ss form")
+    return 0
+
+
+def _cmd_loss_curves(args: argparse.Namespace) -> int:
+    from rapm.losscurves import plot_loss_curves
+
+    last = plot_loss_curves(args.losses, args.out, window=args.window)
+    for name, terms in last.items():
+        print(f"{name}: " + ", ".join(f"{t} {v:.3f}" for t, v in terms.items()))
+    return 0
+
+
 def _cmd_verify(args) -> int:
     from rapm.verify import verify_results
 
@@ -428,6 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-png", required=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+    p = add("export-kohya", _cmd_export_kohya,
+            "write a trained LoRA in the kohya-ss form (sd-scripts, AUTOMATIC1111, ComfyUI) beside diffusers' one")
+    p.add_argument("lora", help="lora.safetensors written by `rapm train`")
+    p.add_argument("out", help="the kohya-ss file to write, e.g. results/train/rapm/lora_kohya.safetensors")
+
+    p = add("loss-curves", _cmd_loss_curves, "loss terms against iteration of trained runs (one PNG)")
+    p.add_argument("--losses", nargs="+", required=True, help="losses.jsonl files written by `rapm train`")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--window", type=int, default=25, help="iterations in each running mean")
 
     p = add("grid", _cmd_grid, "image grid: the same prompts and seeds across table rows (one line per row)")
     p.add_argument("--manifests", nargs="+", required=True, help="shard manifests results/samples/<row>/shard-*.csv")

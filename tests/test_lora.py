@@ -319,3 +319,49 @@ def test_export_checks_config_and_metadata(tmp_path):
     with pytest.raises(ValueError, match="unknown LoRA export dtype"):
         export_lora(unet, tmp_path / "a.safetensors", LORA, {}, dtype=torch.int8)
     assert not list(tmp_path.iterdir())
+
+
+# --- kohya-ss export (sd-scripts, AUTOMATIC1111, ComfyUI) --------------------------------------------
+
+@pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_kohya_export_matches_diffusers_converter_and_reloads_to_the_same_weights(fixture, request, tmp_path):
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from rapm.lora import export_kohya
+    from rapm.teacher import load_teacher
+
+    cfg = {"path": str(request.getfixturevalue(fixture)), "device": "cpu"}
+    student = load_teacher(cfg)
+    add_student_lora(student.unet, LORA)
+    _randomize(student.unet)
+    ours_path, kohya_path = tmp_path / "lora.safetensors", tmp_path / "lora_kohya.safetensors"
+    export_lora(student.unet, ours_path, LORA, {"run": "test"})
+    assert export_kohya(ours_path, kohya_path) == TINY_MODULES
+
+    # key mapping: the same as diffusers' own PEFT -> kohya converter (an independent implementation)
+    kohya, oracle = load_file(kohya_path), convert_state_dict_to_kohya(load_file(ours_path))
+    assert set(kohya) == set(oracle) and len(kohya) == 3 * TINY_MODULES
+    for k, v in oracle.items():
+        assert torch.equal(kohya[k], v.to(kohya[k].dtype)) if k.endswith(".alpha") else torch.equal(kohya[k], v), k
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {1.0}  # rank 1: scale alpha/rank = 1
+    with safe_open(str(kohya_path), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["run"]) == ("1", "1", "test")
+
+    # diffusers reads the kohya file (its non-diffusers LoRA loader) to the same fused UNet
+    fused = {}
+    for name, path in (("ours", ours_path), ("kohya", kohya_path)):
+        pipe = load_teacher(cfg).pipe
+        base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        fused[name] = pipe.unet.state_dict()
+    changed = [k for k in base if not torch.equal(fused["ours"][k], base[k])]
+    assert len(changed) == TINY_MODULES  # every adapted module's weight moved
+    for k in base:
+        torch.testing.assert_close(fused["kohya"][k], fused["ours"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert kohya_path.read_bytes() == (export_kohya(ours_path, tmp_path / "again.safetensors"),
+                                       (tmp_path / "again.safetensors").read_bytes())[1]

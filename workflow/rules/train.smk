@@ -37,6 +37,23 @@ rule train_rapm:
         " --out-dir {params.out_dir} --state-dir {params.state_dir} --threads {threads}"
 
 
+# The trained LoRA in kohya-ss form (sd-scripts, AUTOMATIC1111, ComfyUI); not part of `all`: ask for
+# it by name, e.g. `snakemake results/train/rapm/lora_kohya.safetensors`.
+rule export_kohya:
+    input:
+        lora="results/train/{variant}/lora.safetensors",
+    output:
+        kohya="results/train/{variant}/lora_kohya.safetensors",
+    log:
+        "logs/train/{variant}/kohya.log",
+    benchmark:
+        "benchmarks/train/{variant}/kohya.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m rapm --log {log} export-kohya {input.lora} {output.kohya}"
+
+
 # MSD (docs/method.md §7): split a variant's training trajectories into K groups and fit the router.
 rule msd_partition:
     input:
