@@ -60,19 +60,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(0.0, float(_fd(np.asarray(mu1), np.asarray(sigma1), np.asarray(mu2), np.asarray(sigma2))))
 
 
-def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **info: str) -> None:
-    from rapm.coco import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, **{k: np.array(v) for k, v in info.items()})
-
-
-def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return data["mu"], data["sigma"]
-
-
 # --- image preparation ------------------------------------------------------------------------------
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:

@@ -45,12 +45,10 @@ def final_targets(config: Mapping, every: bool = False) -> list[str]:
         *[f"results/eval/{name}/metrics.json" for name in rows(config, every)],
         *table_files("every" if every else "run"),
         f"results/figures/{'every' if every else 'run'}/grid.png",
+        f"results/figures/{'every' if every else 'run'}/losses.png",
         *[f"results/figures/curves/{v}.png" for v in variant_names(config, every)  # variants with snapshots
           if variant_msd(config, v) is None and variant_config(config, v)["train"]["snapshot_every"]],
     ]
-
-
-TABLE_SETS = ("run", "every")
 
 
 def table_files(table_set: str) -> list[str]:
@@ -220,8 +218,3 @@ def trajectory_store_key(config: Mapping) -> str:
     config = {**config, "trajectories": store_grid(config["trajectories"])}
     text = json.dumps(select_keys(config, TRAJECTORY_STORE_KEYS), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def trajectory_dir(config: Mapping) -> str:
-    """``results/trajectories/<key>``: the store (``store.zarr``), shard summaries and the gathered manifest."""
-    return f"results/trajectories/{trajectory_store_key(config)}"

@@ -175,6 +175,13 @@ def get_all_train_summaries(wildcards):
     return out
 
 
+def get_all_train_losses(wildcards):
+    return [
+        s.replace("summary.json", "losses.jsonl")
+        for s in get_all_train_summaries(wildcards)
+    ]
+
+
 def get_all_trajectory_manifests(wildcards):
     stores = trajectory_stores(config, _every(wildcards))
     return [f"results/trajectories/{key}/manifest.json" for key in stores]

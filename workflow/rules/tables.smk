@@ -66,6 +66,27 @@ rule comparison_grid:
         "python -m rapm --log {log} grid --manifests {input.manifests} --num 8 --out {output.grid}"
 
 
+# Loss terms against iteration of every trained run of the table set (running means, one PNG).
+rule loss_curves:
+    input:
+        losses=get_all_train_losses,
+    output:
+        png=report(
+            "results/figures/{table_set}/losses.png",
+            caption="../report/losses.rst",
+            category="Training",
+        ),
+    log:
+        "logs/figures/{table_set}/losses.log",
+    benchmark:
+        "benchmarks/figures/{table_set}/losses.tsv"
+    localrule: True
+    conda:
+        "../../environment.yml"
+    shell:
+        "python -m rapm --log {log} loss-curves --losses {input.losses} --out {output.png}"
+
+
 # FID (and the toy's accuracy) of one variant's LoRA snapshots against training iteration.
 rule curve:
     input:
