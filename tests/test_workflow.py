@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -19,8 +20,10 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 CONFIGS = sorted((ROOT / "config").glob("*.yaml")) + [ROOT / ".test" / "config" / "config.yaml"]
 
 
-def snakemake(*args, cwd=ROOT, check=True):
-    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True)
+def snakemake(*args, cwd=ROOT, check=True, env=None):
+    """Run Snakemake in ``cwd``; ``env``: variables added to this process's environment."""
+    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
