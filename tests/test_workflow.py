@@ -166,12 +166,12 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     jobs = plan(lambda d: d.setdefault("variants", {}).update(
         rapm={"description": "RAPM", "train": {"optim": {"student_lr": 5e-4}}}))
     assert jobs == {"stage_config": 1, "named_config": 1, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
-                    "tables": 1, "comparison_grid": 1, "curve": 1, "all": 1}, jobs
+                    "tables": 1, "comparison_grid": 1, "curve": 1, "loss_curves": 1, "all": 1}, jobs
 
     # Adding a variant adds only its jobs (training on the shared store, sampling, evaluation) and the tables.
     jobs = plan(lambda d: d.update(run_variants=["rapm", "rank4"]))
     assert jobs == {"stage_config": 1, "named_config": 2, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
-                    "tables": 1, "comparison_grid": 1, "curve": 1, "all": 1}, jobs
+                    "tables": 1, "comparison_grid": 1, "curve": 1, "loss_curves": 1, "all": 1}, jobs
 
     # Editing the prompt selection reruns the data stage and everything after it.
     jobs = plan(lambda d: d["prompts"].update(seed=7))
