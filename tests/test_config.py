@@ -263,3 +263,15 @@ def test_version_and_help_without_rst_markup():
     assert out.strip() == f"rapm {__version__}"
     help_text = subprocess.run([sys.executable, "-m", "rapm", "--help"], capture_output=True, text=True, check=True).stdout
     assert "``" not in help_text and "python -m rapm <stage>" in help_text
+
+
+def test_no_description_is_cut_by_an_unquoted_hash():
+    """In a plain YAML scalar `` #`` starts a comment: "without detach #2 (...)" would load as "without detach"."""
+    import re
+
+    for path in [ROOT / "config" / "config.yaml", ROOT / "workflow" / "schemas" / "config.schema.yaml"]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            m = re.match(r"^\s*description: (?![\"'])(.*)$", line)
+            if m:
+                value = m.group(1).split("  # ")[0]  # a trailing comment (two spaces, then #) is fine
+                assert " #" not in value, f"{path.name}:{n}: quote this description: {line.strip()}"
