@@ -227,15 +227,24 @@ def _loaded_modules(unet) -> dict[str, object]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
+def _random_student(teacher_dir):
+    """(the loader config, a teacher of ``teacher_dir`` with a randomised student LoRA): the student differs
+    from the teacher, so an export that drops or mis-scales a module shows."""
+    from rapm.teacher import load_teacher
+
+    cfg = {"path": str(teacher_dir), "device": "cpu"}
+    student = load_teacher(cfg)
+    add_student_lora(student.unet, LORA)
+    _randomize(student.unet)
+    return cfg, student
+
+
 @pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
 def test_export_reloads_every_module_at_the_right_scale(fixture, request, tmp_path):
     from rapm.schedule import coarse_timesteps, ddim_sample
     from rapm.teacher import encode_prompts, load_teacher, unet_eps
 
-    cfg = {"path": str(request.getfixturevalue(fixture)), "device": "cpu"}
-    student = load_teacher(cfg)
-    add_student_lora(student.unet, LORA)
-    _randomize(student.unet)
+    cfg, student = _random_student(request.getfixturevalue(fixture))
     trained = {n for n in _loaded_modules(student.unet)}
     path = tmp_path / "lora.safetensors"
     assert export_lora(student.unet, path, LORA, {"run": "test"}) == len(trained) == TINY_MODULES
@@ -332,10 +341,7 @@ def test_kohya_export_matches_diffusers_converter_and_reloads_to_the_same_weight
     from rapm.lora import export_kohya
     from rapm.teacher import load_teacher
 
-    cfg = {"path": str(request.getfixturevalue(fixture)), "device": "cpu"}
-    student = load_teacher(cfg)
-    add_student_lora(student.unet, LORA)
-    _randomize(student.unet)
+    cfg, student = _random_student(request.getfixturevalue(fixture))
     ours_path, kohya_path = tmp_path / "lora.safetensors", tmp_path / "lora_kohya.safetensors"
     export_lora(student.unet, ours_path, LORA, {"run": "test"})
     assert export_kohya(ours_path, kohya_path) == TINY_MODULES
