@@ -43,9 +43,21 @@ from typing import Any, Callable
 
 import torch
 
-from rapm.benchmarking import (CallCounter, device_name, exact_float32, free_memory, peak_memory_bytes,
-                               random_batch, random_teacher, rapm_setup, relative_difference, reset_peak_memory,
-                               timed, unet_teacher, update)
+from rapm.benchmarking import (
+    CallCounter,
+    device_name,
+    exact_float32,
+    free_memory,
+    peak_memory_bytes,
+    random_batch,
+    random_teacher,
+    rapm_setup,
+    relative_difference,
+    reset_peak_memory,
+    timed,
+    unet_teacher,
+    update,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"sd15": "SD1.5", "sdxl": "SDXL"}

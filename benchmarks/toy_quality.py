@@ -25,7 +25,8 @@ import torch
 
 def main(argv=None) -> int:
     from rapm.metrics import feature_extractor, frechet_distance, gaussian_stats
-    from rapm.sample import generate, image_seed, load_row_pipeline
+    from rapm.sample import generate, load_row_pipeline
+    from rapm.shards import item_seed
     from rapm.toy.captions import reference_image
     from rapm.toy.reader import accuracy
     from rapm.toy.scene import parse_caption
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
             images = np.load(path)
         else:
             teacher = load_row_pipeline({"name": name, "lora": lora[0] if lora else None}, teacher_cfg)
-            images = np.concatenate([generate(teacher, captions[i:i + 100], [image_seed(args.seed, k) for k in range(i, min(i + 100, len(captions)))],
+            images = np.concatenate([generate(teacher, captions[i:i + 100], [item_seed(args.seed, k) for k in range(i, min(i + 100, len(captions)))],
                                               steps=int(steps), guidance=float(guidance)) for i in range(0, len(captions), 100)])
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

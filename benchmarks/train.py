@@ -242,9 +242,9 @@ def bench_model(name: str, args) -> dict:
     per_iteration = (out["d"]["total_ms"] + out["g"]["total_ms"]) / 2
     out["iterations_per_s"] = round(1e3 / per_iteration, 3)
     out["seconds_per_iteration"] = round(per_iteration / 1e3, 4)
-    from rapm.trajectories import _peak_rss_mb
+    from rapm.io import peak_rss_mb
 
-    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
     return out
 

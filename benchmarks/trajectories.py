@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 
 from rapm import trajectories as T
-from rapm.teacher import ASSET_ROOT, encode_prompts, load_teacher
-
 from rapm.models.shapes import MODELS, SD15_UNET, SDXL_UNET  # noqa: F401 - the published UNet configs
+from rapm.teacher import ASSET_ROOT, encode_prompts, load_teacher
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]

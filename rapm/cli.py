@@ -115,7 +115,8 @@ def _cmd_trajectories_init(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     from pathlib import Path
 
-    from rapm.trajectories import init_store, write_json
+    from rapm.io import write_json
+    from rapm.trajectories import init_store
 
     info = init_store(args.dir, cfg["teacher"], cfg["trajectories"], args.prompts, args.manifest, key=Path(args.dir).name)
     write_json(args.out, info)
@@ -125,7 +126,8 @@ def _cmd_trajectories_init(args: argparse.Namespace) -> int:
 def _cmd_trajectories_compute(args: argparse.Namespace) -> int:
     cfg = stage_config(args, "teacher", "trajectories")
     _set_threads(args.threads)
-    from rapm.trajectories import compute_shard, write_json
+    from rapm.io import write_json
+    from rapm.trajectories import compute_shard
 
     summary = compute_shard(args.dir, cfg["teacher"], cfg["trajectories"], args.shard,
                             max_trajectories=args.max_trajectories)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import rapm
 from rapm.errors import RapmError
-from rapm.io import atomic_path, sha256_file  # noqa: F401 - re-exported (rapm.coco.atomic_path)
+from rapm.io import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,6 @@ def fetch_captions(coco_cfg: Mapping[str, Any], out_dir: str | Path, cache_dir: 
                   for name, path in outputs.items()},
         "wall_time_s": round(time.monotonic() - started, 3),
     }
-    with atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out_dir / "summary.json", summary)
     log.info("wrote %s to %s", ", ".join(CAPTION_FILES), out_dir)
     return summary

@@ -306,7 +306,8 @@ def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = (), part
     return validate(merged, source=source, partial=partial)
 
 
-def _lookup(config: Mapping, dotted: str) -> tuple[bool, Any]:
+def lookup(config: Mapping, dotted: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted key (``"train.optim.student_lr"``) in a nested mapping."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -317,7 +318,7 @@ def _lookup(config: Mapping, dotted: str) -> tuple[bool, Any]:
 
 def require(config: Mapping, *keys: str, source: str = "<config>") -> None:
     """Fail clearly when a stage is given a config without the (dotted) keys it needs."""
-    missing = [k for k in keys if not _lookup(config, k)[0]]
+    missing = [k for k in keys if not lookup(config, k)[0]]
     if missing:
         raise ConfigError(f"{source}: this stage needs the key(s) {', '.join(missing)}")
 
@@ -326,7 +327,7 @@ def select_keys(config: Mapping, keys: Iterable[str]) -> dict:
     """The sub-config holding only the given dotted keys (nested as in the full config)."""
     out: dict = {}
     for dotted in keys:
-        found, value = _lookup(config, dotted)
+        found, value = lookup(config, dotted)
         if not found:
             raise ConfigError(f"config has no key {dotted!r}")
         *parents, last = dotted.split(".")
@@ -339,9 +340,6 @@ def select_keys(config: Mapping, keys: Iterable[str]) -> dict:
 
 def write_yaml(data: Mapping, path: str | Path) -> None:
     """Write ``data`` as YAML atomically (temp file, then rename); keys keep their order."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(json.loads(json.dumps(data)), f, sort_keys=False)
-    tmp.replace(path)
+    from rapm.io import write_text
+
+    write_text(path, yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False))

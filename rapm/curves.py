@@ -20,6 +20,9 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from rapm.io import write_json
+from rapm.shards import item_seed
+
 log = logging.getLogger(__name__)
 
 
@@ -27,9 +30,8 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
                    num_images: int, out_json: str | Path, out_png: str | Path) -> dict[str, Any]:
     from rapm.evaluate import reference_images, toy_accuracy
     from rapm.metrics import feature_extractor, frechet_distance, gaussian_stats, resize_all
-    from rapm.sample import base_weights, fuse_row_lora, generate, image_seed, restore_base
+    from rapm.sample import base_weights, fuse_row_lora, generate, restore_base
     from rapm.teacher import load_teacher
-    from rapm.trajectories import write_json
 
     prompts = pd.read_csv(prompts_csv, keep_default_na=False).iloc[:num_images]
     captions = list(prompts["caption"])
@@ -47,7 +49,7 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
         if snap["lora"]:
             fuse_row_lora(teacher, {**row, "lora": snap["lora"]})
         images = np.concatenate([
-            generate(teacher, captions[i:i + bs], [image_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
+            generate(teacher, captions[i:i + bs], [item_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
                      steps=row["steps"], guidance=row["guidance"],
                      resolution=row.get("resolution"))
             for i in range(0, len(captions), bs)])

@@ -33,8 +33,16 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from rapm.metrics import (MetricsError, center_crop_resize, feature_extractor, frechet_distance, gaussian_stats,
-                          protocol_summary, reference_protocol, resize_all)
+from rapm.metrics import (
+    MetricsError,
+    center_crop_resize,
+    feature_extractor,
+    frechet_distance,
+    gaussian_stats,
+    protocol_summary,
+    reference_protocol,
+    resize_all,
+)
 from rapm.sample import num_images
 from rapm.stats import bootstrap_indices, interval
 
@@ -108,7 +116,7 @@ def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out
     for res in fid["resolutions"]:
         mu, sigma = gaussian_stats(extract(resize_all(images, int(res))))
         arrays[f"mu_{res}"], arrays[f"sigma_{res}"] = mu, sigma
-    from rapm.coco import atomic_path
+    from rapm.io import atomic_path
 
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
@@ -125,9 +133,9 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
 
     ``teacher_manifests``: the teacher row's images, for the same-noise distance and the Fréchet
     distance to the teacher's samples (None for the teacher row itself)."""
+    from rapm.io import write_json
     from rapm.metrics import clip_score, load_clip
     from rapm.sample import read_row_images
-    from rapm.trajectories import write_json
 
     t0 = time.time()
     ecfg = cfg["evaluation"]

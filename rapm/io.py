@@ -13,6 +13,11 @@
   tensor stays aligned and a file with at most one metadata key is byte-identical to
   ``safetensors.torch.save_file``'s (``tests/test_io.py`` checks that).
   ``require_finite`` refuses NaN/±inf in floating tensors before anything is written.
+* :func:`write_text`, :func:`write_json`: atomic text and JSON files (the one JSON format of the project:
+  indented, sorted keys, trailing newline; ``indent=None`` for compact files).
+* :func:`optimizer_tensors`, :func:`load_optimizer_tensors`: an optimizer's state as flat tensors for
+  safetensors checkpoints, and back.
+* :func:`library_versions`, :func:`peak_rss_mb`: what a stage summary records about its environment.
 * :func:`sha256_file`, :func:`umask_mode`, :func:`apply_umask_mode`.
 """
 
@@ -20,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
+import platform
+import resource
 import secrets
 import struct
 import sys
@@ -90,6 +98,67 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str, *, fsync: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`); ``fsync``: flush to disk first."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    return path
+
+
+def write_json(path: str | Path, data: Any, *, indent: int | None = 2, sort_keys: bool = True,
+               fsync: bool = False) -> Path:
+    """Write ``data`` as JSON with a trailing newline, atomically: a reader sees the old file or the whole new
+    one. ``indent=None`` writes compact separators (``,`` and ``:``)."""
+    separators = None if indent is not None else (",", ":")
+    return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, separators=separators) + "\n",
+                      fsync=fsync)
+
+
+#: the libraries a stage summary records by default (``rapm`` itself included)
+LIBRARIES = ("torch", "diffusers", "transformers", "zarr", "numpy", "rapm")
+
+
+def library_versions(libraries: Iterable[str] = LIBRARIES) -> dict[str, str]:
+    """``{"python": ..., <library>: <__version__>, ...}`` for each importable name in ``libraries``."""
+    out = {"python": platform.python_version()}
+    for name in libraries:
+        out[name] = str(importlib.import_module(name).__version__)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def optimizer_tensors(prefix: str, opt) -> dict[str, Any]:
+    """A torch optimizer's state as flat tensors ``<prefix>.<param index>.<name>`` (safetensors has no nesting)."""
+    import torch
+
+    out = {}
+    for pid, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{prefix}.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer_tensors(prefix: str, opt, tensors: Mapping[str, Any]) -> None:
+    """Inverse of :func:`optimizer_tensors`: load the ``<prefix>.*`` tensors into ``opt`` (its param groups stay)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            pid, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
 
 
 # --- safetensors -----------------------------------------------------------------------------------

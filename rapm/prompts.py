@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rapm.coco import atomic_path, load_captions, sha256_file
+from rapm.coco import load_captions
 from rapm.config import ConfigError
+from rapm.io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 

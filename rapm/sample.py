@@ -30,18 +30,16 @@ import pandas as pd
 import torch
 
 from rapm.errors import RapmError
+from rapm.io import atomic_path, sha256_file, write_json
 from rapm.progress import progress
+from rapm.shards import item_seed
+from rapm.shards import shard_range as _shard_range
 
 log = logging.getLogger(__name__)
 
 
 class SamplingError(RapmError):
     """A row cannot be sampled as configured."""
-
-
-def image_seed(seed: int, i: int) -> int:
-    """The noise seed of evaluation image i."""
-    return int(seed) + int(i)
 
 
 def num_images(sampling_cfg: Mapping[str, Any], num_prompts: int) -> int:
@@ -51,16 +49,16 @@ def num_images(sampling_cfg: Mapping[str, Any], num_prompts: int) -> int:
 
 
 def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
-    if not 0 <= shard < shards:
-        raise SamplingError(f"shard {shard} outside [0, {shards})")
-    return n * shard // shards, n * (shard + 1) // shards
+    """Images [start, stop) of sampling shard ``shard`` of ``shards`` (:func:`rapm.shards.shard_range`)."""
+    try:
+        return _shard_range(n, shards, shard)
+    except ValueError as err:
+        raise SamplingError(f"sampling {err}") from None
 
 
 def row_settings(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], prompts_sha256: str, seed: int,
                  resolution: int | None) -> dict[str, Any]:
     """Everything the pixels of a row depend on (its ``lora`` file by content)."""
-    from rapm.coco import sha256_file
-
     files = [row["lora"]] if row.get("lora") else [*row.get("loras", []), *([row["router"]] if row.get("router") else [])]
     for f in files:
         if not Path(f).is_file():
@@ -140,8 +138,6 @@ def route(row: Mapping[str, Any], teacher, captions: list[str]) -> list[int]:
 def _write_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    from rapm.coco import atomic_path
-
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
 
@@ -150,8 +146,6 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
                  prompts_csv: str | Path, shard: int, out_dir: str | Path, manifest: str | Path,
                  *, resolution: int | None = None) -> dict[str, Any]:
     """Sample the missing images of one shard of a row; write its manifest CSV. Returns a summary."""
-    from rapm.coco import atomic_path, sha256_file
-
     t0 = time.time()
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
     lo, hi = shard_range(num_images(sampling_cfg, len(prompts)), int(sampling_cfg["shards"]), shard)
@@ -164,7 +158,7 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
         log.info("%s: settings changed; discarding its images", out_dir)
         shutil.rmtree(images_dir, ignore_errors=True)
     images_dir.mkdir(parents=True, exist_ok=True)
-    settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_json(settings_path, settings)
 
     todo = [i for i in range(lo, hi) if not (images_dir / f"{i:06d}.png").is_file()]
     log.info("row %s, shard %d: images [%d, %d), %d to sample", row.get("name"), shard, lo, hi, len(todo))
@@ -193,13 +187,13 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
         for start in progress(starts, len(indices), f"sample {row.get('name')}", unit="img",
                               weight=lambda s: min(bs, len(indices) - s)):
             idx = indices[start:start + bs]
-            images = generate(teacher, [prompts["caption"][i] for i in idx], [image_seed(seed, i) for i in idx],
+            images = generate(teacher, [prompts["caption"][i] for i in idx], [item_seed(seed, i) for i in idx],
                               steps=row["steps"], guidance=row["guidance"], resolution=resolution)
             for i, image in zip(idx, images):
                 _write_png(image, images_dir / f"{i:06d}.png")
     table = prompts.iloc[lo:hi][["prompt_id", "image_id", "caption"]].copy()
     table.insert(0, "index", range(lo, hi))
-    table["seed"] = [image_seed(seed, i) for i in range(lo, hi)]
+    table["seed"] = [item_seed(seed, i) for i in range(lo, hi)]
     if groups is not None:
         table["group"] = list(groups)
     manifest = Path(manifest)

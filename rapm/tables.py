@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from rapm.config import split_replicate
+from rapm.io import write_text
 from rapm.stats import interval, seed_replicates
 
 log = logging.getLogger(__name__)
@@ -347,9 +348,9 @@ def write_tables(cfg: Mapping[str, Any], *, metrics: Sequence[str | Path], train
             md += "\nPublished reference rows" + (" (a separate block: other models, data and protocols)" if cfg["data"]["source"] == "toy" else "") + ":\n\n" + to_markdown(extra)
             csv = pd.concat([csv.assign(protocol=f"this run ({cfg['profile']})", source="measured"), extra], ignore_index=True)
         md += "\n" + "\n".join(f"{i + 1}. {n}" for i, n in enumerate(notes)) + "\n"
-        (out_dir / f"{name}.md").write_text(md)
+        write_text(out_dir / f"{name}.md", md)
         csv.to_csv(out_dir / f"{name}.csv", index=False)
-        (out_dir / f"{name}.tex").write_text(to_latex(csv, f"{name} ({cfg['profile']} profile). " + " ".join(notes)))
+        write_text(out_dir / f"{name}.tex", to_latex(csv, f"{name} ({cfg['profile']} profile). " + " ".join(notes)))
         if name == "main":
             md_main = md
     if readme:
@@ -363,4 +364,4 @@ def sync_results(readme: str | Path, block: str) -> None:
         raise ValueError(f"{path}: no results markers ({RESULTS_START!r} ... {RESULTS_END!r})")
     head, rest = text.split(RESULTS_START, 1)
     _, tail = rest.split(RESULTS_END, 1)
-    path.write_text(head + RESULTS_START + "\n" + block.strip() + "\n" + RESULTS_END + tail)
+    write_text(path, head + RESULTS_START + "\n" + block.strip() + "\n" + RESULTS_END + tail)

@@ -259,11 +259,12 @@ def detect_type(model_index: Mapping[str, Any]) -> str | None:
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TeacherLoadError(f"teacher.device is {device!r} but no CUDA device is available; use auto or cpu")
-    return torch.device(device)
+    from rapm.device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(device, key="teacher.device")
+    except DeviceError as err:
+        raise TeacherLoadError(str(err)) from None
 
 
 def _dtype_keyword() -> str:

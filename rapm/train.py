@@ -44,8 +44,7 @@ import numpy as np
 import torch
 
 from rapm.errors import RapmError
-from rapm.io import NonFiniteTensorError
-from rapm.io import save_safetensors as _save_safetensors
+from rapm.io import NonFiniteTensorError, load_optimizer_tensors, optimizer_tensors, save_safetensors
 from rapm.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -73,32 +72,6 @@ def update_kinds(schedule: str, iteration: int) -> tuple[str, ...]:
     if schedule == "d_then_g":
         return ("d", "g")
     raise ValueError(f"unknown train.schedule {schedule!r}; choose alternate or d_then_g")
-
-
-def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW state as flat tensors ``<prefix>.<param index>.<name>`` (safetensors has no nesting)."""
-    out = {}
-    for pid, state in opt.state_dict()["state"].items():
-        for name, value in state.items():
-            out[f"{prefix}.{pid}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return out
-
-
-def load_optimizer_tensors(prefix: str, opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Inverse of :func:`optimizer_tensors`: load the ``<prefix>.*`` tensors into ``opt`` (its param groups stay)."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            pid, name = key[len(prefix) + 1:].split(".", 1)
-            state.setdefault(int(pid), {})[name] = value
-    sd = opt.state_dict()
-    sd["state"] = state
-    opt.load_state_dict(sd)
-
-
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    """Alias of :func:`rapm.io.save_safetensors` (deterministic bytes, atomic, mode from the umask)."""
-    _save_safetensors(tensors, path, metadata)
 
 
 def _json_line(record: Mapping) -> str:
@@ -224,7 +197,7 @@ class Trainer:
         tensors.update(optimizer_tensors("opt_d", self.opt_d))
         path = self.state_dir / CHECKPOINT
         try:
-            _save_safetensors(tensors, path, {"step": str(self.step), "config": self._config_json()}, require_finite=True)
+            save_safetensors(tensors, path, {"step": str(self.step), "config": self._config_json()}, require_finite=True)
         except NonFiniteTensorError as err:
             raise TrainingError(f"checkpoint after {self.step} iterations: {err}; the last good checkpoint is kept. "
                                 "Lower train.optim learning rates") from err
@@ -369,8 +342,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     the data stage's train.csv, which the store must have been computed from (hash and, with
     ``trajectories.num_trajectories: null``, row count checked; see ``TrajectoryDataset.from_config``).
     """
-    from rapm.io import sha256_file
-    from rapm.trajectories import _peak_rss_mb, library_versions, write_json
+    from rapm.io import library_versions, peak_rss_mb, sha256_file, write_json
 
     t0 = time.time()
     tcfg = cfg["train"]
@@ -443,7 +415,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
         "train_seconds_logged": round(float(sum(r["seconds"] for r in records)), 1),  # all invocations
         "seconds_per_iteration": float(np.mean([r["seconds"] for r in records])) if records else None,
         "unet_evaluations_per_update": per_kind,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "device": str(device),
         "threads": torch.get_num_threads(),  # torch CPU threads the run used

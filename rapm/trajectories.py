@@ -50,8 +50,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
-import resource
 import shutil
 import time
 import warnings
@@ -62,9 +60,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rapm.config import lookup
 from rapm.errors import RapmError
+from rapm.io import LIBRARIES, library_versions, peak_rss_mb, sha256_file, write_json
 from rapm.progress import Progress
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
+from rapm.shards import item_seed, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -99,37 +100,13 @@ def _zarr():
     return zarr
 
 
-def _get(attrs: Mapping, dotted: str) -> Any:
-    node: Any = attrs
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
+def _attr(attrs: Mapping, dotted: str) -> Any:
+    found, value = lookup(attrs, dotted)
+    return value if found else _MISSING
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def write_json(path: str | Path, data: Mapping) -> None:
-    """Write ``data`` as indented JSON, atomically (a reader sees the old file or the whole new one)."""
-    from rapm.coco import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def library_versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    import rapm
-
-    zarr = _zarr()
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "zarr": zarr.__version__, "numpy": np.__version__,
-            "rapm": rapm.__version__}
 
 
 def weights_sha256(teacher) -> dict[str, str]:
@@ -149,11 +126,6 @@ def weights_sha256(teacher) -> dict[str, str]:
     return digests
 
 
-def trajectory_seed(seed: int, j: int) -> int:
-    """Seed of trajectory j's initial noise (EDM style: a function of (seed, j) only)."""
-    return int(seed) + int(j)
-
-
 def initial_noise(seed_j: int, latent_shape: Sequence[int]) -> torch.Tensor:
     """z̃_N of one trajectory, (1, C, H, W) float32 on the CPU: what diffusers' pipelines draw for batch 1
     with ``generator=torch.Generator().manual_seed(seed_j)`` (``randn_tensor`` on a CPU generator)."""
@@ -168,8 +140,6 @@ def _grids(num_steps: int, steps_per_slot: int, num_train_timesteps: int) -> tup
 def read_prompts(train_csv: str | Path, manifest: str | Path, num_trajectories: int | None):
     """The first J rows of train.csv after checking it against the prompt-set manifest; and its hashes."""
     import pandas as pd
-
-    from rapm.coco import sha256_file
 
     train_csv, manifest = Path(train_csv), Path(manifest)
     for path in (train_csv, manifest):
@@ -278,7 +248,7 @@ def check_attrs(attrs: Mapping, expect: Mapping[str, Any], where: str) -> None:
     """Raise :class:`TrajectoryStoreError` naming every attribute whose stored value differs from ``expect``."""
     diffs = []
     for name, want in expect.items():
-        have = _get(attrs, name)
+        have = _attr(attrs, name)
         if have is _MISSING:
             diffs.append(f"attribute {name!r} is absent (requested {want!r})")
         elif _jsonable(have) != _jsonable(want):
@@ -305,7 +275,7 @@ def build_attrs(teacher, traj_cfg: Mapping[str, Any], prompt_hashes: Mapping, co
         "latent_shape": list(teacher.latent_shape(traj_cfg.get("resolution"))),
         "conditioning_shapes": {k: list(v) for k, v in cond_shapes.items()},
         "state_dtype": "float32", "prompts": dict(prompt_hashes),
-        "versions": library_versions(), "complete": False,
+        "versions": library_versions(LIBRARIES), "complete": False,
     })
 
 
@@ -353,7 +323,7 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
             old = dict(zarr.open_group(path, mode="r").attrs)
         except Exception:  # noqa: BLE001 - an unreadable store is re-created
             old = {}
-        differs = [k for k in FINGERPRINT if _jsonable(_get(old, k)) != _jsonable(_get(attrs, k))]
+        differs = [k for k in FINGERPRINT if _jsonable(_attr(old, k)) != _jsonable(_attr(attrs, k))]
         if not differs:
             done = int(np.asarray(zarr.open_group(path, mode="r")["done"][:]).sum())
             if old.get("batch_size") != attrs["batch_size"] and done:
@@ -374,7 +344,7 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
         arrays[name] = group.create_array(name, shape=shape, chunks=(chunk, *shape[1:]), dtype=dtype, fill_value=fill,
                                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
     J = attrs["num_trajectories"]
-    arrays["seed"][:] = np.array([trajectory_seed(attrs["seed"], j) for j in range(J)], dtype=np.int64)
+    arrays["seed"][:] = np.array([item_seed(attrs["seed"], j) for j in range(J)], dtype=np.int64)
     arrays["prompt_id"][:] = frame["prompt_id"].to_numpy(dtype=np.int64)
     arrays["prompt"][:] = np.array(frame["caption"].astype(str).tolist(), dtype=object)
     group.attrs.update(attrs)
@@ -385,15 +355,6 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
 
 # --- compute -------------------------------------------------------------------------------------
 
-def shard_range(num_trajectories: int, num_shards: int, shard: int, unit: int) -> tuple[int, int]:
-    """[start, stop) of shard ``shard`` of ``num_shards``: whole units of ``unit`` trajectories, balanced."""
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard index {shard} outside [0, {num_shards})")
-    units = math.ceil(num_trajectories / unit)
-    return (min(shard * units // num_shards * unit, num_trajectories),
-            min((shard + 1) * units // num_shards * unit, num_trajectories))
-
-
 def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int, int]]:
     """Contiguous runs of sorted ``indices`` as (start, stop, offset into indices)."""
     offset = 0
@@ -403,10 +364,6 @@ def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int, int]]:
             end += 1
         yield indices[offset], indices[end - 1] + 1, offset
         offset = end
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 @torch.no_grad()
@@ -491,9 +448,9 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
         "batch_size": B, "device": str(teacher.device), "threads": torch.get_num_threads(),
         "wall_s": round(wall, 3), "compute_s": round(compute_s, 3),
         "trajectories_per_s": round(len(computed) / compute_s, 4) if computed else None,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if teacher.device.type == "cuda" else None,
-        "teacher_weights_sha256": attrs["teacher"]["weights_sha256"], "versions": library_versions(),
+        "teacher_weights_sha256": attrs["teacher"]["weights_sha256"], "versions": library_versions(LIBRARIES),
     }
     log.info("shard %d/%d: computed %d trajectories in %.1f s (%.1f s with loading; %d remaining), peak RSS %.0f MB",
              shard, S, len(computed), compute_s, wall, remaining, summary["peak_rss_mb"])

@@ -6,15 +6,7 @@ import pytest
 import yaml
 
 from rapm.cli import main
-from rapm.config import (
-    ConfigError,
-    deep_merge,
-    load_config,
-    load_schema,
-    parse_override,
-    select_keys,
-    validate,
-)
+from rapm.config import ConfigError, deep_merge, load_config, load_schema, parse_override, select_keys, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "config").glob("*.yaml")) + [ROOT / ".test" / "config" / "config.yaml"]

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_workflow import ROOT, copy_workflow, snakemake
 
 TARGET = "results/eval/rapm/metrics.json"
@@ -28,7 +27,7 @@ OVERRIDES = {"trajectories": {"batch_size": 1}, "sampling": {"batch_size": 5}}
 FAULTS = [
     ("trajectories: before the first batch", "trajectories,compute rapm.trajectories:run_batch 1"),
     ("trajectories: after two of a shard's four batches", "trajectories,compute rapm.trajectories:run_batch 3"),
-    ("trajectories: every batch written, before the shard summary", "trajectories,compute rapm.trajectories:write_json 1"),
+    ("trajectories: every batch written, before the shard summary", "trajectories,compute rapm.io:write_json 1"),
     ("train: iteration 2, before the first checkpoint", "train rapm.train:Trainer.run_iteration 3"),
     ("train: iteration 5, after the checkpoint at 4", "train rapm.train:Trainer.run_iteration 6"),
     ("train: while writing the last checkpoint", "train rapm.train:Trainer.save_checkpoint 1"),
@@ -38,7 +37,7 @@ FAULTS = [
     ("sample: every PNG written, before the manifest", "sample pandas.core.generic:NDFrame.to_csv 1"),
     ("evaluate: images read, before the reader's scores", "evaluate rapm.evaluate:toy_scores 1"),
     ("evaluate: before the Fréchet distances", "evaluate rapm.evaluate:fd_replicates 1"),
-    ("evaluate: every metric computed, before the metrics file", "evaluate rapm.trajectories:write_json 1"),
+    ("evaluate: every metric computed, before the metrics file", "evaluate rapm.io:write_json 1"),
 ]
 # The only content allowed to differ between a straight run and a killed-and-resumed one: fields that
 # record how long something took or how much memory it used, and a trajectory shard's record of what

@@ -1,4 +1,4 @@
-"""rapm.io: the project's one safetensors writer (deterministic bytes, atomic, umask mode) and atomic_path."""
+"""rapm.io (the one safetensors writer: deterministic bytes, atomic, umask mode; atomic text and JSON; versions; optimizer state), rapm.shards, rapm.device."""
 
 from __future__ import annotations
 
@@ -92,3 +92,91 @@ def test_non_finite_tensor_is_named_and_nothing_is_written(tmp_path):
         save_safetensors({"x": torch.ones(1)}, path, {"n": 1})
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["unchecked.safetensors",
                                                                                           "x.safetensors"]
+
+
+def test_write_json_formats_and_replaces_atomically(tmp_path):
+    from rapm.io import write_json
+
+    path = write_json(tmp_path / "sub" / "a.json", {"b": 1, "a": [1, 2]})
+    assert path.read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+    write_json(path, {"z": "é", "a": 1}, indent=None, sort_keys=False)  # compact, order kept, ASCII-escaped
+    assert path.read_bytes() == b'{"z":"\\u00e9","a":1}\n'
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]  # no temporary file left
+    with pytest.raises(TypeError):
+        write_json(path, {"x": object()})
+    assert path.read_bytes() == b'{"z":"\\u00e9","a":1}\n'  # a failed write leaves the old file
+
+
+def test_library_versions_and_peak_rss():
+    import platform
+
+    from rapm.io import library_versions, peak_rss_mb
+
+    v = library_versions(("torch", "numpy"))
+    assert v == {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    with pytest.raises(ModuleNotFoundError):
+        library_versions(("no_such_library_rapm",))
+    assert 10 < peak_rss_mb() < 1e6
+
+
+def test_optimizer_tensors_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
+    from rapm.io import load_optimizer_tensors, optimizer_tensors
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+    save_safetensors(optimizer_tensors("opt", opt), tmp_path / "o.safetensors")
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-2)
+    load_optimizer_tensors("opt", opt2, load_file(tmp_path / "o.safetensors"))
+    a, b = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert a.keys() == b.keys() and len(a) == 2
+    for pid in a:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(torch.as_tensor(a[pid][name]), torch.as_tensor(b[pid][name])), (pid, name)
+
+
+@pytest.mark.parametrize("unit", [1, 3, 8])
+def test_shard_range_partitions_balanced_whole_units(unit):
+    from rapm.shards import shard_range
+
+    for n in range(0, 40):
+        for shards in range(1, 7):
+            ranges = [shard_range(n, shards, s, unit) for s in range(shards)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, disjoint
+            assert all(lo % unit == 0 for lo, _ in ranges)  # whole units
+            sizes = [-(-(hi - lo) // unit) for lo, hi in ranges]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="outside"):
+        shard_range(5, 2, 2)
+
+
+def test_item_seed_and_sampling_shards_use_the_shared_functions():
+    from rapm.sample import SamplingError
+    from rapm.sample import shard_range as sampling_shards
+    from rapm.shards import item_seed
+
+    assert item_seed(7, 3) == 10 and isinstance(item_seed(np.int64(1), np.int64(2)), int)
+    assert sampling_shards(10, 3, 1) == (3, 6)
+    with pytest.raises(SamplingError, match="outside"):
+        sampling_shards(10, 3, 3)
+
+
+def test_resolve_device_names_the_key():
+    from rapm.device import DeviceError, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(DeviceError, match="toy_teacher.device is 'tpu'"):
+        resolve_device("tpu", key="toy_teacher.device")
+    with pytest.raises(DeviceError):
+        resolve_device("cpu:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA device"):
+            resolve_device("cuda:0")

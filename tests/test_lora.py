@@ -16,8 +16,17 @@ import pytest
 import torch
 
 from rapm.lora import (
-    PCM_TARGETS, STUDENT, add_student_lora, count_lora_modules, enable_gradient_checkpointing, export_lora,
-    load_lora_state_dict, lora_parameters, lora_state_dict, resolve_targets, teacher_mode,
+    PCM_TARGETS,
+    STUDENT,
+    add_student_lora,
+    count_lora_modules,
+    enable_gradient_checkpointing,
+    export_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    resolve_targets,
+    teacher_mode,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")

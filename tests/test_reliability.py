@@ -4,7 +4,6 @@ reliability tables are exactly what tests/reliability.py generates from the test
 from __future__ import annotations
 
 import pytest
-
 import reliability as R
 
 

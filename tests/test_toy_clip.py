@@ -128,7 +128,7 @@ def test_training_is_seeded_and_resumes(tmp_path, monkeypatch):
     cfg = {"seed": 3, "steps": 2, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.1,
            "hard_negatives": 1, "include_holdout_pairs": False, "eval_images": 8}
     summary = tc.train_toy_clip(cfg, TOY, tmp_path / "a", log_every=1, checkpoint_every=1)
-    assert summary["metrics"]["val"]["n"] == 8 and not (tmp_path / "a" / "train_state.pt").exists()
+    assert summary["metrics"]["val"]["n"] == 8 and not (tmp_path / "a" / "train_state.safetensors").exists()
     assert [json.loads(l)["step"] for l in open(tmp_path / "a" / "train_log.jsonl")] == [1, 2]
 
     real_lr = tc._lr
@@ -141,7 +141,7 @@ def test_training_is_seeded_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(tc, "_lr", crash_at_step_1)
     with pytest.raises(KeyboardInterrupt):
         tc.train_toy_clip(cfg, TOY, tmp_path / "b", log_every=1, checkpoint_every=1)
-    assert (tmp_path / "b" / "train_state.pt").exists()
+    assert (tmp_path / "b" / "train_state.safetensors").exists()
     monkeypatch.setattr(tc, "_lr", real_lr)
     tc.train_toy_clip(cfg, TOY, tmp_path / "b", log_every=1, checkpoint_every=1)  # same command again: resumes
     a, b = load_file(tmp_path / "a" / tc.WEIGHTS_NAME), load_file(tmp_path / "b" / tc.WEIGHTS_NAME)

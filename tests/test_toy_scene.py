@@ -8,8 +8,20 @@ import numpy as np
 import pytest
 
 from rapm.toy.render import SIZE_FRACTION, render, render_batch, save_grid
-from rapm.toy.scene import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ToyObject, caption,
-                            parse_caption, sample_scene, scene_for, split_scenes)
+from rapm.toy.scene import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ToyObject,
+    caption,
+    parse_caption,
+    sample_scene,
+    scene_for,
+    split_scenes,
+)
 
 HOLDOUT = ["red triangle", "green circle", "blue square", "yellow triangle"]
 CFG = {"seed": 7, "image_size": 32, "num_train_images": 3000, "num_val_images": 1000, "max_objects": 2,

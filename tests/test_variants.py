@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 
 from rapm.config import ConfigError, load_config
-from rapm.workflow import (final_targets, protocol_key, rows, student_config, trajectory_store_key,
-                           trajectory_stores, variant_config, variant_names)
+from rapm.workflow import (
+    final_targets,
+    protocol_key,
+    rows,
+    student_config,
+    trajectory_store_key,
+    trajectory_stores,
+    variant_config,
+    variant_names,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

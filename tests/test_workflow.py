@@ -53,6 +53,13 @@ def test_snakefmt_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_ruff_clean():
+    """``ruff check`` with the rules of pyproject.toml's [tool.ruff] (pyflakes, import order) passes on the repo."""
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_dry_run_builds_dag(config, tmp_path):
     proc = snakemake("-n", "all", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),

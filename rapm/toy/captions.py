@@ -8,7 +8,6 @@ stored: :func:`reference_image` renders image ``i`` from its caption on demand.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
+from rapm.io import write_json
 from rapm.toy.render import render
 from rapm.toy.scene import SPLITS, parse_caption, split_scenes, toy_settings
 from rapm.toy.scene import caption as scene_caption
@@ -52,19 +52,6 @@ def captions_document(toy_cfg: Mapping, split: str) -> dict:
     }
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=True, separators=(",", ":"))
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_captions(toy_cfg: Mapping, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``captions_train2014.json`` and ``captions_val2014.json`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
@@ -73,7 +60,7 @@ def write_captions(toy_cfg: Mapping, out_dir: str | os.PathLike) -> dict[str, Pa
     for split in SPLITS:
         doc = captions_document(toy_cfg, split)
         paths[split] = out_dir / f"captions_{split}2014.json"
-        _write_json_atomic(doc, paths[split])
+        write_json(paths[split], doc, indent=None, sort_keys=False, fsync=True)
         log.info("wrote %s (%d toy captions)", paths[split], len(doc["annotations"]))
     return paths
 

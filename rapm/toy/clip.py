@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import platform
-import resource
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -30,9 +28,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rapm.io import (
+    library_versions,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    peak_rss_mb,
+    save_safetensors,
+    write_json,
+)
 from rapm.toy.render import render_batch
-from rapm.toy.scene import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ToyObject,
-                            caption, check_holdout_pairs, sample_scene, scene_for, toy_settings)
+from rapm.toy.scene import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ToyObject,
+    caption,
+    check_holdout_pairs,
+    sample_scene,
+    scene_for,
+    toy_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +75,7 @@ def write_model_config(out_dir: str | os.PathLike) -> Path:
     """Write ``rapm-toyclip.json`` (the open_clip model config) into ``out_dir``."""
     path = Path(out_dir) / f"{MODEL_NAME}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(MODEL_CFG, indent=2) + "\n", encoding="utf-8")
+    write_json(path, MODEL_CFG, sort_keys=False)
     return path
 
 
@@ -290,7 +308,6 @@ def _lr(step: int, cfg: Mapping) -> float:
 def _save_weights(model, seen_tokens: torch.Tensor, path: Path, metadata: dict) -> None:
     """fp16 safetensors; token-embedding rows never looked up in training are stored as zeros. Written by
     :func:`rapm.io.save_safetensors` (deterministic bytes, atomic, mode from the umask)."""
-    from rapm.io import save_safetensors
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     emb = state["token_embedding.weight"]
@@ -316,7 +333,7 @@ def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLi
     holdout = () if cfg["include_holdout_pairs"] else check_holdout_pairs(toy["holdout_pairs"])
     out = Path(out_dir)
     register_model_config(write_model_config(out))
-    state_path, log_path = out / "train_state.pt", out / "train_log.jsonl"
+    state_path, log_path = out / "train_state.safetensors", out / "train_log.jsonl"
 
     # 1. Model and optimiser: decay on matrices only (not embeddings, gains, biases, logit scale).
     torch.manual_seed(int(cfg["seed"]))
@@ -330,12 +347,17 @@ def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLi
     seen = torch.zeros(MODEL_CFG["text_cfg"]["vocab_size"], dtype=torch.bool)
     start = 0
     if state_path.is_file():  # 2. resume
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["config"] != json.dumps(cfg, sort_keys=True):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(state_path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("config") != json.dumps(cfg, sort_keys=True):
             raise ValueError(f"{state_path} was written with a different toy_clip config; delete it to start over")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        seen, start = state["seen_tokens"], int(state["step"])
+        tensors = load_file(state_path)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        load_optimizer_tensors("optimizer", opt, tensors)
+        seen, start = tensors["seen_tokens"], int(meta["step"])
         log.info("resuming from %s at step %d", state_path, start)
     elif log_path.exists():
         log_path.unlink()
@@ -373,10 +395,9 @@ def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLi
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['batch_i2t_top1']:.2f}")
             log.info("step %d loss %.4f batch i2t %.3f", step + 1, rec["loss"], rec["batch_i2t_top1"])
         if (step + 1) % checkpoint_every == 0 and step + 1 < cfg["steps"]:  # 5. atomic checkpoint
-            tmp = state_path.with_name(f".{state_path.name}.tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                        "seen_tokens": seen, "config": json.dumps(cfg, sort_keys=True)}, tmp)
-            os.replace(tmp, state_path)
+            state = {f"model.{k}": v for k, v in model.state_dict().items()}
+            state.update(optimizer_tensors("optimizer", opt), seen_tokens=seen)
+            save_safetensors(state, state_path, {"step": str(step + 1), "config": json.dumps(cfg, sort_keys=True)})
 
     # 6. Save fp16 weights, then measure everything on the saved file through open_clip's loader.
     weights = out / WEIGHTS_NAME
@@ -396,12 +417,11 @@ def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLi
         "parameters": sum(p.numel() for p in model.parameters()), "toy_clip": cfg,
         "toy": meta["toy"], "threads": threads, "train_wall_s": round(train_s, 1),
         "total_wall_s": round(time.time() - t_start, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "open_clip": __import__("open_clip").__version__, "numpy": np.__version__},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "versions": library_versions(("torch", "open_clip", "numpy")),
         "metrics": metrics,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", summary, sort_keys=False)
     state_path.unlink(missing_ok=True)
     log.info("toy CLIP: val i2t top-1 %.3f, attribute discrimination %.3f; wrote %s",
              metrics["val"]["i2t_top1"], metrics["val"]["attr_all"], weights)

@@ -10,7 +10,6 @@ read back by :mod:`rapm.toy.reader`. Writes ``metrics.json`` (accuracies and the
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +17,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+
+from rapm.device import resolve_device
+from rapm.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,6 @@ def eval_teacher(cfg: Mapping, teacher: str | Path, out_dir: str | Path, device:
     from rapm.toy.reader import accuracy
     from rapm.toy.scene import caption, split_scenes, toy_settings
     from rapm.toy.tinysd import load_pipeline
-    from rapm.toy.train_teacher import resolve_device
 
     t0 = time.time()
     toy_cfg, tcfg = toy_settings(cfg["data"]["toy"]), cfg["toy_teacher"]
@@ -76,7 +77,7 @@ def eval_teacher(cfg: Mapping, teacher: str | Path, out_dir: str | Path, device:
         "device": str(dev),
         "wall_time_s": round(time.time() - t0, 1),
     }
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", result, sort_keys=False)
     print(" ".join(f"{key} {acc[key]:.3f}" for key in ("colour", "shape", "size", "position", "background", "all")
                    if key in acc) + f" (n={n}, {ecfg['steps']} DDIM steps, guidance {ecfg['guidance']})")
     return result

@@ -12,11 +12,11 @@ object in a neighbouring cell; attributes never change. Coverage is estimated wi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from rapm.io import atomic_path
 from rapm.toy.scene import BACKGROUNDS, COLOURS, Scene, ToyObject
 
 SIZE_FRACTION = {"small": 0.5625, "large": 0.84375}  # object extent / cell side
@@ -113,8 +113,5 @@ def save_grid(images: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike
         r, c = divmod(i, ncol)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         grid[y:y + h, x:x + w] = images[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from rapm.io import write_json
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tinysd"
 IMAGE_SIZE = 32
 LATENT_SIZE = 8
@@ -199,12 +201,12 @@ def save_pipeline(pipe, path: str | Path, dtype: torch.dtype = torch.float16) ->
         config_path = path / component / "config.json"  # and diffusers records that local path
         config = json.loads(config_path.read_text())
         if config.pop("_name_or_path", None) is not None:
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            write_json(config_path, config)
     config_path = path / "text_encoder" / "config.json"
     config = json.loads(config_path.read_text())
     config.pop("torch_dtype", None)
     config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(config_path, config)
     return path
 
 

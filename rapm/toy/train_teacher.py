@@ -29,7 +29,6 @@ import copy
 import json
 import logging
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,9 @@ from typing import Mapping
 
 import numpy as np
 import torch
+
+from rapm.device import resolve_device
+from rapm.io import library_versions, load_optimizer_tensors, optimizer_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,6 @@ def foreground_mask(x: torch.Tensor, scenes) -> torch.Tensor:
 def _save_state(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, losses: list) -> None:
     """The resumable state as safetensors (state dicts, AdamW state; step and losses in the metadata), atomically."""
     from rapm.io import save_safetensors
-    from rapm.train import optimizer_tensors
 
     tensors = {f"{name}.{k}": v.detach().cpu().clone().contiguous() for name, sd in modules.items() for k, v in sd.items()}
     tensors.update(optimizer_tensors("optimizer", optimizer))
@@ -102,7 +103,6 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer, device) -> tuple[d
     optimiser in place; None when there is none."""
     from safetensors import safe_open
 
-    from rapm.train import load_optimizer_tensors
 
     if not path.is_file():
         return None
@@ -130,14 +130,6 @@ def _lr_factor(step: int, total: int, warmup: int, final_fraction: float) -> flo
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1.0 - decay)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu or cuda")
-    return torch.device(name)
 
 
 # --- phase 1: VAE -----------------------------------------------------------------------------------
@@ -210,7 +202,7 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
              "reconstruction_reader_accuracy": recon_acc}
     log.info("VAE done: latent std %.4f, reconstructions read as %s", std, stats["reconstruction_reader_accuracy"])
     vae.save_pretrained(final_dir, safe_serialization=True)
-    (final_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_json(final_dir / "stats.json", stats, sort_keys=False)
     ckpt_path.unlink(missing_ok=True)
     return vae, stats
 
@@ -313,14 +305,6 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
 
 # --- entry point ------------------------------------------------------------------------------------
 
-def _versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}
-
-
 def train_teacher(cfg: Mapping, out_dir: str | Path, state_dir: str | Path | None = None,
                   command: str | None = None) -> dict:
     """Train TinySD from ``cfg`` (sections data.toy and toy_teacher) and save the pipeline to ``out_dir``.
@@ -336,9 +320,9 @@ def train_teacher(cfg: Mapping, out_dir: str | Path, state_dir: str | Path | Non
     state_dir = Path(state_dir) if state_dir else out_dir.with_name(out_dir.name + ".state")
     state_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(tcfg["num_threads"]))
-    device = resolve_device(str(tcfg["device"]))
+    device = resolve_device(str(tcfg["device"]), key="toy_teacher.device")
     log.info("TinySD training on %s, %d threads; state in %s", device, torch.get_num_threads(), state_dir)
-    (state_dir / "config.json").write_text(json.dumps({"data.toy": toy_cfg, "toy_teacher": tcfg}, indent=2) + "\n")
+    write_json(state_dir / "config.json", {"data.toy": toy_cfg, "toy_teacher": tcfg}, sort_keys=False)
 
     vae, vae_stats = train_vae(toy_cfg, tcfg, state_dir, device)
     unet, text_encoder, tokenizer, diff_stats = train_diffusion(toy_cfg, tcfg, vae, state_dir, device)
@@ -358,8 +342,8 @@ def train_teacher(cfg: Mapping, out_dir: str | Path, state_dir: str | Path | Non
         "diffusion": diff_stats,
         "parameters": param_counts(pipe),
         "size_bytes": dir_size(out_dir),
-        "versions": _versions(),
+        "versions": library_versions(("torch", "diffusers", "transformers", "numpy")),
     }
-    (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "training.json", summary, sort_keys=False)
     log.info("TinySD saved to %s (%.1f MB) in %.1f min", out_dir, summary["size_bytes"] / 1e6, wall / 60)
     return summary
