@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from rapm import store as TS
 from rapm import trajectories as T
 from rapm.models.shapes import MODELS, SD15_UNET, SDXL_UNET  # noqa: F401 - the published UNet configs
 from rapm.teacher import ASSET_ROOT, encode_prompts, load_teacher
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe, raw = statistics.median(pipe_s), statistics.median(raw_s)
         ratio = raw / pipe
         store_bytes = manifest["bytes_on_disk"]
-        array_bytes = sum(f.stat().st_size for f in T.store_path(tmp / "run0").rglob("c/**/*") if f.is_file())
+        array_bytes = sum(f.stat().st_size for f in TS.store_path(tmp / "run0").rglob("c/**/*") if f.is_file())
         prompt_bytes = sum(len(line) for line in prompts[0].read_text().splitlines()[1:]) / J / 2
         tiny_step = raw / (len(batches) * N * M)  # seconds per forward of 2B rows (full batches dominate)
         tiny_flops = forward_flops(dict(teacher.unet.config), 2 * B, latent, cond_shapes)

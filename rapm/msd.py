@@ -127,7 +127,7 @@ def group_sizes(groups: Sequence[int], num_groups: int) -> list[int]:
 def partition_store(trajectories: str | Path, num_groups: int, method: str, seed: int, out_dir: str | Path) -> dict:
     """Fit the router on a trajectory store's conditioning; write ``router.safetensors`` and ``groups.json``."""
     from rapm.io import write_json
-    from rapm.trajectories import TrajectoryDataset
+    from rapm.store import TrajectoryDataset
 
     ds = TrajectoryDataset(trajectories)
     items = [ds[j] for j in range(len(ds))]

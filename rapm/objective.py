@@ -105,7 +105,7 @@ class Batch:
 
 
 def load_batch(dataset, indices: Sequence[int], device: torch.device | str) -> Batch:
-    """Stack items of a :class:`rapm.trajectories.TrajectoryDataset` into a :class:`Batch`."""
+    """Stack items of a :class:`rapm.store.TrajectoryDataset` into a :class:`Batch`."""
     items = [dataset[int(j)] for j in indices]
     cond = Conditioning(**{name: torch.stack([it[name] for it in items]).to(device)
                            for name in ("prompt_embeds", "pooled_embeds", "add_time_ids") if name in items[0]})

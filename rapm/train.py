@@ -136,8 +136,8 @@ class Trainer:
         from rapm.discriminator import Discriminator
         from rapm.lora import _student_params, add_student_lora, enable_gradient_checkpointing, lora_parameters
         from rapm.objective import RAPM
+        from rapm.store import TrajectoryDataset
         from rapm.teacher import load_teacher
-        from rapm.trajectories import TrajectoryDataset
 
         self.cfg = cfg
         self.tcfg = tcfg = cfg["train"]

@@ -3,34 +3,10 @@
 For training prompt j (row j of ``results/prompts/train.csv``) the teacher runs guided DDIM on the fine
 grid of N·M steps from the initial noise z̃_N drawn with its own seed; we keep the coarse states and the
 Δ-states (the first fine state after each coarse boundary), and the conditioning, so training never
-runs the text encoders or the teacher. Layout of ``results/trajectories/<key>/`` (``key``:
-:func:`rapm.workflow.trajectory_store_key`, a hash of the settings that change the arrays)::
+runs the text encoders or the teacher.
 
-    store.zarr/          zarr v3 group, attributes below; metadata consolidated by gather
-      seed           (J,)               int64    trajectory j's noise seed = trajectories.seed + j
-      prompt_id      (J,)               int64    prompt_id column of train.csv
-      prompt         (J,)               str      the caption
-      coarse         (J, N+1, C, H, W)  float32  z̃ at coarse_timesteps [t_N … t_0]; coarse[j, 0] = z̃_N, the noise
-      delta          (J, N, C, H, W)    float32  z̃ at delta_timesteps [t_N − Δ … t_1 − Δ]
-      prompt_embeds  (J, L, D)          float32  encoder hidden states (L = the tokenizer length: 77 for SD)
-      pooled_embeds  (J, P)             float32  SDXL only: pooled text embedding
-      add_time_ids   (J, 6)             float32  SDXL only: micro-conditioning time ids
-      done           (J,)               uint8    1 once trajectory j's rows are written (written after them)
-    init.json            what ``init`` did (created / kept / reset the store)
-    shards/I-of-S.json   summary of shard I (trajectories computed, wall time, peak RSS)
-    manifest.json        written by ``gather`` once every chunk is present and intact
-
-Group attributes: ``format``/``format_version``, ``key``; ``teacher`` (path as configured, location, type,
-pipeline class, dtype, ``weights_sha256`` over its models' state dicts and one per model);
-``scheduler`` (its config); ``num_steps`` N, ``steps_per_slot`` M, ``guidance``, ``seed``,
-``resolution``, ``num_trajectories`` J, ``trajectories_per_chunk``, ``batch_size``; the
-``coarse``/``delta``/``fine_timesteps``; ``latent_shape``, ``conditioning_shapes``, ``state_dtype``;
-``prompts`` (train.csv and manifest SHA-256); ``versions`` (python, torch, diffusers, transformers,
-zarr, numpy, rapm); ``complete`` and ``content_sha256`` (per array) once gathered.
-
-Every array is chunked along the trajectory axis only (``trajectories_per_chunk`` rows per chunk) and
-stored uncompressed (latents do not compress) behind a CRC32C checksum per chunk, so a truncated or
-corrupted chunk fails loudly instead of reading as garbage; a missing chunk is caught by listing.
+The store's layout, attributes and reader are in :mod:`rapm.store`; this module computes it: ``init``
+pre-allocates it, ``compute`` fills one shard, ``gather`` verifies it and marks it complete.
 
 Determinism. Trajectory j's noise comes from its own generator (seed + j), so it is bitwise the same
 for every shard count and batch size, as are the text embeddings. The UNet is not bitwise
@@ -46,84 +22,44 @@ guidance along the trajectory (``tests/test_trajectories.py`` measures both).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from rapm.config import lookup
-from rapm.errors import RapmError
 from rapm.io import LIBRARIES, library_versions, peak_rss_mb, sha256_file, write_json
 from rapm.progress import Progress
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
 from rapm.shards import item_seed, shard_range
+from rapm.store import (
+    COND_ARRAYS,
+    FINGERPRINT,
+    FORMAT,
+    FORMAT_VERSION,
+    STORE_NAME,
+    TrajectoryStoreError,
+    array_specs,
+    attr,
+    check_attrs,
+    chunk_problems,
+    expected_attrs,
+    import_zarr,
+    jsonable,
+    store_path,
+    verify_store,
+    weights_sha256,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "rapm-trajectories"
-FORMAT_VERSION = 1
-STORE_NAME = "store.zarr"
-COND_ARRAYS = ("prompt_embeds", "pooled_embeds", "add_time_ids")
-#: Attributes that define the arrays' content: a store whose values differ holds other trajectories.
-FINGERPRINT = (
-    "format_version", "teacher.path", "teacher.type", "teacher.dtype", "teacher.weights_sha256", "scheduler",
-    "num_steps", "steps_per_slot", "guidance", "seed", "resolution", "num_trajectories", "latent_shape",
-    "conditioning_shapes", "trajectories_per_chunk", "prompts.train_csv_sha256",
-)
-_MISSING = object()
-
-
-class TrajectoryStoreError(RapmError):
-    """A trajectory store is missing, incomplete, damaged, or does not match the requested teacher/grid."""
-
 
 # --- small helpers -------------------------------------------------------------------------------
-
-def store_path(directory: str | Path) -> Path:
-    """The zarr group inside a trajectory directory ``results/trajectories/<key>``."""
-    return Path(directory) / STORE_NAME
-
-
-def _zarr():
-    import zarr
-
-    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", module="zarr")
-    return zarr
-
-
-def _attr(attrs: Mapping, dotted: str) -> Any:
-    found, value = lookup(attrs, dotted)
-    return value if found else _MISSING
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def weights_sha256(teacher) -> dict[str, str]:
-    """SHA-256 of each pipeline model's state dict (names, dtypes, shapes, bytes) and of them all (``all``)."""
-    digests = {}
-    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        module = getattr(teacher.pipe, name, None)
-        if module is None:
-            continue
-        h = hashlib.sha256()
-        for key, tensor in sorted(module.state_dict().items()):
-            t = tensor.detach().contiguous().cpu().reshape(-1)
-            h.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy())
-        digests[name] = h.hexdigest()
-    digests["all"] = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-    return digests
 
 
 def initial_noise(seed_j: int, latent_shape: Sequence[int]) -> torch.Tensor:
@@ -165,104 +101,13 @@ def read_prompts(train_csv: str | Path, manifest: str | Path, num_trajectories: 
 
 # --- attributes ----------------------------------------------------------------------------------
 
-def store_grid(traj_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``trajectories`` section of the STORE a config trains on: ``store_steps`` (null: ``num_steps``)
-    coarse slots of ``num_steps · steps_per_slot / store_steps`` fine steps each, the same fine grid.
-
-    A student with fewer steps trains on a coarser sub-grid of a store's grid: for N = 1 (M = 40) and
-    N = 2 (M = 20), the 40-step trailing grid, its coarse states and its Δ-states (Δ = one fine step)
-    are those of the N = 4, M = 10 store at every (4/N)-th slot, computed by the same teacher steps from
-    the same noise, so ``store_steps: 4`` reads them from that store instead of recomputing them.
-    """
-    out = {k: v for k, v in traj_cfg.items() if k != "store_steps"}
-    n, m = int(traj_cfg["num_steps"]), int(traj_cfg["steps_per_slot"])
-    ns = traj_cfg.get("store_steps") or n
-    if ns % n or (n * m) % ns:
-        raise ValueError(f"trajectories.store_steps {ns} must be a multiple of num_steps {n} and divide "
-                         f"num_steps x steps_per_slot = {n * m}")
-    out["num_steps"], out["steps_per_slot"] = int(ns), n * m // int(ns)
-    return out
-
-
-def subgrid_indices(store_steps: int, num_steps: int) -> tuple[list[int], list[int]]:
-    """Indices into a store's coarse (N_s + 1) and delta (N_s) axes of the sub-grid of ``num_steps`` slots."""
-    if store_steps % num_steps:
-        raise ValueError(f"a {num_steps}-step grid is not a sub-grid of the store's {store_steps} slots")
-    stride = store_steps // num_steps
-    return list(range(0, store_steps + 1, stride)), list(range(0, store_steps, stride))
-
-
-def expected_attrs(teacher_cfg: Mapping[str, Any], traj_cfg: Mapping[str, Any], teacher=None) -> dict[str, Any]:
-    """Attribute values (dotted names) a store must have for this ``teacher``/``trajectories`` config
-    (the store's grid: :func:`store_grid`).
-
-    With a loaded ``teacher``, its weights' hash is required too (a retrained teacher at the same path).
-    """
-    traj_cfg = store_grid(traj_cfg)
-    expect: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "teacher.path": str(teacher_cfg["path"]),
-        "teacher.dtype": teacher_cfg.get("dtype", "float32"),
-        "num_steps": traj_cfg["num_steps"], "steps_per_slot": traj_cfg["steps_per_slot"],
-        "guidance": float(traj_cfg["guidance"]), "seed": traj_cfg["seed"], "resolution": traj_cfg.get("resolution"),
-        "trajectories_per_chunk": traj_cfg.get("trajectories_per_chunk", 1),
-    }
-    if teacher_cfg.get("type", "auto") != "auto":
-        expect["teacher.type"] = teacher_cfg["type"]
-    if traj_cfg.get("num_trajectories") is not None:
-        expect["num_trajectories"] = traj_cfg["num_trajectories"]
-    if teacher is not None:
-        expect["teacher.weights_sha256"] = weights_sha256(teacher)["all"]
-    return expect
-
-
-def prompt_attrs(cfg: Mapping[str, Any], train_csv: str | Path | None = None) -> dict[str, Any]:
-    """Attribute values a store must have for the prompt set of ``cfg`` (and the data stage's ``train_csv``).
-
-    ``trajectories.num_trajectories: null`` means every training prompt: the store must then hold as
-    many trajectories as ``train_csv`` has rows, or (without it) as ``prompts.num_train`` asks, when
-    the config has a ``prompts`` section. With ``train_csv``, the store must have been computed from
-    exactly that file (``prompts.train_csv_sha256``).
-    """
-    expect: dict[str, Any] = {}
-    rows = None
-    if train_csv is not None:
-        import pandas as pd
-
-        from rapm.io import sha256_file
-
-        train_csv = Path(train_csv)
-        if not train_csv.is_file():
-            raise TrajectoryStoreError(f"{train_csv}: not found (the data stage, rule make_prompt_sets, writes it)")
-        expect["prompts.train_csv_sha256"] = sha256_file(train_csv)
-        rows = len(pd.read_csv(train_csv, dtype={"caption": str}, keep_default_na=False))
-    if cfg["trajectories"].get("num_trajectories") is None:
-        if rows is not None:
-            expect["num_trajectories"] = rows
-        elif isinstance(cfg.get("prompts"), Mapping) and cfg["prompts"].get("num_train") is not None:
-            expect["num_trajectories"] = int(cfg["prompts"]["num_train"])
-    return expect
-
-
-def check_attrs(attrs: Mapping, expect: Mapping[str, Any], where: str) -> None:
-    """Raise :class:`TrajectoryStoreError` naming every attribute whose stored value differs from ``expect``."""
-    diffs = []
-    for name, want in expect.items():
-        have = _attr(attrs, name)
-        if have is _MISSING:
-            diffs.append(f"attribute {name!r} is absent (requested {want!r})")
-        elif _jsonable(have) != _jsonable(want):
-            diffs.append(f"attribute {name!r} differs (store: {have!r}, requested: {want!r})")
-    if diffs:
-        raise TrajectoryStoreError(f"{where} does not match the requested teacher/grid/prompt set: " + "; ".join(diffs))
-
 
 def build_attrs(teacher, traj_cfg: Mapping[str, Any], prompt_hashes: Mapping, cond_shapes: Mapping, key: str | None) -> dict:
     meta = teacher.metadata()
     N, M = int(traj_cfg["num_steps"]), int(traj_cfg["steps_per_slot"])
     fine, coarse, delta = _grids(N, M, teacher.num_train_timesteps)
     digests = weights_sha256(teacher)
-    return _jsonable({
+    return jsonable({
         "format": FORMAT, "format_version": FORMAT_VERSION, "key": key,
         "teacher": {**{k: meta[k] for k in ("path", "location", "type", "pipeline_class", "dtype")},
                     "weights_sha256": digests["all"], "component_sha256": digests},
@@ -281,18 +126,6 @@ def build_attrs(teacher, traj_cfg: Mapping[str, Any], prompt_hashes: Mapping, co
 
 # --- init ----------------------------------------------------------------------------------------
 
-def _array_specs(attrs: Mapping) -> dict[str, tuple[tuple[int, ...], Any]]:
-    J, N = attrs["num_trajectories"], attrs["num_steps"]
-    C, H, W = attrs["latent_shape"]
-    specs: dict[str, tuple[tuple[int, ...], Any]] = {
-        "seed": ((J,), "int64"), "prompt_id": ((J,), "int64"), "prompt": ((J,), str),
-        "coarse": ((J, N + 1, C, H, W), "float32"), "delta": ((J, N, C, H, W), "float32"),
-    }
-    for name, shape in attrs["conditioning_shapes"].items():
-        specs[name] = ((J, *shape), "float32")
-    specs["done"] = ((J,), "uint8")
-    return specs
-
 
 def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, train_csv: str | Path,
                manifest: str | Path, *, key: str | None = None, teacher=None) -> dict[str, Any]:
@@ -304,7 +137,7 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
     """
     from rapm.teacher import encode_prompts, load_teacher
 
-    zarr = _zarr()
+    zarr = import_zarr()
     from zarr.codecs import Crc32cCodec
 
     path = store_path(directory)
@@ -323,7 +156,7 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
             old = dict(zarr.open_group(path, mode="r").attrs)
         except Exception:  # noqa: BLE001 - an unreadable store is re-created
             old = {}
-        differs = [k for k in FINGERPRINT if _jsonable(_attr(old, k)) != _jsonable(_attr(attrs, k))]
+        differs = [k for k in FINGERPRINT if jsonable(attr(old, k)) != jsonable(attr(attrs, k))]
         if not differs:
             done = int(np.asarray(zarr.open_group(path, mode="r")["done"][:]).sum())
             if old.get("batch_size") != attrs["batch_size"] and done:
@@ -339,7 +172,7 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
     group = zarr.open_group(path, mode="w")
     chunk = attrs["trajectories_per_chunk"]
     arrays = {}
-    for name, (shape, dtype) in _array_specs(attrs).items():  # unwritten rows read as NaN / -1 / not done
+    for name, (shape, dtype) in array_specs(attrs).items():  # unwritten rows read as NaN / -1 / not done
         fill = {"float32": np.nan, "int64": -1, "uint8": 0}.get(dtype)
         arrays[name] = group.create_array(name, shape=shape, chunks=(chunk, *shape[1:]), dtype=dtype, fill_value=fill,
                                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
@@ -393,7 +226,7 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
     """
     from rapm.teacher import load_teacher
 
-    zarr = _zarr()
+    zarr = import_zarr()
     t_start = time.perf_counter()
     path = store_path(directory)
     if not (path / "zarr.json").is_file():
@@ -407,7 +240,7 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
     start, stop = shard_range(J, S, shard, math.lcm(B, attrs["trajectories_per_chunk"]))
     done = np.asarray(group["done"][start:stop]).astype(bool)
     chunk = attrs["trajectories_per_chunk"]
-    for k, lines in _chunk_problems(path, attrs, start, stop).items():  # repair: recompute what lost its chunks
+    for k, lines in chunk_problems(path, attrs, start, stop).items():  # repair: recompute what lost its chunks
         rows = slice(k * chunk - start, (k + 1) * chunk - start)
         if done[rows].any():
             log.warning("recomputing trajectories %d..%d: %s", k * chunk, min((k + 1) * chunk, stop) - 1, lines[0])
@@ -459,83 +292,10 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
 
 # --- verification and gather ---------------------------------------------------------------------
 
-def _chunk_problems(path: Path, attrs: Mapping, lo: int = 0, hi: int | None = None) -> dict[int, list[str]]:
-    """Chunk files of trajectories [lo, hi) that are missing or have the wrong size, by chunk index.
-
-    Cheap (a stat per file): every chunk is uncompressed plus a 4-byte CRC32C, so its size is known;
-    the variable-length prompt chunks are only checked to exist.
-    """
-    chunk, problems = attrs["trajectories_per_chunk"], {}
-    hi = attrs["num_trajectories"] if hi is None else hi
-    for name, (shape, dtype) in _array_specs(attrs).items():
-        size = None if dtype is str else math.prod((chunk, *shape[1:])) * np.dtype(dtype).itemsize + 4
-        rest = "".join("/0" for _ in shape[1:])
-        for k in range(lo // chunk, math.ceil(hi / chunk)):
-            file = path / name / "c" / f"{k}{rest}"
-            rows = f"{name}, trajectories {k * chunk}..{min((k + 1) * chunk, shape[0]) - 1}"
-            if not file.is_file():
-                problems.setdefault(k, []).append(f"chunk {file.relative_to(path)} ({rows}) is missing")
-            elif size is not None and file.stat().st_size != size:
-                problems.setdefault(k, []).append(f"chunk {file.relative_to(path)} ({rows}) is truncated or damaged: "
-                                                  f"{file.stat().st_size} bytes, expected {size}")
-    return problems
-
-
-def verify_store(directory: str | Path, *, full: bool = True) -> dict[str, Any]:
-    """Check a store is complete and intact; raise :class:`TrajectoryStoreError` listing what is wrong.
-
-    Always: format, shapes, every done flag set, every chunk file present with its exact size
-    (uncompressed + 4 checksum bytes). ``full``: also read every chunk (zarr checks its CRC32C), require
-    finite values (unwritten rows read as NaN), and return a SHA-256 of each array's contents.
-    """
-    zarr = _zarr()
-    path = store_path(directory)
-    if not (path / "zarr.json").is_file():
-        raise TrajectoryStoreError(f"{path}: no trajectory store here")
-    group = zarr.open_group(path, mode="r")
-    attrs = dict(group.attrs)
-    if attrs.get("format") != FORMAT:
-        raise TrajectoryStoreError(f"{path}: not a {FORMAT} store (format {attrs.get('format')!r})")
-    specs, chunk = _array_specs(attrs), attrs["trajectories_per_chunk"]
-    wrong = [n for n, (shape, _) in specs.items() if n not in group or tuple(group[n].shape) != tuple(shape)]
-    if wrong:
-        raise TrajectoryStoreError(f"{path}: array(s) {wrong} missing or of the wrong shape; re-create the store")
-    try:
-        done = np.asarray(group["done"][:])
-    except Exception as err:  # noqa: BLE001 - zarr raises ValueError on a checksum mismatch
-        raise TrajectoryStoreError(f"{path}: the done flags are damaged ({err}); re-create the store") from err
-    problems: list[str] = []
-    missing = np.flatnonzero(done != 1)
-    if len(missing):
-        problems.append(f"{len(missing)} of {len(done)} trajectories are not computed (first: "
-                        f"{missing[:10].tolist()}); run their shards (they resume)")
-    for k, lines in sorted(_chunk_problems(path, attrs).items()):
-        if done[k * chunk:(k + 1) * chunk].any():  # chunks of uncomputed trajectories are not written yet
-            problems += [line + "; rerun its shard, which recomputes it" for line in lines]
-    digests: dict[str, str] = {}
-    if full and not problems:
-        for name in specs:
-            h, arr = hashlib.sha256(), group[name]
-            for k in range(math.ceil(arr.shape[0] / chunk)):
-                try:
-                    block = arr[k * chunk:(k + 1) * chunk]
-                except Exception as err:  # noqa: BLE001
-                    problems.append(f"chunk {k} of {name!r} (trajectories from {k * chunk}) is damaged: {err}")
-                    continue
-                if block.dtype.kind == "f" and not np.isfinite(block).all():
-                    problems.append(f"chunk {k} of {name!r} (trajectories from {k * chunk}) holds non-finite values")
-                h.update("\0".join(block.tolist()).encode() if name == "prompt" else np.ascontiguousarray(block).tobytes())
-            digests[name] = h.hexdigest()
-    if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise TrajectoryStoreError(f"trajectory store {path} is incomplete or damaged:\n{shown}{more}")
-    return {"attrs": attrs, "sha256": digests}
-
 
 def gather(directory: str | Path, shard_summaries: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     """Verify the whole store (every chunk read), mark it complete, consolidate its metadata, write ``out``."""
-    zarr = _zarr()
+    zarr = import_zarr()
     path = store_path(directory)
     summaries = [json.loads(Path(p).read_text(encoding="utf-8")) for p in shard_summaries]
     for p in path.rglob("*.partial"):  # temporary files of a killed writer; the chunks themselves are atomic
@@ -564,72 +324,3 @@ def gather(directory: str | Path, shard_summaries: Sequence[str | Path], out: st
 
 # --- reader --------------------------------------------------------------------------------------
 
-class TrajectoryDataset(Dataset):
-    """Random access to a gathered trajectory store, for training (one item = one trajectory).
-
-    Refuses a store that is not gathered, is damaged (chunk files checked on open, checksums on every
-    read), or whose attributes differ from ``expect`` (dotted names, see :func:`expected_attrs`; the error
-    names each attribute that differs). Items are dicts of CPU tensors: ``coarse`` (N+1, C, H, W) at
-    :attr:`coarse_timesteps` (``coarse[0]`` is the noise z̃_N), ``delta`` (N, C, H, W) at
-    :attr:`delta_timesteps`, ``prompt_embeds`` (and for SDXL ``pooled_embeds``, ``add_time_ids``), plus
-    ``index``, ``seed``, ``prompt_id`` and ``prompt``.
-    """
-
-    def __init__(self, directory: str | Path, expect: Mapping[str, Any] | None = None, *, verify: bool = True,
-                 num_steps: int | None = None):
-        zarr = _zarr()
-        self.path = store_path(directory)
-        if not (self.path / "zarr.json").is_file():
-            raise TrajectoryStoreError(f"{self.path}: no trajectory store here")
-        group = zarr.open_group(self.path, mode="r")
-        self.attrs = dict(group.attrs)
-        if not self.attrs.get("complete"):
-            raise TrajectoryStoreError(f"{self.path}: the store was not gathered (rule gather_trajectories / "
-                                       "`rapm trajectories gather`); it may be incomplete")
-        check_attrs(self.attrs, expect or {}, f"trajectory store {self.path}")
-        if verify:
-            verify_store(directory, full=False)
-        names = ["coarse", "delta", *COND_ARRAYS, "seed", "prompt_id", "prompt"]
-        self._arrays = {n: group[n] for n in names if n in group}
-        # a coarser student reads every (N_s / N)-th slot of the store (store_grid)
-        self.num_steps = int(num_steps or self.attrs["num_steps"])
-        self._coarse_idx, self._delta_idx = subgrid_indices(int(self.attrs["num_steps"]), self.num_steps)
-
-    @classmethod
-    def from_config(cls, directory: str | Path, cfg: Mapping[str, Any], teacher=None, *,
-                    prompts: str | Path | None = None, **kwargs) -> TrajectoryDataset:
-        """Open the store for the ``teacher`` and ``trajectories`` sections of a config (and a loaded
-        teacher): the teacher, its weights and the grid must match (:func:`expected_attrs`), and so must
-        the prompt set (:func:`prompt_attrs`: the number of trajectories ``trajectories.num_trajectories``
-        or, when null, ``prompts.num_train`` / the rows of ``prompts`` asks; the hash of ``prompts``, the
-        data stage's train.csv, when given). The error names the store, each attribute and both values."""
-        expect = {**expected_attrs(cfg["teacher"], cfg["trajectories"], teacher), **prompt_attrs(cfg, prompts)}
-        return cls(directory, expect, num_steps=int(cfg["trajectories"]["num_steps"]), **kwargs)
-
-    @property
-    def coarse_timesteps(self) -> list[int]:
-        return [self.attrs["coarse_timesteps"][i] for i in self._coarse_idx]
-
-    @property
-    def delta_timesteps(self) -> list[int]:
-        return [self.attrs["delta_timesteps"][i] for i in self._delta_idx]
-
-    def __len__(self) -> int:
-        return int(self.attrs["num_trajectories"])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        j = int(index)
-        if not -len(self) <= j < len(self):
-            raise IndexError(f"trajectory {index} outside [0, {len(self)})")
-        j %= len(self)
-        item: dict[str, Any] = {"index": j}
-        for name, arr in self._arrays.items():
-            try:
-                value = arr[j]
-            except Exception as err:  # noqa: BLE001 - zarr raises ValueError on a checksum mismatch
-                raise TrajectoryStoreError(f"trajectory store {self.path}: array {name!r}, trajectory {j}: chunk "
-                                           f"unreadable ({err}); the store is damaged, recompute it") from err
-            if name in ("coarse", "delta") and self.num_steps != int(self.attrs["num_steps"]):
-                value = np.asarray(value)[self._coarse_idx if name == "coarse" else self._delta_idx]
-            item[name] = str(value) if name == "prompt" else (int(value) if np.ndim(value) == 0 else torch.from_numpy(np.array(value)))
-        return item

@@ -38,7 +38,7 @@ class Damage:
 
 
 def _stores(results: Path, full: bool) -> list[Damage]:
-    from rapm.trajectories import TrajectoryStoreError, verify_store
+    from rapm.store import TrajectoryStoreError, verify_store
 
     out = []
     for manifest in sorted(results.glob("trajectories/*/manifest.json")):

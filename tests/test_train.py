@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rapm import store as TS
 from rapm import trajectories as T
 from rapm.config import validate, write_yaml
 from rapm.objective import generator_slot_loss, load_batch, slot_weights
@@ -420,7 +421,7 @@ def test_a_torn_last_log_line_is_dropped_and_a_corrupt_one_is_named(tiny_sd_dir,
 
 def test_a_store_of_another_prompt_set_is_refused(tiny_sd_dir, sd_store, tmp_path):
     from rapm.cli import main
-    from rapm.trajectories import TrajectoryStoreError
+    from rapm.store import TrajectoryStoreError
 
     where = re.escape(str(sd_store / "store.zarr"))
     cfg = {**make_cfg(tiny_sd_dir), "prompts": {"seed": 0, "num_train": 24, "num_eval": 4}}  # num_trajectories: null
@@ -525,7 +526,7 @@ def test_missing_inputs_are_named_before_the_teacher_is_loaded(tiny_sd_dir, sd_s
         raise AssertionError("the teacher was loaded before the inputs were checked")
 
     monkeypatch.setattr(rapm.teacher, "load_teacher", no_teacher)
-    with pytest.raises(T.TrajectoryStoreError, match=r"nonexistent/store\.zarr: no trajectory store here"):
+    with pytest.raises(TS.TrajectoryStoreError, match=r"nonexistent/store\.zarr: no trajectory store here"):
         Trainer(make_cfg(tiny_sd_dir), tmp_path / "nonexistent", tmp_path / "state")
     with pytest.raises(TrainingError, match=r"train\.csv: not found"):
         Trainer(make_cfg(tiny_sd_dir), sd_store, tmp_path / "state", prompts=tmp_path / "train.csv")

@@ -19,9 +19,11 @@ import pytest
 import torch
 import yaml
 
+from rapm import store as TS
 from rapm import trajectories as T
 from rapm.cli import main
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
+from rapm.shards import shard_range
 from rapm.teacher import decode_latents, encode_prompts, unet_eps
 from rapm.workflow import trajectory_store_key
 
@@ -80,7 +82,7 @@ def build(directory, teacher, prompt_files, *, only=None, **overrides):
 def arrays(directory):
     import zarr
 
-    group = zarr.open_group(T.store_path(directory), mode="r")
+    group = zarr.open_group(TS.store_path(directory), mode="r")
     return {name: np.asarray(group[name][:]) for name in group.array_keys()}
 
 
@@ -106,14 +108,14 @@ def test_store_layout_and_attributes(sd_store, sd_teacher, prompt_files):
 
     import zarr
 
-    group = zarr.open_group(T.store_path(directory), mode="r")
+    group = zarr.open_group(TS.store_path(directory), mode="r")
     assert all(group[n].chunks[0] == 1 and group[n].chunks[1:] == group[n].shape[1:] for n in a)
-    root = json.loads((T.store_path(directory) / "zarr.json").read_text())
+    root = json.loads((TS.store_path(directory) / "zarr.json").read_text())
     assert set(root["consolidated_metadata"]["metadata"]) == set(a)  # consolidated by gather
     attrs = dict(group.attrs)
     assert attrs["complete"] and attrs["format"] == "rapm-trajectories"
     assert attrs["teacher"]["path"] == sd_teacher.source and attrs["teacher"]["dtype"] == "float32"
-    assert attrs["teacher"]["weights_sha256"] == T.weights_sha256(sd_teacher)["all"]
+    assert attrs["teacher"]["weights_sha256"] == TS.weights_sha256(sd_teacher)["all"]
     assert set(attrs["teacher"]["component_sha256"]) == {"unet", "text_encoder", "vae", "all"}
     assert attrs["scheduler"]["timestep_spacing"] == "trailing" and attrs["scheduler"]["set_alpha_to_one"] is False
     assert (attrs["num_steps"], attrs["steps_per_slot"], attrs["guidance"]) == (N, M, 7.5)
@@ -178,7 +180,7 @@ def test_sdxl_conditioning_is_stored(sdxl_teacher, prompt_files, tmp_path):
     assert torch.equal(torch.from_numpy(a["pooled_embeds"][:3]), cond.pooled_embeds)
     assert torch.equal(torch.from_numpy(a["prompt_embeds"][:3]), cond.prompt_embeds)
     assert manifest["arrays"]["coarse"]["shape"] == [6, 5, 4, 8, 8]
-    item = T.TrajectoryDataset(tmp_path)[4]
+    item = TS.TrajectoryDataset(tmp_path)[4]
     assert item["pooled_embeds"].shape == (32,) and item["add_time_ids"].tolist() == [16, 16, 0, 0, 16, 16]
 
 
@@ -196,7 +198,7 @@ def test_shard_count_does_not_change_a_bit(sd_store, sd_teacher, prompt_files, t
     # A shard writes only its own index range (whole chunks): run shard 1 of 3 alone.
     alone = tmp_path / "alone"
     build(alone, sd_teacher, prompt_files, only=[1], shards=3)
-    root = T.store_path(alone) / "coarse" / "c"
+    root = TS.store_path(alone) / "coarse" / "c"
     chunks = sorted(int(p.relative_to(root).parts[0]) for p in root.glob("*/0/0/0/0"))
     assert chunks == [2, 3]
     assert arrays(alone)["done"].tolist() == [0, 0, 1, 1, 0, 0]
@@ -220,12 +222,12 @@ def test_shards_are_aligned_to_batches_and_chunks():
     for J in range(1, 23):
         for S in range(1, 6):
             for unit in (1, 2, 3, 4, 6):
-                ranges = [T.shard_range(J, S, s, unit) for s in range(S)]
+                ranges = [shard_range(J, S, s, unit) for s in range(S)]
                 assert ranges[0][0] == 0 and ranges[-1][1] == J
                 assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
                 assert all(start % unit == 0 for start, stop in ranges if start < J)
     with pytest.raises(ValueError):
-        T.shard_range(5, 2, 2, 1)
+        shard_range(5, 2, 2, 1)
 
 
 # --- resume ----------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ def test_resume_after_a_crash_mid_batch(sd_store, sd_teacher, prompt_files, tmp_
         T.compute_shard(tmp_path, tc, cfg, 0, teacher=sd_teacher, progress=False)
     monkeypatch.setattr(rapm.teacher, "unet_eps", real)
     assert arrays(tmp_path)["done"].tolist() == [1, 1, 0, 0, 0, 0]
-    with pytest.raises(T.TrajectoryStoreError, match="4 of 6 trajectories are not computed"):
+    with pytest.raises(TS.TrajectoryStoreError, match="4 of 6 trajectories are not computed"):
         T.gather(tmp_path, [], tmp_path / "manifest.json")
     again = T.compute_shard(tmp_path, tc, cfg, 0, teacher=sd_teacher, progress=False)
     assert again["computed_runs"] == [[2, 6]] and again["already_done"] == 2
@@ -324,7 +326,7 @@ def test_cli_limit_exits_75_without_summary_then_resumes(sd_teacher, prompt_file
 def test_reader_refuses_other_teacher_or_grid(sd_store, sd_teacher, sdxl_teacher):
     directory, _ = sd_store
     full = {"teacher": teacher_cfg(sd_teacher), "trajectories": CFG}
-    ds = T.TrajectoryDataset.from_config(directory, full, teacher=sd_teacher)
+    ds = TS.TrajectoryDataset.from_config(directory, full, teacher=sd_teacher)
     assert len(ds) == 6 and ds.coarse_timesteps == [999, 749, 499, 249, 0]
     for section, key, value, attr in [("trajectories", "guidance", 5.0, "guidance"),
                                       ("trajectories", "steps_per_slot", 10, "steps_per_slot"),
@@ -333,36 +335,36 @@ def test_reader_refuses_other_teacher_or_grid(sd_store, sd_teacher, sdxl_teacher
                                       ("teacher", "path", "rapm:tinysd", "teacher.path")]:
         bad = copy.deepcopy(full)
         bad[section][key] = value
-        with pytest.raises(T.TrajectoryStoreError, match=f"attribute '{attr}' differs") as err:
-            T.TrajectoryDataset.from_config(directory, bad)
+        with pytest.raises(TS.TrajectoryStoreError, match=f"attribute '{attr}' differs") as err:
+            TS.TrajectoryDataset.from_config(directory, bad)
         assert repr(value) in str(err.value)
-    with pytest.raises(T.TrajectoryStoreError, match="attribute 'teacher.weights_sha256' differs"):
-        T.TrajectoryDataset.from_config(directory, full, teacher=sdxl_teacher)
+    with pytest.raises(TS.TrajectoryStoreError, match="attribute 'teacher.weights_sha256' differs"):
+        TS.TrajectoryDataset.from_config(directory, full, teacher=sdxl_teacher)
 
 
 def test_reader_refuses_another_prompt_set_or_trajectory_count(sd_store, sd_teacher, prompt_files, tmp_path):
     import re
 
     directory, _ = sd_store
-    where = re.escape(str(T.store_path(directory)))
+    where = re.escape(str(TS.store_path(directory)))
     full = {"teacher": teacher_cfg(sd_teacher), "trajectories": CFG}  # num_trajectories: null, all 6 prompts
-    assert len(T.TrajectoryDataset.from_config(directory, full, prompts=prompt_files[0])) == 6
-    assert len(T.TrajectoryDataset.from_config(directory, {**full, "prompts": {"num_train": 6}})) == 6
-    with pytest.raises(T.TrajectoryStoreError, match=rf"{where} .*attribute 'num_trajectories' differs "
+    assert len(TS.TrajectoryDataset.from_config(directory, full, prompts=prompt_files[0])) == 6
+    assert len(TS.TrajectoryDataset.from_config(directory, {**full, "prompts": {"num_train": 6}})) == 6
+    with pytest.raises(TS.TrajectoryStoreError, match=rf"{where} .*attribute 'num_trajectories' differs "
                                                      r"\(store: 6, requested: 24\)"):
-        T.TrajectoryDataset.from_config(directory, {**full, "prompts": {"seed": 0, "num_train": 24, "num_eval": 2}})
+        TS.TrajectoryDataset.from_config(directory, {**full, "prompts": {"seed": 0, "num_train": 24, "num_eval": 2}})
     edited = tmp_path / "train.csv"
     edited.write_bytes(prompt_files[0].read_bytes().replace(b"green", b"brown"))
-    with pytest.raises(T.TrajectoryStoreError, match=rf"{where} .*attribute 'prompts\.train_csv_sha256' differs "
+    with pytest.raises(TS.TrajectoryStoreError, match=rf"{where} .*attribute 'prompts\.train_csv_sha256' differs "
                                                      r"\(store: '[0-9a-f]{64}', requested: '[0-9a-f]{64}'\)"):
-        T.TrajectoryDataset.from_config(directory, full, prompts=edited)
+        TS.TrajectoryDataset.from_config(directory, full, prompts=edited)
     fewer = tmp_path / "fewer.csv"  # one prompt dropped: both the hash and the count differ
     fewer.write_bytes(b"".join(prompt_files[0].read_bytes().splitlines(keepends=True)[:-1]))
-    with pytest.raises(T.TrajectoryStoreError, match=r"'num_trajectories' differs \(store: 6, requested: 5\)"):
-        T.TrajectoryDataset.from_config(directory, full, prompts=fewer)
+    with pytest.raises(TS.TrajectoryStoreError, match=r"'num_trajectories' differs \(store: 6, requested: 5\)"):
+        TS.TrajectoryDataset.from_config(directory, full, prompts=fewer)
     # an explicit num_trajectories is compared as before (a prefix of the same train.csv is the same prompt set)
-    with pytest.raises(T.TrajectoryStoreError, match=r"'num_trajectories' differs \(store: 6, requested: 4\)"):
-        T.TrajectoryDataset.from_config(directory, {**full, "trajectories": {**CFG, "num_trajectories": 4}},
+    with pytest.raises(TS.TrajectoryStoreError, match=r"'num_trajectories' differs \(store: 6, requested: 4\)"):
+        TS.TrajectoryDataset.from_config(directory, {**full, "trajectories": {**CFG, "num_trajectories": 4}},
                                         prompts=prompt_files[0])
 
 
@@ -393,7 +395,7 @@ def test_two_identical_precomputes_give_byte_identical_stores(sd_store, sd_teach
     done = subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / "again"), sd_teacher.source, *map(str, prompt_files),
                            json.dumps(CFG)], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    a, b = T.store_path(one), T.store_path(tmp_path / "again")
+    a, b = TS.store_path(one), TS.store_path(tmp_path / "again")
     files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
     assert "zarr.json" in files and len(files) > 40
@@ -404,7 +406,7 @@ def test_two_identical_precomputes_give_byte_identical_stores(sd_store, sd_teach
 def test_compute_refuses_a_store_made_for_other_settings(sd_teacher, prompt_files, tmp_path):
     tc = teacher_cfg(sd_teacher)
     T.init_store(tmp_path, tc, CFG, *prompt_files, teacher=sd_teacher)
-    with pytest.raises(T.TrajectoryStoreError, match="attribute 'guidance' differs"):
+    with pytest.raises(TS.TrajectoryStoreError, match="attribute 'guidance' differs"):
         T.compute_shard(tmp_path, tc, {**CFG, "guidance": 3.0}, 0, teacher=sd_teacher, progress=False)
     # init on the same directory with other settings starts over; with the same ones it keeps the store
     assert T.init_store(tmp_path, tc, {**CFG, "guidance": 3.0}, *prompt_files, teacher=sd_teacher)["differs"] == ["guidance"]
@@ -414,9 +416,9 @@ def test_compute_refuses_a_store_made_for_other_settings(sd_teacher, prompt_file
 def test_prompts_must_match_their_manifest(sd_teacher, prompt_files, tmp_path):
     csv = tmp_path / "train.csv"
     csv.write_bytes(prompt_files[0].read_bytes().replace(b"green", b"brown"))
-    with pytest.raises(T.TrajectoryStoreError, match="differs from"):
+    with pytest.raises(TS.TrajectoryStoreError, match="differs from"):
         T.init_store(tmp_path / "s", teacher_cfg(sd_teacher), CFG, csv, prompt_files[1], teacher=sd_teacher)
-    with pytest.raises(T.TrajectoryStoreError, match="num_trajectories = 7"):
+    with pytest.raises(TS.TrajectoryStoreError, match="num_trajectories = 7"):
         T.init_store(tmp_path / "s", teacher_cfg(sd_teacher), {**CFG, "num_trajectories": 7}, *prompt_files,
                      teacher=sd_teacher)
 
@@ -427,16 +429,16 @@ def test_prompts_must_match_their_manifest(sd_teacher, prompt_files, tmp_path):
 def damaged(sd_store, tmp_path):
     directory = tmp_path / "copy"
     shutil.copytree(sd_store[0], directory)
-    return directory, T.store_path(directory) / "coarse" / "c" / "3" / "0" / "0" / "0" / "0"
+    return directory, TS.store_path(directory) / "coarse" / "c" / "3" / "0" / "0" / "0" / "0"
 
 
 def test_missing_chunk_is_detected_and_repaired_by_its_shard(damaged, sd_store, sd_teacher):
     directory, chunk = damaged
     chunk.unlink()
     message = r"chunk coarse/c/3/0/0/0/0 \(coarse, trajectories 3..3\) is missing"
-    with pytest.raises(T.TrajectoryStoreError, match=message):
-        T.TrajectoryDataset(directory)
-    with pytest.raises(T.TrajectoryStoreError, match=message):
+    with pytest.raises(TS.TrajectoryStoreError, match=message):
+        TS.TrajectoryDataset(directory)
+    with pytest.raises(TS.TrajectoryStoreError, match=message):
         T.gather(directory, [], directory / "manifest.json")
     summary = T.compute_shard(directory, teacher_cfg(sd_teacher), CFG, 0, teacher=sd_teacher, progress=False)
     assert summary["computed_runs"] == [[3, 4]]  # the batch [2, 4) minus the intact trajectory 2
@@ -447,11 +449,11 @@ def test_missing_chunk_is_detected_and_repaired_by_its_shard(damaged, sd_store, 
 def test_truncated_chunk_is_detected(damaged):
     directory, chunk = damaged
     chunk.write_bytes(chunk.read_bytes()[:100])
-    with pytest.raises(T.TrajectoryStoreError, match=r"coarse/c/3/0/0/0/0 \(coarse, trajectories 3..3\) is truncated"):
-        T.TrajectoryDataset(directory)
-    ds = T.TrajectoryDataset(directory, verify=False)  # unchecked open: the read itself fails clearly
+    with pytest.raises(TS.TrajectoryStoreError, match=r"coarse/c/3/0/0/0/0 \(coarse, trajectories 3..3\) is truncated"):
+        TS.TrajectoryDataset(directory)
+    ds = TS.TrajectoryDataset(directory, verify=False)  # unchecked open: the read itself fails clearly
     assert ds[2]["coarse"].shape == (5, 4, 8, 8)
-    with pytest.raises(T.TrajectoryStoreError, match="array 'coarse', trajectory 3: chunk unreadable"):
+    with pytest.raises(TS.TrajectoryStoreError, match="array 'coarse', trajectory 3: chunk unreadable"):
         ds[3]
 
 
@@ -460,24 +462,24 @@ def test_corrupted_chunk_is_detected_by_its_checksum(damaged):
     data = bytearray(chunk.read_bytes())
     data[40] ^= 0xFF  # same size, one byte flipped
     chunk.write_bytes(bytes(data))
-    ds = T.TrajectoryDataset(directory)  # sizes are fine; the read checks the CRC32C
-    with pytest.raises(T.TrajectoryStoreError, match="trajectory 3: chunk unreadable"):
+    ds = TS.TrajectoryDataset(directory)  # sizes are fine; the read checks the CRC32C
+    with pytest.raises(TS.TrajectoryStoreError, match="trajectory 3: chunk unreadable"):
         ds[3]
-    with pytest.raises(T.TrajectoryStoreError, match="chunk 3 of 'coarse'.*is damaged"):
+    with pytest.raises(TS.TrajectoryStoreError, match="chunk 3 of 'coarse'.*is damaged"):
         T.gather(directory, [], directory / "manifest.json")
 
 
 def test_ungathered_store_is_refused(sd_teacher, prompt_files, tmp_path):
     T.init_store(tmp_path, teacher_cfg(sd_teacher), CFG, *prompt_files, teacher=sd_teacher)
-    with pytest.raises(T.TrajectoryStoreError, match="not gathered"):
-        T.TrajectoryDataset(tmp_path)
+    with pytest.raises(TS.TrajectoryStoreError, match="not gathered"):
+        TS.TrajectoryDataset(tmp_path)
 
 
 # --- reader ------------------------------------------------------------------------------------------
 
 def test_dataset_random_access_and_dataloader(sd_store):
     directory, _ = sd_store
-    ds, a = T.TrajectoryDataset(directory), arrays(directory)
+    ds, a = TS.TrajectoryDataset(directory), arrays(directory)
     for j in (5, 0, 3, -1):
         item = ds[j]
         k = j % 6
@@ -534,10 +536,10 @@ def test_a_coarser_student_reads_a_sub_grid_equal_to_its_own_store(sd_store, sd_
     every 2nd coarse slot and Δ-state of the N = 4 store IS the N = 2 store (bitwise, same batch size)."""
     own = tmp_path / "n2"
     build(own, sd_teacher, prompt_files, num_steps=2, steps_per_slot=4)
-    direct = T.TrajectoryDataset(own)
+    direct = TS.TrajectoryDataset(own)
     cfg = {"teacher": teacher_cfg(sd_teacher),
            "trajectories": {**CFG, "num_steps": 2, "steps_per_slot": 4, "store_steps": 4}}
-    view = T.TrajectoryDataset.from_config(sd_store[0], cfg, sd_teacher)
+    view = TS.TrajectoryDataset.from_config(sd_store[0], cfg, sd_teacher)
     assert view.coarse_timesteps == direct.coarse_timesteps == coarse_timesteps(2)
     assert view.delta_timesteps == direct.delta_timesteps
     for j in range(len(direct)):
@@ -545,12 +547,12 @@ def test_a_coarser_student_reads_a_sub_grid_equal_to_its_own_store(sd_store, sd_
         assert a["coarse"].shape[0] == 3 and a["delta"].shape[0] == 2
         for name in ("coarse", "delta", "prompt_embeds"):
             assert torch.equal(a[name], b[name]), (j, name)
-    assert T.store_grid(cfg["trajectories"])["steps_per_slot"] == 2
+    assert TS.store_grid(cfg["trajectories"])["steps_per_slot"] == 2
     base = {"data": {"source": "toy"}, "prompts": {"seed": 0, "num_train": 6},
             "teacher": {**cfg["teacher"], "revision": None, "variant": None}}
     assert trajectory_store_key({**base, "trajectories": cfg["trajectories"]}) == trajectory_store_key({**base, "trajectories": CFG})
     with pytest.raises(ValueError, match="store_steps 3 must be a multiple of num_steps 2"):
-        T.store_grid({**cfg["trajectories"], "store_steps": 3})
-    with pytest.raises(T.TrajectoryStoreError, match="steps_per_slot"):  # a store of another fine grid
-        T.TrajectoryDataset.from_config(sd_store[0], {**cfg, "trajectories": {**cfg["trajectories"], "steps_per_slot": 3,
+        TS.store_grid({**cfg["trajectories"], "store_steps": 3})
+    with pytest.raises(TS.TrajectoryStoreError, match="steps_per_slot"):  # a store of another fine grid
+        TS.TrajectoryDataset.from_config(sd_store[0], {**cfg, "trajectories": {**cfg["trajectories"], "steps_per_slot": 3,
                                                                             "store_steps": 2}}, sd_teacher)
