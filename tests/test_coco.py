@@ -1,4 +1,4 @@
-"""Tests of rapm.coco: captions loading, and the fetch from file://, local paths and a loopback HTTP server."""
+"""Tests of rapm.coco and rapm.download: captions loading, and the fetch from file://, local paths and a loopback HTTP server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rapm import coco
+from rapm import coco, download
 from rapm.coco import CaptionsFormatError, FetchError, fetch_captions, load_captions
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def cfg_for(url: str, sha256: str | None = None, local_path: str | None = None, 
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(coco, "BACKOFF_BASE_S", 0.001)
+    monkeypatch.setattr(download, "BACKOFF_BASE_S", 0.001)
 
 
 def files_in(directory: Path) -> list[str]:
@@ -153,7 +153,7 @@ def test_fetch_file_url_resumes_partial_download(tmp_path, archive, originals, c
     cache.mkdir()
     half = len(data) // 2
     (cache / "annotations_trainval2014.zip.part").write_bytes(data[:half])
-    with caplog.at_level(logging.INFO, logger="rapm.coco"):
+    with caplog.at_level(logging.INFO, logger="rapm"):
         fetch_captions(cfg_for(archive.as_uri(), coco.sha256_file(archive)), out_dir=tmp_path / "out", cache_dir=cache)
     assert f"at byte {half}" in caplog.text
     assert (cache / "annotations_trainval2014.zip").read_bytes() == data
@@ -370,7 +370,7 @@ def test_http_404_is_not_retried(tmp_path, server):
 
 def test_http_503_retried_with_exponential_backoff(tmp_path, server, monkeypatch):
     delays = []
-    monkeypatch.setattr(coco.time, "sleep", delays.append)
+    monkeypatch.setattr(download.time, "sleep", delays.append)
     url = f"{server}/down/annotations_trainval2014.zip"
     with pytest.raises(FetchError, match="after 4 attempt"):
         fetch_captions(cfg_for(url, retries=4), out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
