@@ -38,7 +38,7 @@ import pandas as pd
 import rapm
 from rapm.download import CHUNK_BYTES, FetchError, download
 from rapm.errors import RapmError
-from rapm.io import atomic_path, sha256_file, write_json
+from rapm.io import atomic_path, sha256_file, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,6 @@ def fetch_captions(coco_cfg: Mapping[str, Any], out_dir: str | Path, cache_dir: 
             raise
 
     summary = {
-        "stage": "fetch-coco",
         "rapm_version": rapm.__version__,
         "source": str(local) if local is not None else coco_cfg["url"],
         "archive": None if archive is None else archive.name,
@@ -306,6 +305,6 @@ def fetch_captions(coco_cfg: Mapping[str, Any], out_dir: str | Path, cache_dir: 
                   for name, path in outputs.items()},
         "wall_time_s": round(time.monotonic() - started, 3),
     }
-    write_json(out_dir / "summary.json", summary)
+    summary = write_summary(out_dir / "summary.json", "fetch-coco", summary, libraries=("rapm", "pandas"))
     log.info("wrote %s to %s", ", ".join(CAPTION_FILES), out_dir)
     return summary

@@ -17,6 +17,9 @@
   indented, sorted keys, trailing newline; ``indent=None`` for compact files).
 * :func:`optimizer_tensors`, :func:`load_optimizer_tensors`: an optimizer's state as flat tensors for
   safetensors checkpoints, and back.
+* :func:`write_summary`: the one writer of a stage's summary JSON (trajectory shards and manifest,
+  training, the COCO fetch): the stage's own fields plus ``stage``, ``versions``, ``peak_rss_mb``,
+  ``peak_gpu_mb`` (:func:`resource_fields`) and the SHA-256 of its final outputs.
 * :func:`library_versions`, :func:`peak_rss_mb`: what a stage summary records about its environment.
 * :func:`sha256_file`, :func:`umask_mode`, :func:`apply_umask_mode`.
 """
@@ -136,6 +139,36 @@ def library_versions(libraries: Iterable[str] = LIBRARIES) -> dict[str, str]:
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resource_fields(device: Any = None) -> dict[str, float | None]:
+    """``peak_rss_mb`` of this process and ``peak_gpu_mb`` (CUDA max allocated; None off CUDA), rounded to 0.1."""
+    gpu = None
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": gpu}
+
+
+def write_summary(path: str | Path, stage: str, fields: Mapping[str, Any], *, outputs: Iterable[str | Path] = (),
+                  device: Any = None, libraries: Iterable[str] = LIBRARIES) -> dict[str, Any]:
+    """Write a stage's summary to ``path`` (:func:`write_json`) and return it.
+
+    The summary is ``fields`` plus, where ``fields`` does not set them already: ``stage``, the
+    :func:`resource_fields` of ``device`` and ``versions`` (:func:`library_versions` of
+    ``libraries``); ``sha256`` gains ``{file name: sha256}`` of each path in ``outputs``.
+    """
+    summary = {"stage": stage, **fields}
+    for key, value in resource_fields(device).items():
+        summary.setdefault(key, value)
+    if "versions" not in summary:
+        summary["versions"] = library_versions(libraries)
+    outputs = [Path(p) for p in outputs]
+    if outputs:
+        summary["sha256"] = {**summary.get("sha256", {}), **{p.name: sha256_file(p) for p in outputs}}
+    write_json(path, summary)
+    return summary
 
 
 def optimizer_tensors(prefix: str, opt) -> dict[str, Any]:

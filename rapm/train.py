@@ -342,7 +342,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     the data stage's train.csv, which the store must have been computed from (hash and, with
     ``trajectories.num_trajectories: null``, row count checked; see ``TrajectoryDataset.from_config``).
     """
-    from rapm.io import library_versions, peak_rss_mb, sha256_file, write_json
+    from rapm.io import write_json, write_summary
 
     t0 = time.time()
     tcfg = cfg["train"]
@@ -415,20 +415,17 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
         "train_seconds_logged": round(float(sum(r["seconds"] for r in records)), 1),  # all invocations
         "seconds_per_iteration": float(np.mean([r["seconds"] for r in records])) if records else None,
         "unet_evaluations_per_update": per_kind,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "device": str(device),
         "threads": torch.get_num_threads(),  # torch CPU threads the run used
         "lora_modules": n_modules,
         "lora_bytes": (out_dir / "lora.safetensors").stat().st_size,
-        "sha256": {"lora.safetensors": sha256_file(out_dir / "lora.safetensors")},
         "num_trajectories": len(trainer.subset),
         "trajectory_store": str(trajectories),
         "final_losses": {t: float(np.mean([r[t] for r in records[-100:] if t in r]))
                          for t in LOSS_TERMS if any(t in r for r in records[-100:])},
-        "versions": library_versions(),
         "config": {k: cfg[k] for k in ("teacher", "trajectories", "train")},
     }
-    write_json(out_dir / "summary.json", summary)
+    summary = write_summary(out_dir / "summary.json", "train", summary, outputs=[out_dir / "lora.safetensors"],
+                            device=device)
     log.info("RAPM done: %d iterations, LoRA with %d modules in %s", total, n_modules, out_dir / "lora.safetensors")
     return summary

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from rapm.io import LIBRARIES, library_versions, peak_rss_mb, sha256_file, write_json
+from rapm.io import LIBRARIES, library_versions, resource_fields, sha256_file, write_summary
 from rapm.progress import Progress
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
 from rapm.shards import item_seed, shard_range
@@ -281,8 +281,7 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
         "batch_size": B, "device": str(teacher.device), "threads": torch.get_num_threads(),
         "wall_s": round(wall, 3), "compute_s": round(compute_s, 3),
         "trajectories_per_s": round(len(computed) / compute_s, 4) if computed else None,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if teacher.device.type == "cuda" else None,
+        **resource_fields(teacher.device),
         "teacher_weights_sha256": attrs["teacher"]["weights_sha256"], "versions": library_versions(LIBRARIES),
     }
     log.info("shard %d/%d: computed %d trajectories in %.1f s (%.1f s with loading; %d remaining), peak RSS %.0f MB",
@@ -316,7 +315,7 @@ def gather(directory: str | Path, shard_summaries: Sequence[str | Path], out: st
                                           "device", "wall_s", "compute_s", "peak_rss_mb")} for s in summaries],
         "versions": attrs["versions"],
     }
-    write_json(out, manifest)
+    manifest = write_summary(out, "trajectories-gather", manifest)
     log.info("gathered %s: %d trajectories verified, %.1f MB", path, attrs["num_trajectories"],
              manifest["bytes_on_disk"] / 1e6)
     return manifest

@@ -119,6 +119,27 @@ def test_library_versions_and_peak_rss():
     assert 10 < peak_rss_mb() < 1e6
 
 
+def test_write_summary_adds_the_common_fields_and_keeps_the_stages_own(tmp_path):
+    import hashlib
+    import json
+    import platform
+
+    from rapm.io import write_summary
+
+    out = tmp_path / "lora.safetensors"
+    out.write_bytes(b"weights")
+    summary = write_summary(tmp_path / "summary.json", "train", {"iterations": 3, "sha256": {"x": "y"}},
+                            outputs=[out], device="cpu", libraries=("numpy",))
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["stage"] == "train" and summary["iterations"] == 3
+    assert summary["versions"] == {"python": platform.python_version(), "numpy": np.__version__}
+    assert summary["sha256"] == {"x": "y", "lora.safetensors": hashlib.sha256(b"weights").hexdigest()}
+    assert summary["peak_gpu_mb"] is None and 10 < summary["peak_rss_mb"] < 1e6
+    kept = write_summary(tmp_path / "s2.json", "shard", {"peak_rss_mb": 1.5, "versions": {"zarr": "3"}})
+    assert kept["peak_rss_mb"] == 1.5 and kept["versions"] == {"zarr": "3"}  # the stage's own values win
+    assert "sha256" not in kept
+
+
 def test_optimizer_tensors_round_trip(tmp_path):
     from safetensors.torch import load_file
 
