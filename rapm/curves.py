@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from rapm.io import write_json
+from rapm.protocol import Protocol, fd_label
 from rapm.shards import item_seed
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,7 @@ log = logging.getLogger(__name__)
 
 def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: list[dict], prompts_csv: str | Path,
                    num_images: int, out_json: str | Path, out_png: str | Path) -> dict[str, Any]:
-    from rapm.evaluate import reference_images, toy_accuracy
-    from rapm.metrics import feature_extractor, frechet_distance, gaussian_stats, resize_all
+    from rapm.metrics import frechet_distance, gaussian_stats, resize_all
     from rapm.sample import base_weights, fuse_row_lora, generate, restore_base
     from rapm.teacher import load_teacher
 
@@ -37,8 +37,9 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
     captions = list(prompts["caption"])
     fid_cfg = cfg["evaluation"]["fid"]
     res = int(min(fid_cfg["resolutions"]))
-    extract = feature_extractor(fid_cfg["features"], inception_weights=fid_cfg["inception_weights"])
-    ref = gaussian_stats(extract(resize_all(reference_images(cfg, prompts), res)))
+    protocol = Protocol.from_config(cfg)
+    extract = protocol.extractor()
+    ref = gaussian_stats(extract(resize_all(protocol.reference_images(prompts), res)))
     seed, bs = int(cfg["sampling"]["seed"]), int(cfg["sampling"]["batch_size"])
     points = []
     teacher = load_teacher(cfg["teacher"])  # once: each snapshot's LoRA is fused, then the base weights restored
@@ -55,8 +56,8 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
             for i in range(0, len(captions), bs)])
         point = {"iteration": snap["iteration"],
                  "fid": frechet_distance(*gaussian_stats(extract(resize_all(images, res))), *ref)}
-        if cfg["data"]["source"] == "toy":
-            acc = toy_accuracy(images, captions)
+        acc = protocol.reader_accuracy_of(images, captions)
+        if acc is not None:
             point.update(accuracy=acc["all"], colour=acc["colour"])
         log.info("iteration %d: %s", snap["iteration"], point)
         points.append(point)
@@ -77,8 +78,7 @@ def plot_curve(result: Mapping[str, Any], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     ax.plot(its, [p["fid"] for p in result["points"]], "o-", color="C0")
     ax.set_xlabel("training iteration (iteration 0: the undistilled teacher, guidance 1)")
-    label = "FID" if result["features"] == "inception" else "FD (toy CLIP features)"
-    ax.set_ylabel(f"{label}, {result['images']} images", color="C0")
+    ax.set_ylabel(f"{fd_label(result['features'])}, {result['images']} images", color="C0")
     if "accuracy" in result["points"][0]:
         ax2 = ax.twinx()
         ax2.plot(its, [p["colour"] for p in result["points"]], "s--", color="C1")

@@ -35,60 +35,19 @@ import pandas as pd
 
 from rapm.metrics import (
     MetricsError,
-    center_crop_resize,
-    feature_extractor,
     frechet_distance,
     gaussian_stats,
     protocol_summary,
     reference_protocol,
     resize_all,
 )
+from rapm.protocol import READER_ATTRIBUTES, Protocol
 from rapm.sample import num_images
 from rapm.stats import bootstrap_indices, interval
 
 log = logging.getLogger(__name__)
 
 METRICS_FORMAT = "rapm-metrics/1"
-
-
-def reference_images(cfg: Mapping[str, Any], prompts: pd.DataFrame) -> np.ndarray:
-    """uint8 (n, H, W, 3) reference images of the evaluation prompts (native size; resized later)."""
-    if cfg["data"]["source"] == "toy":
-        from rapm.toy.captions import reference_image
-
-        size = int(cfg["data"]["toy"]["image_size"])
-        return np.stack([reference_image(c, int(i), size) for c, i in zip(prompts["caption"], prompts["image_id"])])
-    from PIL import Image
-
-    root = cfg["evaluation"]["reference"]["images_dir"]
-    if not root:
-        raise MetricsError("evaluation.reference.images_dir is not set: FID of the SD profiles needs the COCO val2014 "
-                           "images (val2014/COCO_val2014_*.jpg from images.cocodataset.org/zips/val2014.zip)")
-    largest = max(int(r) for r in cfg["evaluation"]["fid"]["resolutions"])
-    out = []
-    for name in prompts["file_name"]:
-        path = Path(root) / name
-        if not path.is_file():
-            raise MetricsError(f"{path}: reference image of an evaluation prompt not found in evaluation.reference.images_dir")
-        out.append(center_crop_resize(np.asarray(Image.open(path).convert("RGB")), largest))
-    return np.stack(out)
-
-
-def toy_accuracy(images: np.ndarray, captions: list[str]) -> dict[str, float]:
-    """The attribute reader's accuracies of toy images against the scenes of their captions (without ``n``)."""
-    from rapm.toy.reader import accuracy
-    from rapm.toy.scene import parse_caption
-
-    return {k: float(v) for k, v in accuracy(images, [parse_caption(c) for c in captions]).items() if k != "n"}
-
-
-def toy_scores(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
-    """Per-image reader scores {attribute: (n,) floats}; their means are :func:`toy_accuracy`."""
-    from rapm.toy.reader import compare, read_scenes
-    from rapm.toy.scene import parse_caption
-
-    rows = [compare(f, parse_caption(c)) for f, c in zip(read_scenes(images), captions)]
-    return {key: np.array([r[key] for r in rows], dtype=np.float64) for key in rows[0]}
 
 
 def pixel_rmse(images: np.ndarray, teacher: np.ndarray) -> np.ndarray:
@@ -110,8 +69,9 @@ def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
     prompts = prompts.iloc[:num_images(cfg["sampling"], len(prompts))]
     fid = cfg["evaluation"]["fid"]
-    extract = feature_extractor(fid["features"], inception_weights=fid["inception_weights"])
-    images = reference_images(cfg, prompts)
+    protocol = Protocol.from_config(cfg)
+    extract = protocol.extractor()
+    images = protocol.reference_images(prompts)
     arrays = {}
     for res in fid["resolutions"]:
         mu, sigma = gaussian_stats(extract(resize_all(images, int(res))))
@@ -145,7 +105,8 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     if len(images) < required:
         raise MetricsError(f"row {row['name']!r}: {len(images)} images, the protocol asks for {required}; FID on fewer "
                            "images is biased and not comparable (sample more, or lower evaluation.fid.min_images)")
-    extract = feature_extractor(ecfg["fid"]["features"], inception_weights=ecfg["fid"]["inception_weights"])
+    protocol = Protocol.from_config(cfg)
+    extract = protocol.extractor()
     resamples = int(ecfg.get("bootstrap", 0) or 0)
     idx = bootstrap_indices(len(images), resamples) if resamples else None
     replicates: dict[str, np.ndarray] = {}  # same image indices for every row: differences are paired
@@ -175,11 +136,11 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
                      "profile": cfg.get("profile")},
         "wall_time_s": None,
     }
-    if cfg["data"]["source"] == "toy" and ecfg["reader_accuracy"]:
-        scores = toy_scores(images, captions)
+    scores = protocol.reader_scores(images, captions)
+    if scores is not None:
         result["accuracy"] = {k: float(v.mean()) for k, v in scores.items()}
         if idx is not None:
-            for k in ("all", "colour", "shape", "position"):
+            for k in ("all", *READER_ATTRIBUTES):
                 if k in scores:
                     replicates[f"accuracy_{k}"] = scores[k][idx].mean(axis=1)
     if teacher_manifests:
@@ -211,7 +172,7 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
             part = {"images": len(idx), "clip_score": clip_score(images[idx], [captions[i] for i in idx], clip,
                                                                  prefix=ecfg["clip"]["prefix"])}
             if result["accuracy"] is not None:
-                part["accuracy"] = toy_accuracy(images[idx], [captions[i] for i in idx])
+                part["accuracy"] = protocol.reader_accuracy_of(images[idx], [captions[i] for i in idx])
             result["partitions"][str(k)] = part
     result["wall_time_s"] = round(time.time() - t0, 1)
     validate_metrics(result)

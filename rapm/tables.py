@@ -19,6 +19,7 @@ import pandas as pd
 
 from rapm.config import split_replicate
 from rapm.io import write_text
+from rapm.protocol import READER_ATTRIBUTES, Protocol
 from rapm.stats import interval, seed_replicates
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,8 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     """{name: (table, footnotes)} for main, ablations and resources."""
     variants = cfg.get("variants", {})
     resolutions = [str(r) for r in cfg["evaluation"]["fid"]["resolutions"]]
-    fid_name = "FID" if cfg["evaluation"]["fid"]["features"] == "inception" else "FD (toy CLIP features)"
+    protocol = Protocol.from_config(cfg)
+    fid_name = protocol.fd_label
     traj_by_key = {t["key"]: t for t in trajectories}
     traj_hours = {k: _hours(sum(s.get("wall_s") or 0 for s in t["shards"])) for k, t in traj_by_key.items()}
     summary_by_variant = {}
@@ -209,7 +211,6 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     metrics = group_replicates(metrics)
     by_row = {m["row"]: m for m in metrics}
     seeds = sorted({m.get("seeds", 1) for m in metrics if m["kind"] in ("student", "msd")})
-    is_toy = cfg["data"]["source"] == "toy"
 
     def measured(m: Mapping) -> dict:
         s = summary_by_variant.get(m["row"]) if m["kind"] in ("student", "msd") else None
@@ -232,9 +233,9 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
         row["RMSE to teacher (same noise)"] = _with_interval(m, td.get("rmse"), "teacher_rmse")
         row["FD to teacher's samples"] = _with_interval(m, td.get("fd"), "teacher_fd")
         row["CLIP"] = m["clip_score"]
-        if is_toy and m.get("accuracy"):
+        if protocol.reader_accuracy and m.get("accuracy"):
             row["accuracy (all attributes)"] = _with_interval(m, m["accuracy"].get("all"), "accuracy_all")
-            for k in ("colour", "shape", "position"):
+            for k in READER_ATTRIBUTES:
                 row[k] = _with_interval(m, m["accuracy"].get(k), f"accuracy_{k}")
         row["real images"] = "no" if m["kind"] != "external" else ""
         return row
@@ -254,10 +255,7 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
                  "teacher's samples: Fréchet distance to the teacher row's images."
                  + (f" (a, b): 95% bootstrap interval over images ({boot['resamples']} resamples)." if boot else "")
                  + seeds_note(seeds))
-    if is_toy:
-        notes.append("Toy profile: the Fréchet distance uses the toy CLIP's image features (not Inception) and the "
-                     "reference images are renders of the evaluation prompts; accuracy is the attribute reader's "
-                     "prompt following. None of these numbers is comparable to the published rows below.")
+    notes.extend(protocol.table_notes())
 
     published = pd.read_csv(PUBLISHED, dtype=str, keep_default_na=False)
     family = {"sd15": "sd15", "sdxl": "sdxl"}.get(str(cfg["profile"]))
@@ -274,7 +272,7 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     base = students[0] if students else None
     labels = {f"fid_{r}": f"{fid_name} @{r}" for r in resolutions}
     labels["teacher_rmse"] = "RMSE to teacher"
-    if is_toy:
+    if protocol.reader_accuracy:
         labels["accuracy_all"] = "accuracy"
     metric_keys = [(label, lambda m, rep=rep: _metric(m, rep), rep) for rep, label in labels.items()]
     abl_rows = []
@@ -345,7 +343,7 @@ def write_tables(cfg: Mapping[str, Any], *, metrics: Sequence[str | Path], train
         md = f"**{name}** ({cfg['profile']} profile)\n\n" + to_markdown(table)
         csv = expand_intervals(table)
         if extra is not None:
-            md += "\nPublished reference rows" + (" (a separate block: other models, data and protocols)" if cfg["data"]["source"] == "toy" else "") + ":\n\n" + to_markdown(extra)
+            md += f"\n{Protocol.from_config(cfg).published_heading}\n\n" + to_markdown(extra)
             csv = pd.concat([csv.assign(protocol=f"this run ({cfg['profile']})", source="measured"), extra], ignore_index=True)
         md += "\n" + "\n".join(f"{i + 1}. {n}" for i, n in enumerate(notes)) + "\n"
         write_text(out_dir / f"{name}.md", md)

@@ -35,7 +35,7 @@ FAULTS = [
     ("sample: before the second batch", "sample rapm.sample:generate 2"),
     ("sample: mid-batch, 12 of 20 PNGs written", "sample rapm.sample:_write_png 13"),
     ("sample: every PNG written, before the manifest", "sample pandas.core.generic:NDFrame.to_csv 1"),
-    ("evaluate: images read, before the reader's scores", "evaluate rapm.evaluate:toy_scores 1"),
+    ("evaluate: images read, before the reader's scores", "evaluate rapm.protocol:Protocol.reader_scores 1"),
     ("evaluate: before the Fréchet distances", "evaluate rapm.evaluate:fd_replicates 1"),
     ("evaluate: every metric computed, before the metrics file", "evaluate rapm.io:write_json 1"),
 ]
