@@ -260,7 +260,7 @@ def trajectory_row(check: Check, teacher, name: str) -> Row:
 
 def sampling_row(check: Check, teacher, name: str) -> Row:
     """N-step sampling through rapm.sample.generate (the pipeline: text encoders, UNet, VAE decode)."""
-    from rapm.sample import generate
+    from rapm.pipeline import generate
 
     B = check.args.sample_batch or (2 if check.tiny else 4)
     prompts, seeds = [f"a photograph of object number {j}" for j in range(B)], list(range(B))

@@ -25,7 +25,7 @@ import torch
 
 def main(argv=None) -> int:
     from rapm.metrics import feature_extractor, frechet_distance, gaussian_stats
-    from rapm.sample import generate, load_row_pipeline
+    from rapm.pipeline import generate, load_row_pipeline
     from rapm.shards import item_seed
     from rapm.toy.captions import reference_image
     from rapm.toy.reader import accuracy

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: list[dict], prompts_csv: str | Path,
                    num_images: int, out_json: str | Path, out_png: str | Path) -> dict[str, Any]:
     from rapm.metrics import frechet_distance, gaussian_stats, resize_all
-    from rapm.sample import base_weights, fuse_row_lora, generate, restore_base
+    from rapm.pipeline import base_weights, fuse_row_lora, generate, restore_base
     from rapm.teacher import load_teacher
 
     prompts = pd.read_csv(prompts_csv, keep_default_na=False).iloc[:num_images]

@@ -12,6 +12,8 @@ cost stays that of one student). Groups come from the teacher's text embedding p
 
 :class:`Router` holds the fitted centre, components, medians (or centroids); it is saved with the
 students as safetensors (arrays) plus JSON metadata, and assigns any prompt's features to a group.
+Sampling an MSD row routes each prompt (:func:`route`) and swaps the students' LoRAs into one
+teacher pipeline in turn (:func:`each_student`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -143,3 +145,35 @@ def partition_store(trajectories: str | Path, num_groups: int, method: str, seed
         raise RouterError(f"MSD partition of {trajectories} left a group empty (sizes {info['sizes']})")
     write_json(out_dir / "groups.json", info)
     return info
+
+
+# --- sampling an MSD row -------------------------------------------------------------------------
+
+@torch.no_grad()
+def route(row: Mapping[str, Any], teacher, captions: list[str]) -> list[int]:
+    """The MSD student of each caption: the row's router on the (LoRA-free) teacher's pooled text embedding."""
+    from rapm.teacher import encode_prompts
+
+    router = Router.load(row["router"])
+    groups = []
+    for start in range(0, len(captions), 64):
+        cond = encode_prompts(teacher, captions[start:start + 64])
+        groups += router.assign(pooled_features(cond.prompt_embeds.cpu(), None if cond.pooled_embeds is None
+                                                else cond.pooled_embeds.cpu())).tolist()
+    return groups
+
+
+def each_student(teacher, row: Mapping[str, Any], groups: list[int], todo: list[int], start: int):
+    """Yield ``(student row, its images in todo)`` for each student with images to make, with that
+    student's LoRA fused into ``teacher``; between students the base weights are restored bit for bit
+    (:func:`rapm.pipeline.restore_base`). ``groups[i - start]`` is image i's student."""
+    from rapm.pipeline import base_weights, fuse_row_lora, restore_base
+
+    plan = [({**row, "lora": lora}, [i for i in todo if groups[i - start] == k]) for k, lora in enumerate(row["loras"])]
+    plan = [(sub_row, indices) for sub_row, indices in plan if indices]
+    base = base_weights(teacher) if plan else None
+    for n, (sub_row, indices) in enumerate(plan):
+        if n:
+            restore_base(teacher, base)
+        fuse_row_lora(teacher, sub_row)
+        yield sub_row, indices

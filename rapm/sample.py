@@ -27,19 +27,14 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
 
-from rapm.errors import RapmError
 from rapm.io import atomic_path, sha256_file, write_json
+from rapm.pipeline import SamplingError, generate, load_row_pipeline
 from rapm.progress import progress
 from rapm.shards import item_seed
 from rapm.shards import shard_range as _shard_range
 
 log = logging.getLogger(__name__)
-
-
-class SamplingError(RapmError):
-    """A row cannot be sampled as configured."""
 
 
 def num_images(sampling_cfg: Mapping[str, Any], num_prompts: int) -> int:
@@ -69,72 +64,6 @@ def row_settings(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], prompts
             "resolution": resolution}
 
 
-def load_row_pipeline(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any]):
-    """The teacher (:func:`rapm.teacher.load_teacher`), with the row's LoRA loaded and fused if it has one."""
-    from rapm.teacher import load_teacher
-
-    teacher = load_teacher(teacher_cfg)
-    if row.get("lora"):
-        fuse_row_lora(teacher, row)
-    return teacher
-
-
-def fuse_row_lora(teacher, row: Mapping[str, Any]) -> None:
-    """Load ``row["lora"]`` into the teacher's pipeline and fuse it (what a user of the LoRA runs)."""
-    lora = row["lora"]
-    if not Path(lora).is_file():
-        raise SamplingError(f"{lora}: LoRA file not found (row {row.get('name')!r})")
-    try:
-        teacher.pipe.load_lora_weights(str(lora))
-        teacher.pipe.fuse_lora()
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise SamplingError(f"{lora}: diffusers could not load it as a LoRA of {teacher.location}: {err}") from err
-
-
-def base_weights(teacher) -> dict[str, dict[str, torch.Tensor]]:
-    """CPU copies of the teacher's LoRA-carrying models' weights, for :func:`restore_base`."""
-    return {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(teacher.pipe, name).state_dict().items()}
-            for name in ("unet", "text_encoder", "text_encoder_2") if getattr(teacher.pipe, name, None) is not None}
-
-
-def restore_base(teacher, base: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Remove a fused LoRA: unload its layers, then put back the saved base weights bit for bit.
-
-    ``unfuse_lora`` subtracts the update again, which is exact only up to rounding; copying the
-    saved weights back makes the next student's pipeline identical to a freshly loaded teacher.
-    """
-    teacher.pipe.unload_lora_weights()
-    for name, state in base.items():
-        getattr(teacher.pipe, name).load_state_dict(state)
-
-
-@torch.no_grad()
-def generate(teacher, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-             resolution: int | None = None) -> np.ndarray:
-    """uint8 (B, H, W, 3) images of ``prompts``, image k from the noise of ``seeds[k]`` (CPU generator)."""
-    shape = teacher.latent_shape(resolution)
-    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    side = resolution or teacher.resolution
-    out = teacher.pipe(prompts, num_inference_steps=int(steps), guidance_scale=float(guidance), height=side, width=side,
-                       latents=latents.to(teacher.device, teacher.unet.dtype), output_type="np").images
-    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
-
-
-@torch.no_grad()
-def route(row: Mapping[str, Any], teacher, captions: list[str]) -> list[int]:
-    """The MSD student of each caption: the row's router on the (LoRA-free) teacher's pooled text embedding."""
-    from rapm.msd import Router, pooled_features
-    from rapm.teacher import encode_prompts
-
-    router = Router.load(row["router"])
-    groups = []
-    for start in range(0, len(captions), 64):
-        cond = encode_prompts(teacher, captions[start:start + 64])
-        groups += router.assign(pooled_features(cond.prompt_embeds.cpu(), None if cond.pooled_embeds is None
-                                                else cond.pooled_embeds.cpu())).tolist()
-    return groups
-
-
 def _write_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -162,27 +91,19 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
 
     todo = [i for i in range(lo, hi) if not (images_dir / f"{i:06d}.png").is_file()]
     log.info("row %s, shard %d: images [%d, %d), %d to sample", row.get("name"), shard, lo, hi, len(todo))
-    from rapm.teacher import load_teacher
+    groups, plan = None, []
+    if row["kind"] == "msd":  # one teacher routes, then carries each student's LoRA in turn
+        from rapm.msd import each_student, route
+        from rapm.teacher import load_teacher
 
-    groups = plan = None
-    if row["kind"] == "msd":
-        # one teacher for routing and every student: each student's LoRA is fused for its prompts,
-        # then removed by restoring the base weights
         teacher = load_teacher(teacher_cfg)
         groups = route(row, teacher, [prompts["caption"][i] for i in range(lo, hi)])
-        plan = [({**row, "lora": lora}, [i for i in todo if groups[i - lo] == k]) for k, lora in enumerate(row["loras"])]
-        plan = [(sub_row, indices) for sub_row, indices in plan if indices]
-        if plan:
-            base = base_weights(teacher)
+        plan = each_student(teacher, row, groups, todo, lo)
     elif todo:
         teacher = load_row_pipeline(row, teacher_cfg)
         plan = [(row, todo)]
     bs = int(sampling_cfg["batch_size"])
-    for n, (sub_row, indices) in enumerate(plan or []):
-        if groups is not None:
-            if n:
-                restore_base(teacher, base)
-            fuse_row_lora(teacher, sub_row)
+    for _sub_row, indices in plan:
         starts = range(0, len(indices), bs)
         for start in progress(starts, len(indices), f"sample {row.get('name')}", unit="img",
                               weight=lambda s: min(bs, len(indices) - s)):
