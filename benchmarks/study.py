@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rapm.config import load_config, select_keys  # noqa: E402
+from rapm.rows import TRAINED_KINDS  # noqa: E402
 from rapm.tables import write_tables  # noqa: E402
 from rapm.workflow import rows, stage_keys, trajectory_store_key, variant_config  # noqa: E402
 
@@ -50,7 +51,7 @@ def collect(cfg: dict, variants: list[str], out: Path, results: Path) -> None:
         (out / sub).mkdir(exist_ok=True)
     for name, row in study_rows(cfg, variants).items():
         shutil.copyfile(results / "eval" / name / "metrics.json", out / "metrics" / f"{name}.json")
-        if row["kind"] in ("student", "msd"):
+        if row["kind"] in TRAINED_KINDS:
             if row["kind"] == "msd":
                 for k in range(len(row["loras"])):
                     shutil.copyfile(results / "train" / name / "students" / str(k) / "summary.json",

@@ -170,13 +170,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_row(path: str) -> dict:
-    from rapm.config import read_yaml
+def _read_row(path: str):
+    from rapm.rows import Row
 
-    data = read_yaml(path)
-    if not isinstance(data.get("row"), dict):
-        raise ConfigError(f"{path}: not a row file (expected a mapping under 'row', as rapm.workflow.row_file writes)")
-    return data["row"]
+    return Row.from_file(path)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

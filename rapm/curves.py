@@ -22,6 +22,7 @@ import pandas as pd
 
 from rapm.io import write_json
 from rapm.protocol import Protocol, fd_label
+from rapm.rows import Row
 from rapm.shards import item_seed
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
     from rapm.pipeline import base_weights, fuse_row_lora, generate, restore_base
     from rapm.teacher import load_teacher
 
+    row = Row.from_dict(row)
     prompts = pd.read_csv(prompts_csv, keep_default_na=False).iloc[:num_images]
     captions = list(prompts["caption"])
     fid_cfg = cfg["evaluation"]["fid"]
@@ -48,11 +50,10 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
         if n > 1:
             restore_base(teacher, base)
         if snap["lora"]:
-            fuse_row_lora(teacher, {**row, "lora": snap["lora"]})
+            fuse_row_lora(teacher, row.with_lora(snap["lora"]))
         images = np.concatenate([
             generate(teacher, captions[i:i + bs], [item_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
-                     steps=row["steps"], guidance=row["guidance"],
-                     resolution=row.get("resolution"))
+                     steps=row.steps, guidance=row.guidance, resolution=row.resolution)
             for i in range(0, len(captions), bs)])
         point = {"iteration": snap["iteration"],
                  "fid": frechet_distance(*gaussian_stats(extract(resize_all(images, res))), *ref)}
@@ -61,7 +62,7 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
             point.update(accuracy=acc["all"], colour=acc["colour"])
         log.info("iteration %d: %s", snap["iteration"], point)
         points.append(point)
-    result = {"row": row["name"], "images": len(captions), "resolution": res, "features": fid_cfg["features"],
+    result = {"row": row.name, "images": len(captions), "resolution": res, "features": fid_cfg["features"],
               "points": points}
     write_json(out_json, result)
     plot_curve(result, out_png)

@@ -42,6 +42,7 @@ from rapm.metrics import (
     resize_all,
 )
 from rapm.protocol import READER_ATTRIBUTES, Protocol
+from rapm.rows import Row
 from rapm.sample import num_images
 from rapm.stats import bootstrap_indices, interval
 
@@ -98,12 +99,13 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     from rapm.sample import read_row_images
 
     t0 = time.time()
+    row = Row.from_dict(row)
     ecfg = cfg["evaluation"]
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
     required = ecfg["fid"]["min_images"] or num_images(cfg["sampling"], len(prompts))
     images, table = read_row_images(manifests)
     if len(images) < required:
-        raise MetricsError(f"row {row['name']!r}: {len(images)} images, the protocol asks for {required}; FID on fewer "
+        raise MetricsError(f"row {row.name!r}: {len(images)} images, the protocol asks for {required}; FID on fewer "
                            "images is biased and not comparable (sample more, or lower evaluation.fid.min_images)")
     protocol = Protocol.from_config(cfg)
     extract = protocol.extractor()
@@ -126,8 +128,8 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     captions = list(table["caption"])
     result: dict[str, Any] = {
         "format": METRICS_FORMAT,
-        "row": row["name"], "kind": row["kind"], "steps": int(row["steps"]), "guidance": float(row["guidance"]),
-        "lora": row.get("lora"), "images": len(images), "init": row.get("init"),
+        "row": row.name, "kind": row.kind, "steps": int(row.steps), "guidance": float(row.guidance),
+        "lora": row.lora, "images": len(images), "init": row.init,
         "fid": fids,
         "clip_score": clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"]),
         "accuracy": None,
@@ -146,7 +148,7 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     if teacher_manifests:
         t_images, t_table = read_row_images(teacher_manifests)
         if list(t_table["caption"]) != captions:
-            raise MetricsError(f"row {row['name']!r}: the teacher row's images are of other prompts (or another order); "
+            raise MetricsError(f"row {row.name!r}: the teacher row's images are of other prompts (or another order); "
                                "resample the teacher row")
         rmse = pixel_rmse(images, t_images)
         res0 = int(ecfg["fid"]["resolutions"][0])
@@ -177,7 +179,7 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     result["wall_time_s"] = round(time.time() - t0, 1)
     validate_metrics(result)
     write_json(out, result)
-    log.info("row %s: FID %s, CLIP %.2f%s", row["name"], fids, result["clip_score"],
+    log.info("row %s: FID %s, CLIP %.2f%s", row.name, fids, result["clip_score"],
              f", accuracy {result['accuracy'].get('all', float('nan')):.3f}" if result["accuracy"] else "")
     return result
 

@@ -22,12 +22,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from rapm.errors import RapmError
+from rapm.rows import Row
 
 PARTITIONS = ("pca", "kmeans")
 
@@ -150,11 +151,11 @@ def partition_store(trajectories: str | Path, num_groups: int, method: str, seed
 # --- sampling an MSD row -------------------------------------------------------------------------
 
 @torch.no_grad()
-def route(row: Mapping[str, Any], teacher, captions: list[str]) -> list[int]:
+def route(row: Row, teacher, captions: list[str]) -> list[int]:
     """The MSD student of each caption: the row's router on the (LoRA-free) teacher's pooled text embedding."""
     from rapm.teacher import encode_prompts
 
-    router = Router.load(row["router"])
+    router = Router.load(row.router)
     groups = []
     for start in range(0, len(captions), 64):
         cond = encode_prompts(teacher, captions[start:start + 64])
@@ -163,13 +164,13 @@ def route(row: Mapping[str, Any], teacher, captions: list[str]) -> list[int]:
     return groups
 
 
-def each_student(teacher, row: Mapping[str, Any], groups: list[int], todo: list[int], start: int):
+def each_student(teacher, row: Row, groups: list[int], todo: list[int], start: int):
     """Yield ``(student row, its images in todo)`` for each student with images to make, with that
     student's LoRA fused into ``teacher``; between students the base weights are restored bit for bit
     (:func:`rapm.pipeline.restore_base`). ``groups[i - start]`` is image i's student."""
     from rapm.pipeline import base_weights, fuse_row_lora, restore_base
 
-    plan = [({**row, "lora": lora}, [i for i in todo if groups[i - start] == k]) for k, lora in enumerate(row["loras"])]
+    plan = [(row.with_lora(lora), [i for i in todo if groups[i - start] == k]) for k, lora in enumerate(row.loras)]
     plan = [(sub_row, indices) for sub_row, indices in plan if indices]
     base = base_weights(teacher) if plan else None
     for n, (sub_row, indices) in enumerate(plan):

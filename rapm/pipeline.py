@@ -30,8 +30,8 @@ def load_row_pipeline(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any]):
 def fuse_row_lora(teacher, row: Mapping[str, Any]) -> None:
     """Load ``row["lora"]`` into the teacher's pipeline and fuse it (what a user of the LoRA runs)."""
     lora = row["lora"]
-    if not Path(lora).is_file():
-        raise SamplingError(f"{lora}: LoRA file not found (row {row.get('name')!r})")
+    if not lora or not Path(lora).is_file():
+        raise SamplingError(f"{lora}: LoRA file not found (row {row['name']!r})")
     try:
         teacher.pipe.load_lora_weights(str(lora))
         teacher.pipe.fuse_lora()

@@ -31,6 +31,7 @@ import pandas as pd
 from rapm.io import atomic_path, sha256_file, write_json
 from rapm.pipeline import SamplingError, generate, load_row_pipeline
 from rapm.progress import progress
+from rapm.rows import Row
 from rapm.shards import item_seed
 from rapm.shards import shard_range as _shard_range
 
@@ -54,11 +55,12 @@ def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
 def row_settings(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], prompts_sha256: str, seed: int,
                  resolution: int | None) -> dict[str, Any]:
     """Everything the pixels of a row depend on (its ``lora`` file by content)."""
-    files = [row["lora"]] if row.get("lora") else [*row.get("loras", []), *([row["router"]] if row.get("router") else [])]
+    row = Row.from_dict(row)
+    files = row.weight_files()
     for f in files:
         if not Path(f).is_file():
-            raise SamplingError(f"{f}: {'router' if f == row.get('router') else 'LoRA'} file not found (row {row.get('name')!r})")
-    return {"kind": row["kind"], "steps": int(row["steps"]), "guidance": float(row["guidance"]),
+            raise SamplingError(f"{f}: {'router' if f == row.router else 'LoRA'} file not found (row {row.name!r})")
+    return {"kind": row.kind, "steps": int(row.steps), "guidance": float(row.guidance),
             "lora_sha256": [sha256_file(f) for f in files] or None, "teacher": {k: teacher_cfg.get(k) for k in
             ("path", "type", "dtype", "revision", "variant")}, "prompts_sha256": prompts_sha256, "seed": int(seed),
             "resolution": resolution}
@@ -76,6 +78,7 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
                  *, resolution: int | None = None) -> dict[str, Any]:
     """Sample the missing images of one shard of a row; write its manifest CSV. Returns a summary."""
     t0 = time.time()
+    row = Row.from_dict(row)
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
     lo, hi = shard_range(num_images(sampling_cfg, len(prompts)), int(sampling_cfg["shards"]), shard)
     seed = int(sampling_cfg["seed"])
@@ -90,9 +93,9 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
     write_json(settings_path, settings)
 
     todo = [i for i in range(lo, hi) if not (images_dir / f"{i:06d}.png").is_file()]
-    log.info("row %s, shard %d: images [%d, %d), %d to sample", row.get("name"), shard, lo, hi, len(todo))
+    log.info("row %s, shard %d: images [%d, %d), %d to sample", row.name, shard, lo, hi, len(todo))
     groups, plan = None, []
-    if row["kind"] == "msd":  # one teacher routes, then carries each student's LoRA in turn
+    if row.kind == "msd":  # one teacher routes, then carries each student's LoRA in turn
         from rapm.msd import each_student, route
         from rapm.teacher import load_teacher
 
@@ -105,11 +108,11 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
     bs = int(sampling_cfg["batch_size"])
     for _sub_row, indices in plan:
         starts = range(0, len(indices), bs)
-        for start in progress(starts, len(indices), f"sample {row.get('name')}", unit="img",
+        for start in progress(starts, len(indices), f"sample {row.name}", unit="img",
                               weight=lambda s: min(bs, len(indices) - s)):
             idx = indices[start:start + bs]
             images = generate(teacher, [prompts["caption"][i] for i in idx], [item_seed(seed, i) for i in idx],
-                              steps=row["steps"], guidance=row["guidance"], resolution=resolution)
+                              steps=row.steps, guidance=row.guidance, resolution=resolution)
             for i, image in zip(idx, images):
                 _write_png(image, images_dir / f"{i:06d}.png")
     table = prompts.iloc[lo:hi][["prompt_id", "image_id", "caption"]].copy()
@@ -122,7 +125,7 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
     table["file"] = [f"{rel}/{i:06d}.png" for i in range(lo, hi)]
     with atomic_path(manifest) as tmp:
         table.to_csv(tmp, index=False)
-    return {"row": row.get("name"), "shard": shard, "images": hi - lo, "sampled": len(todo),
+    return {"row": row.name, "shard": shard, "images": hi - lo, "sampled": len(todo),
             "wall_time_s": round(time.time() - t0, 1)}
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 from rapm.config import split_replicate
 from rapm.io import write_text
 from rapm.protocol import READER_ATTRIBUTES, Protocol
+from rapm.rows import TRAINED_KINDS
 from rapm.stats import interval, seed_replicates
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,9 @@ def group_replicates(metrics: Sequence[Mapping]) -> list[dict]:
     (:func:`combine_replicates`), in the order of each variant's first replicate."""
     groups: dict[str, list[Mapping]] = {}
     for m in metrics:
-        name = split_replicate(m["row"])[0] if m["kind"] in ("student", "msd") else m["row"]
+        name = split_replicate(m["row"])[0] if m["kind"] in TRAINED_KINDS else m["row"]
         groups.setdefault(name, []).append(m)
-    return [combine_replicates(g, name) if g[0]["kind"] in ("student", "msd") else dict(g[0])
+    return [combine_replicates(g, name) if g[0]["kind"] in TRAINED_KINDS else dict(g[0])
             for name, g in groups.items()]
 
 
@@ -210,11 +211,11 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
             summary_by_variant[name] = s
     metrics = group_replicates(metrics)
     by_row = {m["row"]: m for m in metrics}
-    seeds = sorted({m.get("seeds", 1) for m in metrics if m["kind"] in ("student", "msd")})
+    seeds = sorted({m.get("seeds", 1) for m in metrics if m["kind"] in TRAINED_KINDS})
 
     def measured(m: Mapping) -> dict:
-        s = summary_by_variant.get(m["row"]) if m["kind"] in ("student", "msd") else None
-        row = {"method": _label(m), "steps": m["steps"], "seeds": m.get("seeds") if m["kind"] in ("student", "msd") else None}
+        s = summary_by_variant.get(m["row"]) if m["kind"] in TRAINED_KINDS else None
+        row = {"method": _label(m), "steps": m["steps"], "seeds": m.get("seeds") if m["kind"] in TRAINED_KINDS else None}
         if s:
             device = s["device"]
             threads = s.get("threads")
@@ -268,7 +269,7 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
                  "rapm/assets/published_results.csv for sources). Rows of different protocols are not comparable.")
 
     # ablations: every student row against its initialisation and the base variant (the first run variant)
-    students = [by_row[r] for r in order if by_row[r]["kind"] in ("student", "msd")]
+    students = [by_row[r] for r in order if by_row[r]["kind"] in TRAINED_KINDS]
     base = students[0] if students else None
     labels = {f"fid_{r}": f"{fid_name} @{r}" for r in resolutions}
     labels["teacher_rmse"] = "RMSE to teacher"

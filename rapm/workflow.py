@@ -10,6 +10,7 @@ import json
 from typing import Mapping
 
 from rapm.config import ConfigError, deep_merge, replicate_name, select_keys, split_replicate, validate
+from rapm.rows import Row
 from rapm.store import store_grid
 
 # The config keys each CLI stage reads. The workflow writes exactly these to
@@ -135,7 +136,7 @@ def trajectory_stores(config: Mapping, every: bool = False) -> dict[str, dict]:
 
 # --- table rows -------------------------------------------------------------------------------------
 
-def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
+def rows(config: Mapping, every: bool = False) -> dict[str, Row]:
     """{row name: row} of every table row: the teacher (many steps), at each variant's N the teacher
     with guidance (``teacher-<N>step``) and without (``init-<N>step``, the student's initialisation),
     each run variant's student (``init`` names its initialisation row), each external LoRA. A row
@@ -143,30 +144,27 @@ def rows(config: Mapping, every: bool = False) -> dict[str, dict]:
     s = config["sampling"]
     guidance = s["teacher_guidance"] if s["teacher_guidance"] is not None else config["trajectories"]["guidance"]
     res = config["trajectories"].get("resolution")
-    out = {"teacher": {"name": "teacher", "kind": "teacher", "steps": s["teacher_steps"], "guidance": guidance,
-                       "lora": None, "resolution": res}}
+    out = {"teacher": Row("teacher", "teacher", s["teacher_steps"], guidance, resolution=res)}
     students = {}
     for name in trained_variants(config, every):
         vc, (variant, replicate) = variant_config(config, name), split_replicate(name)
         n = vc["trajectories"]["num_steps"]
-        out.setdefault(f"teacher-{n}step", {"name": f"teacher-{n}step", "kind": "teacher", "steps": n,
-                                            "guidance": guidance, "lora": None, "resolution": res})
+        out.setdefault(f"teacher-{n}step", Row(f"teacher-{n}step", "teacher", n, guidance, resolution=res))
         # the student's starting point (method.md §8): the teacher at its N steps and guidance 1 (LoRA B = 0)
-        out.setdefault(f"init-{n}step", {"name": f"init-{n}step", "kind": "init", "steps": n,
-                                         "guidance": 1.0, "lora": None, "resolution": res})
-        students[name] = {"name": name, "kind": "student", "steps": n, "guidance": 1.0,
-                          "lora": f"results/train/{name}/lora.safetensors", "variant": variant,
-                          "resolution": vc["trajectories"].get("resolution"), "init": f"init-{n}step"}
-        if replicate:
-            students[name]["replicate"] = replicate  # trained with train.seed + replicate
+        out.setdefault(f"init-{n}step", Row(f"init-{n}step", "init", n, 1.0, resolution=res))
+        common = {"name": name, "steps": n, "guidance": 1.0, "variant": variant, "init": f"init-{n}step",
+                  "resolution": vc["trajectories"].get("resolution"),
+                  "replicate": replicate or None}  # replicate r: trained with train.seed + r
         msd = variant_msd(config, name)
-        if msd is not None:
-            students[name].update(kind="msd", lora=None, router=f"results/train/{name}/router.safetensors",
-                                  loras=[f"results/train/{name}/students/{k}/lora.safetensors"
-                                         for k in range(msd["students"])])
+        if msd is None:
+            students[name] = Row(kind="student", lora=f"results/train/{name}/lora.safetensors", **common)
+        else:
+            students[name] = Row(kind="msd", router=f"results/train/{name}/router.safetensors",
+                                 loras=tuple(f"results/train/{name}/students/{k}/lora.safetensors"
+                                             for k in range(msd["students"])), **common)
     for ext in s.get("external", []):
-        students[ext["name"]] = {"name": ext["name"], "kind": "external", "steps": ext["steps"],
-                                 "guidance": ext["guidance"], "lora": ext["lora"], "resolution": res}
+        students[ext["name"]] = Row(ext["name"], "external", ext["steps"], ext["guidance"], lora=ext["lora"],
+                                    resolution=res)
     clash = sorted(set(out) & set(students))
     if clash:
         raise ConfigError(f"row name(s) {clash} are reserved for the teacher rows; rename the variant or external LoRA")
@@ -180,7 +178,7 @@ def row_file(config: Mapping, name: str) -> dict:
     all_rows = rows(config, every=True)
     if name not in all_rows:
         raise ConfigError(f"unknown row {name!r}; rows: {sorted(all_rows)}")
-    return {"row": all_rows[name]}
+    return {"row": all_rows[name].to_dict()}
 
 
 def protocol_key(config: Mapping) -> str:

@@ -115,12 +115,7 @@ def get_trajectory_shards(wildcards):
 
 def get_row_inputs(wildcards):
     """A student row's LoRA (MSD: router and students) trained by this workflow, so retraining resamples it."""
-    row = ROWS[wildcards.row]
-    if row["kind"] == "student":
-        return {"lora": row["lora"]}
-    if row["kind"] == "msd":
-        return {"router": row["router"], "loras": row["loras"]}
-    return {}
+    return ROWS[wildcards.row].workflow_inputs()
 
 
 def get_msd(wildcards):
