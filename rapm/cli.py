@@ -94,11 +94,11 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
 
 
 def _cmd_docs(args: argparse.Namespace) -> int:
-    from rapm.docs import sync_readme
+    from rapm.docs import sync_table
 
-    ok = sync_readme(args.readme, write=args.write)
+    ok = sync_table(args.file, write=args.write)
     if not ok:
-        print(f"{args.readme}: the configuration table is out of date; run `python -m rapm docs --write`",
+        print(f"{args.file}: the configuration table is out of date; run `python -m rapm docs --write`",
               file=sys.stderr)
     return 0 if ok else 1
 
@@ -238,7 +238,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rapm.images import comparison_grid
-    from rapm.sample import read_row_images
+    from rapm.manifests import read_row_images
 
     by_row: dict[str, list[str]] = {}
     for m in args.manifests:  # results/samples/<row>/shard-*.csv
@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="also read every trajectory chunk (CRC32C, finiteness)")
     p.add_argument("--repair", action="store_true", help="delete the outputs of each damaged job")
 
-    p = add("docs", _cmd_docs, "regenerate (--write) or check (--check) the README's configuration table")
-    p.add_argument("--readme", default="README.md", help="the README to update")
+    p = add("docs", _cmd_docs, "regenerate (--write) or check (--check) docs/configuration.md's configuration table")
+    p.add_argument("--file", default="docs/configuration.md", help="the Markdown file holding the table's markers")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true")
     mode.add_argument("--check", action="store_true")

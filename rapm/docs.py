@@ -1,7 +1,7 @@
-"""Documentation generated from the code, so the README cannot drift from it.
+"""Documentation generated from the code, so it cannot drift from it.
 
-``python -m rapm docs --write`` regenerates the README's configuration table from the schema;
-``--check`` (run by the tests) fails when the README is out of date.
+``python -m rapm docs --write`` regenerates the configuration table of ``docs/configuration.md``
+from the schema; ``--check`` (run by the tests) fails when the file is out of date.
 """
 
 from __future__ import annotations
@@ -39,20 +39,20 @@ def config_table() -> str:
     return "\n".join(lines)
 
 
-def render_readme(text: str) -> str:
+def render_table(text: str) -> str:
     """``text`` with the block between the markers replaced by the current table."""
     if START not in text or END not in text:
-        raise ValueError(f"README has no config table markers ({START!r} ... {END!r})")
+        raise ValueError(f"no config table markers ({START!r} ... {END!r})")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{config_table()}\n{END}{tail}"
 
 
-def sync_readme(path: str | Path, write: bool) -> bool:
-    """Return True when the README is up to date (after writing it, if ``write``)."""
+def sync_table(path: str | Path, write: bool) -> bool:
+    """Return True when the file's table is up to date (after writing it, if ``write``)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    new = render_readme(text)
+    new = render_table(text)
     if new != text and write:
         write_text(path, new)
         return True

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from rapm.manifests import num_images
 from rapm.metrics import (
     MetricsError,
     frechet_distance,
@@ -43,7 +44,6 @@ from rapm.metrics import (
 )
 from rapm.protocol import READER_ATTRIBUTES, Protocol
 from rapm.rows import Row
-from rapm.sample import num_images
 from rapm.stats import bootstrap_indices, interval
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,8 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     ``teacher_manifests``: the teacher row's images, for the same-noise distance and the Fréchet
     distance to the teacher's samples (None for the teacher row itself)."""
     from rapm.io import write_json
+    from rapm.manifests import read_row_images
     from rapm.metrics import clip_score, load_clip
-    from rapm.sample import read_row_images
 
     t0 = time.time()
     row = Row.from_dict(row)

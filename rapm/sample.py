@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from rapm.io import atomic_path, sha256_file, write_json
+from rapm.manifests import num_images
 from rapm.pipeline import SamplingError, generate, load_row_pipeline
 from rapm.progress import progress
 from rapm.rows import Row
@@ -36,12 +37,6 @@ from rapm.shards import item_seed
 from rapm.shards import shard_range as _shard_range
 
 log = logging.getLogger(__name__)
-
-
-def num_images(sampling_cfg: Mapping[str, Any], num_prompts: int) -> int:
-    """Images per row: ``sampling.num_images`` (at most the number of evaluation prompts), or all of them."""
-    n = sampling_cfg.get("num_images")
-    return num_prompts if n is None else min(int(n), num_prompts)
 
 
 def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
@@ -127,23 +122,3 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
         table.to_csv(tmp, index=False)
     return {"row": row.name, "shard": shard, "images": hi - lo, "sampled": len(todo),
             "wall_time_s": round(time.time() - t0, 1)}
-
-
-def read_row_images(manifests: list[str | Path]) -> tuple[np.ndarray, pd.DataFrame]:
-    """All images of a row (uint8 (n, H, W, 3), in index order) and their manifest rows."""
-    from PIL import Image
-
-    tables = []
-    for m in manifests:
-        t = pd.read_csv(m, keep_default_na=False)
-        t["path"] = [str(Path(m).parent / f) for f in t["file"]]
-        tables.append(t)
-    table = pd.concat(tables).sort_values("index").reset_index(drop=True)
-    if list(table["index"]) != list(range(len(table))):
-        raise SamplingError(f"shard manifests {manifests} do not cover images 0..{len(table) - 1} exactly once")
-    images = []
-    for p in table["path"]:
-        if not Path(p).is_file():
-            raise SamplingError(f"{p}: image listed in its shard manifest is missing; rerun the sample_images job")
-        images.append(np.asarray(Image.open(p).convert("RGB")))
-    return np.stack(images), table

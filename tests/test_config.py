@@ -173,16 +173,16 @@ def test_cli_rejects_abbreviated_options(capsys):
 
 
 def test_readme_config_table_is_current(capsys):
-    """README's configuration table is generated from the schema; `rapm docs --write` refreshes it."""
-    assert main(["docs", "--check", "--readme", str(ROOT / "README.md")]) == 0, capsys.readouterr().err
+    """docs/configuration.md's table is generated from the schema; `rapm docs --write` refreshes it."""
+    assert main(["docs", "--check", "--file", str(ROOT / "docs" / "configuration.md")]) == 0, capsys.readouterr().err
 
 
 def test_docs_check_detects_a_stale_table(tmp_path):
-    stale = tmp_path / "README.md"
-    text = (ROOT / "README.md").read_text()
+    stale = tmp_path / "configuration.md"
+    text = (ROOT / "docs" / "configuration.md").read_text()
     stale.write_text(text.replace("| `prompts.seed` |", "| `prompts.sead` |"))
-    assert main(["docs", "--check", "--readme", str(stale)]) == 1
-    assert main(["docs", "--write", "--readme", str(stale)]) == 0
+    assert main(["docs", "--check", "--file", str(stale)]) == 1
+    assert main(["docs", "--write", "--file", str(stale)]) == 0
     assert stale.read_text() == text
 
 

@@ -86,7 +86,8 @@ def test_msd_sampling_with_one_teacher_equals_each_students_own_pipeline(tiny_sd
     from safetensors.torch import load_file, save_file
     from test_train import PROMPTS, build_store, make_cfg
 
-    from rapm.sample import read_row_images, sample_shard
+    from rapm.manifests import read_row_images
+    from rapm.sample import sample_shard
     from rapm.train import train
 
     store = build_store(tmp_path / "data", tiny_sd_dir)

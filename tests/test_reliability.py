@@ -1,5 +1,5 @@
-"""Every bad input of tests/reliability.py stops with an error naming what is wrong, and the README's
-reliability tables are exactly what tests/reliability.py generates from the tests."""
+"""Every bad input of tests/reliability.py stops with an error naming what is wrong, and the
+reliability tables of docs/reliability.md are exactly what tests/reliability.py generates from the tests."""
 
 from __future__ import annotations
 
@@ -27,4 +27,4 @@ def test_every_bad_input_stops_with_an_error_that_names_it(rows):
 
 def test_readme_reliability_tables_are_generated(rows):
     block = R.render([(case, code, line) for case, code, line, _ in rows])
-    assert R.readme_block(R.README.read_text()) == block, "README is stale: run `python tests/reliability.py --write`"
+    assert R.readme_block(R.DOC.read_text()) == block, "docs/reliability.md is stale: run `python tests/reliability.py --write`"

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rapm.sample import SamplingError, read_row_images, sample_shard
+from rapm.manifests import read_row_images
+from rapm.sample import SamplingError, sample_shard
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

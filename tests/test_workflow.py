@@ -276,18 +276,20 @@ def test_fetch_rule_truncated_archive(tmp_path, coco_archive):
 
 
 def _printed_commands() -> list[tuple[str, str]]:
-    """(where, command) of every `snakemake ...` command the project prints: README's shell blocks and
-    inline code, and the `#   snakemake ...` lines of the config, profile and Snakefile headers."""
+    """(where, command) of every `snakemake ...` command the project prints: the shell blocks and inline
+    code of README.md and docs/*.md, and the `#   snakemake ...` lines of the config, profile and Snakefile
+    headers."""
     out = []
-    readme = (ROOT / "README.md").read_text()
-    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
-        for line in block.splitlines():
-            cmd = line.split("&&")[-1].split("#")[0].strip()
-            if cmd.startswith("snakemake"):
-                out.append(("README.md", cmd))
-    for cmd in re.findall(r"`(snakemake [^`]*)`", readme):
-        if cmd != "snakemake --cores 1 --resources gpu=1 all":  # the README's example of the wrong order
-            out.append(("README.md", cmd))
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        where, text = str(doc.relative_to(ROOT)), doc.read_text()
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+            for line in block.splitlines():
+                cmd = line.split("&&")[-1].split("#")[0].strip()
+                if cmd.startswith("snakemake"):
+                    out.append((where, cmd))
+        for cmd in re.findall(r"`(snakemake [^`]*)`", text):
+            if cmd != "snakemake --cores 1 --resources gpu=1 all":  # the README's example of the wrong order
+                out.append((where, cmd))
     for path in [*(ROOT / "config").glob("*.yaml"), *(ROOT / "profiles").rglob("*.yaml"), ROOT / ".test/config/config.yaml",
                  ROOT / "Snakefile"]:
         for m in re.finditer(r"^#.*?(snakemake [^(\n]*)", path.read_text(), flags=re.M):
