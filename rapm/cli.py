@@ -149,7 +149,6 @@ def _cmd_trajectories_gather(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = stage_config(args, "teacher", "trajectories", "train")
-    _set_threads(args.threads)
     from rapm.train import train
 
     subset = None
@@ -162,7 +161,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--group must be in [0, {len(groups)}) with --subset-file {args.subset_file}")
         subset = groups[args.group]
     summary = train(cfg, args.trajectories, args.out_dir, args.state_dir, max_iterations=args.max_iterations,
-                    subset=subset, name=args.name, prompts=args.prompts)
+                    subset=subset, name=args.name, prompts=args.prompts, threads=args.threads)
     if summary is None:
         print("rapm: training stopped before train.iterations; run the same command again to resume "
               "(no outputs written)", file=sys.stderr)
@@ -393,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoints, loss log, validation grids, snapshots; keep it outside declared outputs")
     p.add_argument("--max-iterations", type=int, default=None,
                    help="stop after this many iterations of this run (exit code 75, no outputs; rerun to resume)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: train.num_threads)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; given, it wins over train.num_threads (the workflow passes the rule's threads)")
     p.add_argument("--subset-file", default=None, help="groups.json of `rapm msd-partition` (train one MSD student)")
     p.add_argument("--group", type=int, default=None, help="the student's group in --subset-file")
     p.add_argument("--name", default=None, help="the run's name in summary.json (default: the out-dir's name)")

@@ -132,7 +132,7 @@ class Trainer:
     """Everything a RAPM run holds: teacher UNet + LoRA, heads, optimisers, data, and where to write."""
 
     def __init__(self, cfg: Mapping[str, Any], trajectories: str | Path, state_dir: str | Path,
-                 subset: list[int] | None = None, prompts: str | Path | None = None):
+                 subset: list[int] | None = None, prompts: str | Path | None = None, threads: int | None = None):
         from rapm.discriminator import Discriminator
         from rapm.lora import _student_params, add_student_lora, enable_gradient_checkpointing, lora_parameters
         from rapm.objective import RAPM
@@ -142,8 +142,9 @@ class Trainer:
         self.cfg = cfg
         self.tcfg = tcfg = cfg["train"]
         self.state_dir = Path(state_dir)
-        if tcfg.get("num_threads"):
-            torch.set_num_threads(int(tcfg["num_threads"]))
+        threads = threads or tcfg.get("num_threads")  # --threads (the rule's threads:) wins over the config
+        if threads:
+            torch.set_num_threads(int(threads))
         # inputs first: a missing or ungathered store, or a missing prompt file, fails before the teacher
         # (seconds on the toy, minutes for SDXL) is loaded; the full check against the teacher follows
         TrajectoryDataset(trajectories, verify=False)
@@ -332,7 +333,8 @@ class Trainer:
 
 def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path, state_dir: str | Path,
           max_iterations: int | None = None, subset: list[int] | None = None,
-          name: str | None = None, prompts: str | Path | None = None) -> dict[str, Any] | None:
+          name: str | None = None, prompts: str | Path | None = None,
+          threads: int | None = None) -> dict[str, Any] | None:
     """Train (or resume) RAPM from ``cfg`` (sections teacher, trajectories, train) on a gathered store.
 
     Writes the outputs to ``out_dir`` when all ``train.iterations`` are done and returns the summary;
@@ -340,7 +342,9 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     returns None, so a rerun resumes. ``subset``: train on these trajectory indices only (an MSD
     student's group); ``name``: the run's name in the summary (default: the out_dir's name); ``prompts``:
     the data stage's train.csv, which the store must have been computed from (hash and, with
-    ``trajectories.num_trajectories: null``, row count checked; see ``TrajectoryDataset.from_config``).
+    ``trajectories.num_trajectories: null``, row count checked; see ``TrajectoryDataset.from_config``);
+    ``threads``: torch CPU threads, the one source when given (the CLI's ``--threads``, which the
+    workflow sets from the rule's ``threads:``); else ``train.num_threads``; else torch's default.
     """
     from rapm.io import write_json, write_summary
 
@@ -348,7 +352,7 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     tcfg = cfg["train"]
     state_dir, out_dir = Path(state_dir), Path(out_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, trajectories, state_dir, subset, prompts=prompts)
+    trainer = Trainer(cfg, trajectories, state_dir, subset, prompts=prompts, threads=threads)
     log_path = state_dir / "losses.jsonl"
     resumed = trainer.load_checkpoint()
     _truncate_log(log_path, trainer.step)

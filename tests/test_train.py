@@ -329,6 +329,18 @@ def test_train_writes_outputs_and_a_usable_summary(tiny_sd_dir, sd_store, tmp_pa
     assert meta2 == meta and again.keys() == first.keys() and all(torch.equal(first[k], again[k]) for k in first)
 
 
+def test_threads_given_win_over_train_num_threads(tiny_sd_dir, sd_store, tmp_path):
+    """One source for the thread count: --threads (the rule's threads) when given, else train.num_threads."""
+    before = torch.get_num_threads()
+    try:
+        for name, threads, expected in (("given", 1, 1), ("config", None, 2)):
+            (tmp_path / name).mkdir()
+            Trainer(make_cfg(tiny_sd_dir, num_threads=2), sd_store, tmp_path / name, threads=threads)
+            assert torch.get_num_threads() == expected, name
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_checkpoint_of_another_config_is_refused(tiny_sd_dir, sd_store, tmp_path):
     train(make_cfg(tiny_sd_dir, iterations=2), sd_store, tmp_path / "out", tmp_path / "state")
     with pytest.raises(TrainingError, match="different configuration"):
