@@ -40,6 +40,19 @@ def load_schema() -> dict:
         return yaml.safe_load(f)
 
 
+def section_defaults(dotted: str) -> dict:
+    """The schema's defaults of one config section (``teacher``, ``train.lora``, ...), a fresh copy: the
+    one source of every default (the section's own ``default`` object, then each key's ``default``)."""
+    node = load_schema()
+    for part in dotted.split("."):
+        node = node["properties"][part]
+    out = copy.deepcopy(node.get("default", {}))
+    for key, sub in node.get("properties", {}).items():
+        if "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+    return out
+
+
 class YamlLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that reads ``1e-3`` as a float (YAML 1.2), not the string PyYAML's YAML 1.1 makes of it."""
 

@@ -27,11 +27,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from rapm.config import section_defaults
 from rapm.lora import teacher_mode
 
 BLOCKS = ("down", "mid", "up")  # in execution order
 HEADS = ("rel", "abs")  # D1 (relative positions), D2 (absolute positions)
-DISC_DEFAULTS: dict[str, Any] = {"blocks": "auto", "head_channels": 64, "renoise": True, "renoise_tau": "shared"}
 LEAKY_SLOPE = 0.2
 
 
@@ -66,7 +66,7 @@ def default_blocks(unet: nn.Module) -> list[str]:
 
 
 def _disc_cfg(disc_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    cfg = dict(DISC_DEFAULTS)
+    cfg = section_defaults("train.discriminator")
     unknown = set(disc_cfg or {}) - set(cfg)
     if unknown:
         raise ValueError(f"unknown train.discriminator key(s) {sorted(unknown)}; allowed: {sorted(cfg)}")

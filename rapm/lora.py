@@ -30,20 +30,19 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from rapm.config import section_defaults
+
 STUDENT = "student"
 
-#: PCM's LoRA targets (method.md §4), module-name suffixes as peft matches them.
-PCM_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)
-LORA_DEFAULTS: dict[str, Any] = {"rank": 1, "alpha": 1.0, "targets": list(PCM_TARGETS)}
+#: PCM's LoRA targets (method.md §4), module-name suffixes as peft matches them (the schema's
+#: ``train.lora.targets`` default)
+PCM_TARGETS = tuple(section_defaults("train.lora")["targets"])
 #: safetensors metadata keys written by :func:`export_lora` (callers may not set them).
 RESERVED_METADATA = ("format", "lora_adapter_metadata", "rapm.lora")
 
 
 def _lora_cfg(lora_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    cfg = dict(LORA_DEFAULTS)
+    cfg = section_defaults("train.lora")
     unknown = set(lora_cfg or {}) - set(cfg)
     if unknown:
         raise ValueError(f"unknown train.lora key(s) {sorted(unknown)}; allowed: {sorted(cfg)}")

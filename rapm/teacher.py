@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from rapm.config import section_defaults
 from rapm.errors import RapmError
 from rapm.schedule import alphas_cumprod_from_scheduler, cfg, check_prediction_type, to_epsilon
 
@@ -39,14 +40,8 @@ from rapm.schedule import alphas_cumprod_from_scheduler, cfg, check_prediction_t
 ASSET_PREFIX = "rapm:"
 ASSET_ROOT = Path(__file__).resolve().parent / "assets"
 
-TEACHER_DEFAULTS: dict[str, Any] = {
-    "path": "rapm:tinysd",
-    "type": "auto",
-    "dtype": "float32",
-    "device": "auto",
-    "revision": None,
-    "variant": None,
-}
+#: the ``teacher`` section's keys and defaults (from the schema, the one source of defaults)
+TEACHER_DEFAULTS: dict[str, Any] = section_defaults("teacher")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: diffusers pipeline class → teacher type
 PIPELINE_CLASSES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
@@ -284,7 +279,7 @@ def load_teacher(teacher_cfg: Mapping[str, Any] | None = None) -> Teacher:
     watermarker off; weights in ``dtype`` on ``device`` (``auto``: cuda when available), frozen, in
     eval mode; scheduler replaced by DDIM trailing (method.md, "Notation").
     """
-    cfg = dict(TEACHER_DEFAULTS)
+    cfg = section_defaults("teacher")
     unknown = set(teacher_cfg or {}) - set(cfg)
     if unknown:
         raise ValueError(f"unknown teacher key(s) {sorted(unknown)}; allowed: {sorted(cfg)}")

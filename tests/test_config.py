@@ -267,3 +267,17 @@ def test_no_description_is_cut_by_an_unquoted_hash():
             if m:
                 value = m.group(1).split("  # ")[0]  # a trailing comment (two spaces, then #) is fine
                 assert " #" not in value, f"{path.name}:{n}: quote this description: {line.strip()}"
+
+
+def test_section_defaults_are_the_schemas_and_what_validation_fills():
+    from rapm.config import section_defaults
+    from rapm.lora import PCM_TARGETS
+
+    assert section_defaults("teacher")["path"] == "rapm:tinysd"
+    assert PCM_TARGETS[:4] == ("to_q", "to_k", "to_v", "to_out.0") and len(PCM_TARGETS) == 14
+    filled = validate({"profile": "x", "train": {"lora": {}, "discriminator": {}}}, partial=True)["train"]
+    assert filled["lora"] == section_defaults("train.lora")
+    assert filled["discriminator"] == section_defaults("train.discriminator")
+    a = section_defaults("train.lora")
+    a["targets"].append("x")
+    assert "x" not in section_defaults("train.lora")["targets"]  # a fresh copy each time
