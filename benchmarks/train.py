@@ -41,12 +41,13 @@ from types import SimpleNamespace
 
 import torch
 
+from rapm.conditioning import Conditioning
 from rapm.config import validate
 from rapm.discriminator import Discriminator
 from rapm.lora import add_student_lora, enable_gradient_checkpointing, lora_parameters
 from rapm.objective import RAPM, Batch
 from rapm.schedule import coarse_timesteps, delta_timesteps
-from rapm.teacher import Conditioning, Teacher, load_teacher
+from rapm.teacher import Teacher, load_teacher
 
 
 def sync(device: torch.device) -> None:

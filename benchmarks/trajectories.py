@@ -33,8 +33,9 @@ import torch
 
 from rapm import store as TS
 from rapm import trajectories as T
+from rapm.conditioning import encode_prompts
 from rapm.models.shapes import MODELS, SD15_UNET, SDXL_UNET  # noqa: F401 - the published UNet configs
-from rapm.teacher import ASSET_ROOT, encode_prompts, load_teacher
+from rapm.teacher import ASSET_ROOT, load_teacher
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle"]

@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from rapm.teacher import Conditioning, Teacher
+from rapm.conditioning import Conditioning
+from rapm.teacher import Teacher
 
 MODEL_NAMES = ("sd15", "sdxl")
 

@@ -131,7 +131,7 @@ class Discriminator(nn.Module):
 
     def features(self, z: Tensor, t: Tensor | int, cond) -> list[Tensor]:
         """Hidden states of the teacher UNet (adapter disabled) after each tapped block, for states z
-        (B, C, H, W) at timesteps t ((B,) tensor or int) with ``cond`` (a :class:`rapm.teacher.Conditioning`,
+        (B, C, H, W) at timesteps t ((B,) tensor or int) with ``cond`` (a :class:`rapm.conditioning.Conditioning`,
         batch 1 or B). Differentiable in z; the backbone gets no gradient. For the D step on detached
         inputs, wrap this in ``torch.no_grad()`` and apply :meth:`logits` outside it."""
         unet = self.unet

@@ -153,7 +153,7 @@ def partition_store(trajectories: str | Path, num_groups: int, method: str, seed
 @torch.no_grad()
 def route(row: Row, teacher, captions: list[str]) -> list[int]:
     """The MSD student of each caption: the row's router on the (LoRA-free) teacher's pooled text embedding."""
-    from rapm.teacher import encode_prompts
+    from rapm.conditioning import encode_prompts
 
     router = Router.load(row.router)
     groups = []

@@ -46,10 +46,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rapm.conditioning import Conditioning
 from rapm.discriminator import Discriminator
 from rapm.losses import d_hinge, g_hinge, pseudo_huber
 from rapm.schedule import ddim_transfer, renoise
-from rapm.teacher import Conditioning, unet_eps
+from rapm.teacher import unet_eps
 
 SLOT_WEIGHT_SCHEDULES = ("uniform", "increasing", "decreasing")
 

@@ -4,9 +4,8 @@
 directory and a hub id alike; only the model directory differs (house style, "For this project").
 Around the loaded pipeline this module offers exactly what the RAPM stages need:
 
-- :func:`encode_prompts` / :func:`unconditional`: the text conditioning the pipeline itself would
-  feed its UNet (SDXL: pooled embedding and time ids too; the unconditional branch obeys SDXL's
-  ``force_zeros_for_empty_prompt``), as a :class:`Conditioning`;
+- the text conditioning the pipeline itself would feed its UNet: :mod:`rapm.conditioning`
+  (:func:`~rapm.conditioning.encode_prompts`, :func:`~rapm.conditioning.unconditional`);
 - :func:`unet_eps`: ε(z, t, c) with classifier-free guidance ε_w = ε_∅ + w (ε_c − ε_∅), conditional and
   unconditional in one batched forward (method.md, "Notation"), converted to ε whatever the
   model's ``prediction_type``;
@@ -27,11 +26,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
+from rapm.conditioning import Conditioning, unconditional
 from rapm.config import section_defaults
 from rapm.errors import RapmError
 from rapm.schedule import alphas_cumprod_from_scheduler, cfg, check_prediction_type, to_epsilon
@@ -53,58 +53,6 @@ class TeacherLoadError(RapmError, OSError):
 
 
 # --- data types ----------------------------------------------------------------------------------
-
-@dataclass
-class Conditioning:
-    """The text conditioning of a batch, as the UNet consumes it.
-
-    ``prompt_embeds`` (B, L, D): the encoder hidden states, L = tokenizer length, 77 for SD (SDXL: both encoders' penultimate layers,
-    concatenated). SDXL only: ``pooled_embeds`` (B, P), the second encoder's projected EOS embedding,
-    and ``add_time_ids`` (B, 6) = (original height, width, crop top, left, target height, width).
-    """
-
-    prompt_embeds: Tensor
-    pooled_embeds: Tensor | None = None
-    add_time_ids: Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def tensors(self) -> dict[str, Tensor]:
-        """The non-empty fields by name (what a trajectory file stores)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Tensor]) -> Conditioning:
-        """Inverse of :meth:`tensors`."""
-        return cls(**{f.name: tensors.get(f.name) for f in dataclasses.fields(cls)})
-
-    def _map(self, fn) -> Conditioning:
-        return Conditioning(**{name: fn(t) for name, t in self.tensors().items()})
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> Conditioning:
-        return self._map(lambda t: t.to(device=device, dtype=dtype))
-
-    def expand(self, batch_size: int) -> Conditioning:
-        """Repeat a batch of one to ``batch_size`` (a batch of that size is returned as is)."""
-        if len(self) == batch_size:
-            return self
-        if len(self) != 1:
-            raise ValueError(f"cannot expand a conditioning of batch {len(self)} to {batch_size}")
-        return self._map(lambda t: t.expand(batch_size, *t.shape[1:]))
-
-    @staticmethod
-    def cat(items: Sequence[Conditioning]) -> Conditioning:
-        names = items[0].tensors().keys()
-        return Conditioning(**{n: torch.cat([c.tensors()[n] for c in items]) for n in names})
-
-    def unet_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``UNet2DConditionModel.forward`` for this conditioning."""
-        kwargs: dict[str, Any] = {"encoder_hidden_states": self.prompt_embeds}
-        if self.pooled_embeds is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled_embeds, "time_ids": self.add_time_ids}
-        return kwargs
-
 
 @dataclass
 class Teacher:
@@ -335,59 +283,6 @@ def load_teacher(teacher_cfg: Mapping[str, Any] | None = None) -> Teacher:
             module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     return Teacher(pipe=pipe, type=kind, dtype=dtype, device=device, source=str(cfg["path"]), location=location)
-
-
-# --- text conditioning ---------------------------------------------------------------------------
-
-def _add_time_ids(teacher: Teacher, batch_size: int, dtype: torch.dtype, resolution: int | None) -> Tensor:
-    """SDXL micro-conditioning: original size = target size = resolution, crop (0, 0), via the pipeline."""
-    pipe = teacher.pipe
-    side = resolution or pipe.default_sample_size * pipe.vae_scale_factor
-    projection_dim = pipe.text_encoder_2.config.projection_dim
-    ids = pipe._get_add_time_ids((side, side), (0, 0), (side, side), dtype=dtype, text_encoder_projection_dim=projection_dim)
-    return ids.to(teacher.device).repeat(batch_size, 1)
-
-
-@torch.no_grad()
-def encode_prompts(teacher: Teacher, prompts: Sequence[str], *, resolution: int | None = None) -> Conditioning:
-    """The conditioning the pipeline builds for ``prompts`` (its own ``encode_prompt``), one row per prompt.
-
-    SDXL: also the pooled embedding and the time ids for square ``resolution``-pixel images
-    (default: the pipeline's default size), as ``StableDiffusionXLPipeline.__call__`` makes them.
-    """
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
-    pipe = teacher.pipe
-    if teacher.type == "sd15":
-        embeds, _ = pipe.encode_prompt(prompts, teacher.device, 1, False)
-        return Conditioning(embeds)
-    embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=prompts, device=teacher.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-    )
-    return Conditioning(embeds, pooled, _add_time_ids(teacher, len(prompts), embeds.dtype, resolution))
-
-
-@torch.no_grad()
-def unconditional(teacher: Teacher) -> Conditioning:
-    """The unconditional (∅) conditioning of classifier-free guidance, batch 1, as the pipeline makes it.
-
-    SD1.5: the encoded empty prompt. SDXL: zeros when the pipeline's ``force_zeros_for_empty_prompt``
-    is set (SDXL base), else the encoded empty prompt; time ids for the default size (:func:`unet_eps`
-    uses the conditional batch's time ids, like the pipeline). Cached on the teacher.
-    """
-    if teacher._uncond is None:
-        pipe = teacher.pipe
-        if teacher.type == "sd15":
-            _, negative = pipe.encode_prompt([""], teacher.device, 1, True)
-            teacher._uncond = Conditioning(negative)
-        else:
-            _, negative, _, negative_pooled = pipe.encode_prompt(
-                prompt=[""], device=teacher.device, num_images_per_prompt=1, do_classifier_free_guidance=True
-            )
-            ids = _add_time_ids(teacher, 1, negative.dtype, None)
-            teacher._uncond = Conditioning(negative, negative_pooled, ids)
-    return teacher._uncond
 
 
 # --- the denoiser --------------------------------------------------------------------------------

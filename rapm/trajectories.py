@@ -135,7 +135,8 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
     finished trajectories (this is what makes the shards resumable across reruns); one that differs
     (another prompt set, retrained teacher weights, ...) is deleted and re-created. Returns what was done.
     """
-    from rapm.teacher import encode_prompts, load_teacher
+    from rapm.conditioning import encode_prompts
+    from rapm.teacher import load_teacher
 
     zarr = import_zarr()
     from zarr.codecs import Crc32cCodec
@@ -203,7 +204,8 @@ def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int, int]]:
 def run_batch(teacher, prompts: Sequence[str], seeds: Sequence[int], attrs: Mapping, alphas_cumprod=None):
     """Teacher trajectories of one batch: conditioning, then guided DDIM on the fine grid keeping the coarse and
     Δ-states (method.md §1). Returns numpy float32 arrays by store name."""
-    from rapm.teacher import encode_prompts, unet_eps
+    from rapm.conditioning import encode_prompts
+    from rapm.teacher import unet_eps
 
     fine, coarse, delta = _grids(attrs["num_steps"], attrs["steps_per_slot"], teacher.num_train_timesteps)
     cond = encode_prompts(teacher, list(prompts), resolution=attrs["resolution"])

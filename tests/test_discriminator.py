@@ -13,10 +13,10 @@ import dataclasses
 import pytest
 import torch
 
+from rapm.conditioning import Conditioning
 from rapm.discriminator import HEADS, Discriminator
 from rapm.lora import add_student_lora, enable_gradient_checkpointing, lora_parameters, teacher_mode
 from rapm.losses import d_hinge, g_hinge
-from rapm.teacher import Conditioning
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -98,12 +98,13 @@ def test_timing_cells_are_finite_positive_numbers(table, name):
 
 def _counted_calls(teacher_dir, checkpointing: bool) -> dict[str, int]:
     """UNet forwards of one D and one G update, counted with our own hook around the public RAPM calls."""
+    from rapm.conditioning import Conditioning
     from rapm.config import validate
     from rapm.discriminator import Discriminator
     from rapm.lora import add_student_lora, enable_gradient_checkpointing
     from rapm.objective import RAPM, Batch
     from rapm.schedule import coarse_timesteps, delta_timesteps
-    from rapm.teacher import Conditioning, load_teacher
+    from rapm.teacher import load_teacher
 
     teacher = load_teacher({"path": str(teacher_dir), "dtype": "float32", "device": "cpu"})
     cfg = validate({"train": {"mixed_precision": "bf16", "gradient_checkpointing": checkpointing}}, partial=True)["train"]

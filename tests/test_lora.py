@@ -250,8 +250,9 @@ def _random_student(teacher_dir):
 
 @pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
 def test_export_reloads_every_module_at_the_right_scale(fixture, request, tmp_path):
+    from rapm.conditioning import encode_prompts
     from rapm.schedule import coarse_timesteps, ddim_sample
-    from rapm.teacher import encode_prompts, load_teacher, unet_eps
+    from rapm.teacher import load_teacher, unet_eps
 
     cfg, student = _random_student(request.getfixturevalue(fixture))
     trained = {n for n in _loaded_modules(student.unet)}

@@ -15,18 +15,16 @@ import torch
 
 import rapm
 from rapm import teacher as teacher_mod
+from rapm.conditioning import Conditioning, encode_prompts, unconditional
 from rapm.config import load_config
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
 from rapm.teacher import (
     TEACHER_DEFAULTS,
-    Conditioning,
     TeacherLoadError,
     decode_latents,
     detect_type,
     encode_images,
-    encode_prompts,
     load_teacher,
-    unconditional,
     unet_eps,
 )
 

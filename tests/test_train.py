@@ -248,8 +248,8 @@ def test_regression_terms_are_separate_and_the_targets_one_call(tiny_sd_dir, sd_
 
 def _per_slot_discriminator_loss(r, batch, noise):
     """The D loss as the first release computed it: per slot, a target call, a student call, a backbone call."""
+    from rapm.conditioning import Conditioning
     from rapm.losses import d_hinge
-    from rapm.teacher import Conditioning
 
     z, B = batch.coarse[:, 0], len(batch.indices)
     terms = {"rel": [], "abs": []}

@@ -22,9 +22,10 @@ import yaml
 from rapm import store as TS
 from rapm import trajectories as T
 from rapm.cli import main
+from rapm.conditioning import encode_prompts
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
 from rapm.shards import shard_range
-from rapm.teacher import decode_latents, encode_prompts, unet_eps
+from rapm.teacher import decode_latents, unet_eps
 from rapm.workflow import trajectory_store_key
 
 pytestmark = pytest.mark.usefixtures("single_thread")
