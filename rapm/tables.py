@@ -188,17 +188,10 @@ def row_order(by_row: Mapping[str, Mapping]) -> list[str]:
     return first + rest
 
 
-def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Sequence[dict],
-                 trajectories: Sequence[dict]) -> dict[str, tuple[pd.DataFrame, list[str]]]:
-    """{name: (table, footnotes)} for main, ablations and resources."""
-    variants = cfg.get("variants", {})
-    resolutions = [str(r) for r in cfg["evaluation"]["fid"]["resolutions"]]
-    protocol = Protocol.from_config(cfg)
-    fid_name = protocol.fd_label
-    traj_by_key = {t["key"]: t for t in trajectories}
-    traj_hours = {k: _hours(sum(s.get("wall_s") or 0 for s in t["shards"])) for k, t in traj_by_key.items()}
+def _summaries_by_variant(summaries: Sequence[dict]) -> dict[str, dict]:
+    """Training summaries by variant; MSD students (``<variant>/s<k>``) are summed into their variant."""
     summary_by_variant = {}
-    for s in summaries:  # MSD students ("<variant>/s<k>") are summed into their variant
+    for s in summaries:
         name = s["name"].split("/s")[0] if "/s" in s["name"] else s["name"]
         if name in summary_by_variant:
             merged = dict(summary_by_variant[name])
@@ -209,6 +202,73 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
             summary_by_variant[name] = merged
         else:
             summary_by_variant[name] = s
+    return summary_by_variant
+
+
+def _ablation_table(by_row: Mapping[str, dict], order: Sequence[str], variants: Mapping[str, Any],
+                    resolutions: Sequence[str], protocol: Protocol, first_notes: list[str],
+                    seeds: Sequence[int]) -> tuple[pd.DataFrame, list[str]]:
+    """Every student row against its initialisation and the base variant (the first run variant)."""
+    students = [by_row[r] for r in order if by_row[r]["kind"] in TRAINED_KINDS]
+    base = students[0] if students else None
+    labels = {f"fid_{r}": f"{protocol.fd_label} @{r}" for r in resolutions}
+    labels["teacher_rmse"] = "RMSE to teacher"
+    if protocol.reader_accuracy:
+        labels["accuracy_all"] = "accuracy"
+    metric_keys = [(label, lambda m, rep=rep: _metric(m, rep), rep) for rep, label in labels.items()]
+    abl_rows = []
+    for m in students:
+        init = by_row.get(m.get("init") or f"init-{m['steps']}step")
+        row = {"variant": m["row"], "description": variants.get(m["row"], {}).get("description", ""), "steps": m["steps"],
+               "seeds": m.get("seeds", 1)}
+        for label, get, rep in metric_keys:
+            row[label] = _with_interval(m, get(m), rep)
+            row[f"{label}: Δ vs init"] = _delta(m, init, get, rep)
+            row[f"{label}: Δ vs {base['row']}"] = _delta(m, base, get, rep) if m is not base else None
+        row["CLIP"] = m["clip_score"]
+        abl_rows.append(row)
+    ablations = pd.DataFrame(abl_rows, dtype=object)
+    abl_notes = first_notes + ["Δ = variant − reference (lower is better for FD and RMSE, higher for accuracy); "
+                             "* marks a difference whose 95% paired bootstrap interval over images excludes 0 "
+                             "(the same image indices for both rows)" + (
+                                 "; a variant with several seeds enters as its mean over seeds and its bootstrap "
+                                 "resamples the seeds too, so the interval holds the seed-to-seed spread (the same "
+                                 "seed draws for every variant: replicate r of each trains with train.seed + r, so a "
+                                 "Δ between variants is paired by seed as well as by image)."
+                                 if seeds and seeds[-1] > 1 else
+                                 "; one training seed per variant, so seed-to-seed spread is not in these intervals.")]
+    return ablations, abl_notes
+
+
+def _resources_table(traj_by_key: Mapping[str, dict], traj_hours: Mapping[str, float],
+                     summary_by_variant: Mapping[str, dict]) -> tuple[pd.DataFrame, list[str]]:
+    res_rows = []
+    for key, t in traj_by_key.items():
+        res_rows.append({"stage": f"trajectories {key} ({t['num_trajectories']} x N={t['num_steps']}, M={t['steps_per_slot']})",
+                         "device": ", ".join(sorted({s.get('device') or '' for s in t["shards"]})),
+                         "hours": traj_hours[key], "peak memory MB": max((s.get("peak_rss_mb") or 0) for s in t["shards"]),
+                         "storage MB": t["bytes_on_disk"] / 1e6})
+    for name, s in summary_by_variant.items():
+        res_rows.append({"stage": f"training {name} ({s['iterations']} it)", "device": s["device"],
+                         "hours": _hours(s["train_seconds_logged"]),
+                         "peak memory MB": s["peak_gpu_mb"] if s.get("peak_gpu_mb") else s["peak_rss_mb"],
+                         "storage MB": s["lora_bytes"] / 1e6})
+    resources = pd.DataFrame(res_rows)
+    res_notes = ["Hours are wall-clock seconds logged by each job / 3600; peak memory is CUDA max allocated on a GPU, "
+                 "else the process's peak RSS; storage is the trajectory store on disk or the exported LoRA file."]
+    return resources, res_notes
+
+
+def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Sequence[dict],
+                 trajectories: Sequence[dict]) -> dict[str, tuple[pd.DataFrame, list[str]]]:
+    """{name: (table, footnotes)} for main, ablations and resources."""
+    variants = cfg.get("variants", {})
+    resolutions = [str(r) for r in cfg["evaluation"]["fid"]["resolutions"]]
+    protocol = Protocol.from_config(cfg)
+    fid_name = protocol.fd_label
+    traj_by_key = {t["key"]: t for t in trajectories}
+    traj_hours = {k: _hours(sum(s.get("wall_s") or 0 for s in t["shards"])) for k, t in traj_by_key.items()}
+    summary_by_variant = _summaries_by_variant(summaries)
     metrics = group_replicates(metrics)
     by_row = {m["row"]: m for m in metrics}
     seeds = sorted({m.get("seeds", 1) for m in metrics if m["kind"] in TRAINED_KINDS})
@@ -268,50 +328,9 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     notes.append("Published rows: " + "; ".join(sorted({f"{p}" for p in pub["protocol"]})) + " (protocol keys; see "
                  "rapm/assets/published_results.csv for sources). Rows of different protocols are not comparable.")
 
-    # ablations: every student row against its initialisation and the base variant (the first run variant)
-    students = [by_row[r] for r in order if by_row[r]["kind"] in TRAINED_KINDS]
-    base = students[0] if students else None
-    labels = {f"fid_{r}": f"{fid_name} @{r}" for r in resolutions}
-    labels["teacher_rmse"] = "RMSE to teacher"
-    if protocol.reader_accuracy:
-        labels["accuracy_all"] = "accuracy"
-    metric_keys = [(label, lambda m, rep=rep: _metric(m, rep), rep) for rep, label in labels.items()]
-    abl_rows = []
-    for m in students:
-        init = by_row.get(m.get("init") or f"init-{m['steps']}step")
-        row = {"variant": m["row"], "description": variants.get(m["row"], {}).get("description", ""), "steps": m["steps"],
-               "seeds": m.get("seeds", 1)}
-        for label, get, rep in metric_keys:
-            row[label] = _with_interval(m, get(m), rep)
-            row[f"{label}: Δ vs init"] = _delta(m, init, get, rep)
-            row[f"{label}: Δ vs {base['row']}"] = _delta(m, base, get, rep) if m is not base else None
-        row["CLIP"] = m["clip_score"]
-        abl_rows.append(row)
-    ablations = pd.DataFrame(abl_rows, dtype=object)
-    abl_notes = notes[:1] + ["Δ = variant − reference (lower is better for FD and RMSE, higher for accuracy); "
-                             "* marks a difference whose 95% paired bootstrap interval over images excludes 0 "
-                             "(the same image indices for both rows)" + (
-                                 "; a variant with several seeds enters as its mean over seeds and its bootstrap "
-                                 "resamples the seeds too, so the interval holds the seed-to-seed spread (the same "
-                                 "seed draws for every variant: replicate r of each trains with train.seed + r, so a "
-                                 "Δ between variants is paired by seed as well as by image)."
-                                 if seeds and seeds[-1] > 1 else
-                                 "; one training seed per variant, so seed-to-seed spread is not in these intervals.")]
+    ablations, abl_notes = _ablation_table(by_row, order, variants, resolutions, protocol, notes[:1], seeds)
 
-    res_rows = []
-    for key, t in traj_by_key.items():
-        res_rows.append({"stage": f"trajectories {key} ({t['num_trajectories']} x N={t['num_steps']}, M={t['steps_per_slot']})",
-                         "device": ", ".join(sorted({s.get('device') or '' for s in t["shards"]})),
-                         "hours": traj_hours[key], "peak memory MB": max((s.get("peak_rss_mb") or 0) for s in t["shards"]),
-                         "storage MB": t["bytes_on_disk"] / 1e6})
-    for name, s in summary_by_variant.items():
-        res_rows.append({"stage": f"training {name} ({s['iterations']} it)", "device": s["device"],
-                         "hours": _hours(s["train_seconds_logged"]),
-                         "peak memory MB": s["peak_gpu_mb"] if s.get("peak_gpu_mb") else s["peak_rss_mb"],
-                         "storage MB": s["lora_bytes"] / 1e6})
-    resources = pd.DataFrame(res_rows)
-    res_notes = ["Hours are wall-clock seconds logged by each job / 3600; peak memory is CUDA max allocated on a GPU, "
-                 "else the process's peak RSS; storage is the trajectory store on disk or the exported LoRA file."]
+    resources, res_notes = _resources_table(traj_by_key, traj_hours, summary_by_variant)
     return {"main": (main, notes, pub_table), "ablations": (ablations, abl_notes, None),
             "resources": (resources, res_notes, None)}
 
