@@ -126,7 +126,7 @@ def _cmd_trajectories_init(args: argparse.Namespace) -> int:
 def _cmd_trajectories_compute(args: argparse.Namespace) -> int:
     cfg = stage_config(args, "teacher", "trajectories")
     _set_threads(args.threads)
-    from rapm.io import LIBRARIES, write_summary
+    from rapm.io import write_summary
     from rapm.trajectories import compute_shard
 
     summary = compute_shard(args.dir, cfg["teacher"], cfg["trajectories"], args.shard,
@@ -135,7 +135,7 @@ def _cmd_trajectories_compute(args: argparse.Namespace) -> int:
         print(f"rapm: shard {args.shard} stopped with {summary['remaining']} trajectories left; run the same "
               "command again to resume (no summary written)", file=sys.stderr)
         return 75
-    write_summary(args.summary, "trajectories-shard", summary, libraries=LIBRARIES)
+    write_summary(args.summary, "trajectories-shard", summary)
     return 0
 
 

@@ -42,7 +42,7 @@ from rapm.metrics import (
     reference_protocol,
     resize_all,
 )
-from rapm.protocol import READER_ATTRIBUTES, Protocol
+from rapm.protocol import READER_ATTRIBUTES, Protocol, score_means
 from rapm.rows import Row
 from rapm.stats import bootstrap_indices, interval
 
@@ -140,7 +140,7 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     }
     scores = protocol.reader_scores(images, captions)
     if scores is not None:
-        result["accuracy"] = {k: float(v.mean()) for k, v in scores.items()}
+        result["accuracy"] = score_means(scores)
         if idx is not None:
             for k in ("all", *READER_ATTRIBUTES):
                 if k in scores:

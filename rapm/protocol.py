@@ -27,6 +27,11 @@ def fd_label(features: str) -> str:
     return "FID" if features == "inception" else "FD (toy CLIP features)"
 
 
+def score_means(scores: Mapping[str, np.ndarray] | None) -> dict[str, float] | None:
+    """``{key: mean}`` of per-image scores (None stays None)."""
+    return None if scores is None else {k: float(v.mean()) for k, v in scores.items()}
+
+
 @dataclass(frozen=True)
 class Protocol:
     features: str  # evaluation.fid.features
@@ -83,19 +88,18 @@ class Protocol:
         return np.stack(out)
 
     def reader_scores(self, images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray] | None:
-        """Per-image reader scores {``all``, attribute: (n,) floats}, or None where the reader does not apply."""
+        """Per-image reader scores {``all``, attribute: (n,) floats} (:func:`rapm.toy.reader.scores`), or None
+        where the reader does not apply."""
         if not self.reader_accuracy:
             return None
-        from rapm.toy.reader import compare, read_scenes
+        from rapm.toy.reader import scores
         from rapm.toy.scene import parse_caption
 
-        rows = [compare(f, parse_caption(c)) for f, c in zip(read_scenes(images), captions)]
-        return {key: np.array([r[key] for r in rows], dtype=np.float64) for key in rows[0]}
+        return scores(images, [parse_caption(c) for c in captions])
 
     def reader_accuracy_of(self, images: np.ndarray, captions: list[str]) -> dict[str, float] | None:
         """The means of :meth:`reader_scores`."""
-        scores = self.reader_scores(images, captions)
-        return None if scores is None else {k: float(v.mean()) for k, v in scores.items()}
+        return score_means(self.reader_scores(images, captions))
 
     def table_notes(self) -> list[str]:
         """Footnotes the tables add for this protocol."""

@@ -239,14 +239,19 @@ def score(image, scene: Scene) -> dict[str, float]:
     return compare(read_scene(image), scene)
 
 
-def accuracy(images, scenes: Sequence[Scene]) -> dict[str, float]:
-    """Mean of :func:`score` over a batch of images and their scenes; also ``n``, the number of images."""
+def scores(images, scenes: Sequence[Scene]) -> dict[str, np.ndarray]:
+    """:func:`score` of each image against its scene, per key: ``{key: (n,) float64}``."""
     images = _as_batch(images)
     if len(images) != len(scenes):
         raise ValueError(f"accuracy: {len(images)} images but {len(scenes)} scenes")
     if not len(scenes):
         raise ValueError("accuracy: no images")
     rows = [compare(f, e) for f, e in zip(read_scenes(images), scenes)]
-    out = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
-    out["n"] = len(rows)
+    return {key: np.array([r[key] for r in rows], dtype=np.float64) for key in rows[0]}
+
+
+def accuracy(images, scenes: Sequence[Scene]) -> dict[str, float]:
+    """Mean of :func:`score` over a batch of images and their scenes; also ``n``, the number of images."""
+    out = {key: float(v.mean()) for key, v in scores(images, scenes).items()}
+    out["n"] = len(scenes)
     return out
