@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ref = gaussian_stats(extract(np.stack([reference_image(c, int(i), 32) for c, i in zip(captions, prompts["image_id"])])))
     teacher_cfg = {"path": args.teacher, "type": "auto", "dtype": "float32", "device": "cpu"}
     cache = Path(args.cache) if args.cache else None
-    print(f"{'row':<28}{'FD':>8}{'colour':>8}{'shape':>8}{'position':>9}{'count':>7}{'RMSE→T':>8}{'FD→T':>8}"
+    print(f"{'row':<28}{'FD':>8}{'all':>7}{'colour':>8}{'shape':>8}{'position':>9}{'count':>7}{'RMSE→T':>8}{'FD→T':>8}"
           f"   ({len(captions)} prompts; →T: against the first row, same noise)")
     first = None
     for spec in args.row:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             first = images, gaussian_stats(feats)
         rmse = np.sqrt(((images.astype(np.float64) - first[0]) ** 2).reshape(len(images), -1).mean(axis=1)).mean()
         fd_t = frechet_distance(*gaussian_stats(feats), *first[1])
-        print(f"{name:<28}{fd:>8.4f}{a['colour']:>8.3f}{a['shape']:>8.3f}{a['position']:>9.3f}{a['count']:>7.3f}"
+        print(f"{name:<28}{fd:>8.4f}{a['all']:>7.3f}{a['colour']:>8.3f}{a['shape']:>8.3f}{a['position']:>9.3f}{a['count']:>7.3f}"
               f"{rmse:>8.2f}{fd_t:>8.4f}", flush=True)
     return 0
 

@@ -19,11 +19,13 @@ in the same run:
 
 - ``bare``: the SAME update code (rapm.objective.RAPM, same rows, same calls, same batch and noise) on
   a second copy of the model that carries NO adapter: teacher mode is then a no-op and every pass is a
-  plain UNet pass. Where the update back-propagates (the G step) the bare run back-propagates through
+  plain UNet pass (the same bare figure serves every ``--merged`` setting). Where the update back-propagates (the G step) the bare run back-propagates through
   the same passes (its first conv's weight is made trainable so the backward runs through the whole
   network, as the LoRA's does); there is no optimiser step. ``ratio`` = update time / bare time is the
-  cost of the adapter machinery (peft wrappers, LoRA maths, teacher-mode switches, optimiser, clipping);
-  1.0 would be the cost of the network passes alone.
+  cost of the adapter machinery (peft wrappers or the merge of W + BA and its full-size weight gradients,
+  teacher-mode switches, optimiser, clipping); 1.0 would be the cost of the network passes alone.
+  ``--merged`` picks ``train.lora.merged`` (auto: merged weights for float32 UNets up to 50M parameters,
+  i.e. the toy; peft's adapter branch for SD1.5/SDXL); ``--merged false auto`` measures both in one run.
 - ``unet forward``: one plain forward of the UNet at batch 1; ``x forward`` says how many forwards one
   update costs.
 
@@ -45,7 +47,7 @@ from rapm.conditioning import Conditioning
 from rapm.config import validate
 from rapm.discriminator import Discriminator
 from rapm.lora import add_student_lora, enable_gradient_checkpointing, lora_parameters
-from rapm.objective import RAPM, Batch
+from rapm.objective import RAPM, Batch, optimizers
 from rapm.schedule import coarse_timesteps, delta_timesteps
 from rapm.teacher import Teacher, load_teacher
 
@@ -146,12 +148,12 @@ def bare_update_ms(name: str, args, cfg) -> dict:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def bench_model(name: str, args) -> dict:
+def bench_model(name: str, merged: bool | str, args) -> dict:
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     teacher, cond_shapes = make_teacher(name, device, dtype)
     cfg = validate({"train": {"mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-                              "batch_size": args.batch_size}}, partial=True)["train"]
+                              "batch_size": args.batch_size, "lora": {"merged": merged}}}, partial=True)["train"]
     torch.manual_seed(0)
     unet = teacher.unet
     add_student_lora(unet, cfg["lora"])
@@ -161,8 +163,7 @@ def bench_model(name: str, args) -> dict:
     disc = Discriminator(unet, cfg["discriminator"]).to(device)
     n = 4
     rapm = RAPM(teacher, disc, coarse_timesteps(n), delta_timesteps(n, 10), cfg)
-    opt_g = torch.optim.AdamW(lora_parameters(unet), lr=1e-5)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-5, betas=(0.0, 0.999))
+    opt_g, opt_d = optimizers(cfg["optim"], lora_parameters(unet), disc.parameters())  # the trainer's AdamW
     calls = {"n": 0, "rows": 0}
 
     def count(module, a):
@@ -227,7 +228,8 @@ def bench_model(name: str, args) -> dict:
             if it >= args.warmup:
                 rows[kind].append({**parts, "total": t_data + t_update, "update": t_update, "unet_calls": calls["n"],
                                    "unet_rows": calls["rows"]})
-    out = {"model": name, "device": str(device), "dtype": args.dtype, "mixed_precision": args.mixed_precision,
+    out = {"model": name, "lora_forward": "merged" if rapm.merged else "peft", "merged_setting": merged,
+           "device": str(device), "dtype": args.dtype, "mixed_precision": args.mixed_precision,
            "gradient_checkpointing": args.gradient_checkpointing, "batch_size": args.batch_size,
            "latent": list(batch0.coarse.shape[2:]), "unet_forward_ms": 1e3 * statistics.median(fwd)}
     for kind, recs in rows.items():
@@ -258,6 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--merged", nargs="+", default=["auto"], choices=["auto", "true", "false"],
+                   help="train.lora.merged setting(s) to measure, each against the same bare baseline (default: auto)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -265,9 +269,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-bare", action="store_true", help="skip the bare-UNet baseline")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [bench_model(m, args) for m in args.model]
+    settings = [{"true": True, "false": False}.get(m, m) for m in args.merged]
+    results = [bench_model(m, merged, args) for m in args.model for merged in settings]
     for r in results:
-        print(f"\n{r['model']} on {r['device']} (latent {r['latent']}, batch {r['batch_size']}, {r['dtype']}, "
+        print(f"\n{r['model']} on {r['device']}, LoRA forward {r['lora_forward']} (train.lora.merged: {r['merged_setting']}) "
+              f"(latent {r['latent']}, batch {r['batch_size']}, {r['dtype']}, "
               f"autocast {r['mixed_precision']}, checkpointing {r['gradient_checkpointing']}): "
               f"one UNet forward {r['unet_forward_ms']:.2f} ms")
         print(f"{'update':<8}{'total':>9}{'data':>8}{'student':>9}{'backbone':>10}{'heads':>8}{'backward':>10}"

@@ -291,7 +291,7 @@ def rapm_setup(teacher: Teacher, train: Mapping[str, Any] | None = None, *, num_
     from rapm.config import validate
     from rapm.discriminator import Discriminator
     from rapm.lora import add_student_lora, enable_gradient_checkpointing, lora_parameters
-    from rapm.objective import RAPM
+    from rapm.objective import RAPM, optimizers
     from rapm.schedule import coarse_timesteps, delta_timesteps
 
     cfg = validate({"train": dict(train or {})}, partial=True)["train"]
@@ -304,10 +304,7 @@ def rapm_setup(teacher: Teacher, train: Mapping[str, Any] | None = None, *, num_
     unet.train()  # as the trainer: only matters for checkpointing
     objective = RAPM(teacher, disc, coarse_timesteps(num_steps), delta_timesteps(num_steps, steps_per_slot), cfg)
     o = cfg["optim"]
-    opt_g = torch.optim.AdamW(lora_parameters(unet), lr=float(o["student_lr"]), betas=tuple(o["student_betas"]),
-                              weight_decay=float(o["student_weight_decay"]))
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=float(o["disc_lr"]), betas=tuple(o["disc_betas"]),
-                              weight_decay=float(o["disc_weight_decay"]))
+    opt_g, opt_d = optimizers(o, lora_parameters(unet), disc.parameters())
     return RAPMSetup(teacher, disc, objective, opt_g, opt_d, cfg, num_steps)
 
 

@@ -255,7 +255,7 @@ def _cmd_export_kohya(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rapm.errors import RapmError
-    from rapm.lora import export_kohya
+    from rapm.kohya import export_kohya
 
     if not Path(args.lora).is_file():
         raise RapmError(f"{args.lora}: LoRA file not found")

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from rapm.config import section_defaults
 from rapm.lora import teacher_mode
+from rapm.teacher import unet_dtype
 
 BLOCKS = ("down", "mid", "up")  # in execution order
 HEADS = ("rel", "abs")  # D1 (relative positions), D2 (absolute positions)
@@ -148,11 +149,12 @@ class Discriminator(nn.Module):
 
         if not isinstance(t, Tensor):
             t = torch.full((len(z),), int(t), dtype=torch.long)
-        cond = cond.expand(len(z)).to(z.device, unet.dtype)
+        dtype = unet_dtype(unet)
+        cond = cond.expand(len(z)).to(z.device, dtype)
         handles = [block.register_forward_hook(tap(name)) for name, block, _ in self._taps]
         try:
             with teacher_mode(unet):
-                unet(z.to(unet.dtype), t.to(z.device), **cond.unet_kwargs(), return_dict=False)
+                unet(z.to(dtype), t.to(z.device), **cond.unet_kwargs(), return_dict=False)
         except _StopForward:
             pass
         finally:

@@ -135,7 +135,7 @@ class Trainer:
                  subset: list[int] | None = None, prompts: str | Path | None = None, threads: int | None = None):
         from rapm.discriminator import Discriminator
         from rapm.lora import _student_params, add_student_lora, enable_gradient_checkpointing, lora_parameters
-        from rapm.objective import RAPM
+        from rapm.objective import RAPM, optimizers
         from rapm.store import TrajectoryDataset
         from rapm.teacher import load_teacher
 
@@ -171,10 +171,7 @@ class Trainer:
         unet.train()  # no dropout in SD UNets; train() only matters for checkpointing
         self.rapm = RAPM(self.teacher, self.disc, self.dataset.coarse_timesteps, self.dataset.delta_timesteps, tcfg)
         o = tcfg["optim"]
-        self.opt_g = torch.optim.AdamW(lora_parameters(unet), lr=float(o["student_lr"]),
-                                       betas=tuple(o["student_betas"]), weight_decay=float(o["student_weight_decay"]))
-        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=float(o["disc_lr"]),
-                                       betas=tuple(o["disc_betas"]), weight_decay=float(o["disc_weight_decay"]))
+        self.opt_g, self.opt_d = optimizers(o, lora_parameters(unet), self.disc.parameters())
         # (name, parameter) updated by each optimiser, same order as its param group: checked after every step
         self._named_g = [(f"lora.{k}", p) for k, p in _student_params(unet).items()]
         self._named_d = [(f"heads.{k}", p) for k, p in self.disc.named_parameters()]

@@ -25,8 +25,10 @@ from rapm.lora import (
     load_lora_state_dict,
     lora_parameters,
     lora_state_dict,
+    merged_student,
     resolve_targets,
     teacher_mode,
+    use_merged,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -199,6 +201,102 @@ def test_teacher_mode_backward_reaches_the_input_only():
     assert all(p.grad is None for p in unet.parameters())
 
 
+# --- merged weights (train.lora.merged) --------------------------------------------------------------
+
+def _cast(value, dtype):
+    """Floating tensors of ``value`` (a tensor or nested dict) in ``dtype``."""
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value.to(dtype) if value.is_floating_point() else value
+
+
+def _student_then_judged(unet, z, t, kw, *, slots: int = 2):
+    """A G-step-like graph: student passes chained, each judged by the teacher-mode backbone and
+    back-propagated on its own (detach #2), plus a second backward through the same student weights."""
+    x = z
+    for _ in range(slots):
+        fake = unet(x, t, **kw).sample
+        with teacher_mode(unet):
+            judged = unet(fake, t, **kw).sample
+        (judged.square().mean() + fake.abs().mean()).backward()
+        x = fake.detach()
+    return x
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "toy"])
+def test_merged_student_is_the_peft_student_in_values_and_gradients(kind):
+    unet = _unet(kind)
+    add_student_lora(unet, LORA)
+    _randomize(unet)
+    z, t, kw = _inputs(unet)
+    names = [n for n, _ in unet.named_parameters()]
+    with torch.no_grad():
+        peft_out = unet(z, t, **kw).sample
+        with teacher_mode(unet):
+            teacher_out = unet(z, t, **kw).sample
+        with merged_student(unet):
+            merged_out = unet(z, t, **kw).sample
+            with teacher_mode(unet):  # the teacher inside: the base weights, exactly
+                assert torch.equal(unet(z, t, **kw).sample, teacher_out)
+            with merged_student(unet):  # nested: a no-op
+                assert torch.allclose(unet(z, t, **kw).sample, merged_out, atol=0, rtol=0)
+    assert (peft_out - teacher_out).abs().max() > 1e-2  # the student differs from the teacher ...
+    # ... and merging keeps it (float32 rounding only; exact in float64 below)
+    assert (merged_out - peft_out).norm() < 1e-2 * (peft_out - teacher_out).norm()
+    # gradients in float64, where the two orders of summation agree to ~1e-12 (float32 rounding
+    # alone leaves up to 0.2% on small LoRA gradients two chained passes deep); a wrong chain rule is O(1)
+    unet.double()
+    z, kw = _cast(z, torch.float64), _cast(kw, torch.float64)
+    for p in lora_parameters(unet):
+        p.data = p.data.double()
+    last_peft = _student_then_judged(unet, z, t, kw)
+    grads_peft = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+    unet.zero_grad(set_to_none=True)
+    with merged_student(unet):
+        last_merged = _student_then_judged(unet, z, t, kw)
+        assert all(p.grad is None for p in lora_parameters(unet))  # gradients reach the LoRA on exit
+    grads_merged = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(last_merged, last_peft, rtol=1e-9, atol=1e-9)
+    assert set(grads_merged) == set(grads_peft) == {n for n in names if f".{STUDENT}." in n}
+    worst = max(float((grads_merged[n] - g).norm() / g.norm()) for n, g in grads_peft.items())
+    assert worst < 1e-9, worst
+    z, kw = _cast(z, torch.float32), _cast(kw, torch.float32)
+    unet.float()
+    for p in lora_parameters(unet):
+        p.data = p.data.float()
+    # nothing left changed: the parameters (objects and order), the adapter flags, the student's output
+    assert [n for n, _ in unet.named_parameters()] == names
+    assert not any(m._disable_adapters for m in unet.modules() if hasattr(m, "lora_A"))
+    with torch.no_grad():
+        assert torch.equal(unet(z, t, **kw).sample, peft_out)
+
+
+def test_merged_student_restores_on_error_and_use_merged_refuses_what_would_be_wrong():
+    unet = _unet("sd")
+    add_student_lora(unet, LORA)
+    weight = unet.conv_in.weight if not hasattr(unet.conv_in, "base_layer") else unet.conv_in.base_layer.weight
+    layer = next(m for m in unet.modules() if hasattr(m, "lora_A"))
+    base_weight = layer.get_base_layer().weight
+    with pytest.raises(RuntimeError, match="boom"), merged_student(unet):
+        assert layer.get_base_layer().weight is not base_weight
+        raise RuntimeError("boom")
+    assert layer.get_base_layer().weight is base_weight and unet.conv_in.weight is weight
+    assert use_merged("auto", unet) and use_merged(True, unet) and not use_merged(False, unet)
+    assert not use_merged("auto", unet, checkpointing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        use_merged(True, unet, checkpointing=True)
+    with pytest.raises(ValueError, match="auto, true or false"):
+        use_merged("yes", unet)
+    unet.half()
+    assert not use_merged("auto", unet)
+    with pytest.raises(ValueError, match="float32 UNet"):
+        use_merged(True, unet)
+    enable_gradient_checkpointing(unet)
+    unet.train()
+    with pytest.raises(RuntimeError, match="gradient checkpointing"), merged_student(unet):
+        pass
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def test_lora_state_dict_matches_peft_and_round_trips():
@@ -348,7 +446,7 @@ def test_kohya_export_matches_diffusers_converter_and_reloads_to_the_same_weight
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from rapm.lora import export_kohya
+    from rapm.kohya import export_kohya
     from rapm.teacher import load_teacher
 
     cfg, student = _random_student(request.getfixturevalue(fixture))
