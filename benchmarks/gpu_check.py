@@ -95,6 +95,7 @@ def update_row_name(model: str, kind: str, checkpointing: bool) -> str:
 
 # --- the check --------------------------------------------------------------------------------------
 
+
 class Check:
     """Settings, the rows measured so far, and where they go."""
 
@@ -132,17 +133,28 @@ class Check:
     def record(self, rows: list[Row]) -> None:
         for row in rows:
             self.rows[row.name] = row
-            print(f"[{self.elapsed():6.1f} s] {row.name}: {row.error or f'{row.seconds} s; {row.result}'}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{self.elapsed():6.1f} s] {row.name}: {row.error or f'{row.seconds} s; {row.result}'}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.write()
 
     def header(self) -> list[str]:
         cuda = f", CUDA {torch.version.cuda}" if self.on_gpu else ""
-        lines = [f"**RAPM GPU check** on {device_name(self.device)}, torch {torch.__version__}{cuda}, {self.date}, "
-                 f"random weights (no downloads)", ""]
+        lines = [
+            f"**RAPM GPU check** on {device_name(self.device)}, torch {torch.__version__}{cuda}, {self.date}, "
+            f"random weights (no downloads)",
+            "",
+        ]
         if self.tiny or not self.on_gpu:
-            lines += ["**CPU smoke run at tiny shapes: it checks that every row runs, and says nothing about GPU "
-                      "speed or memory.**" if self.tiny else "**Full shapes on the CPU: not a GPU measurement.**", ""]
+            lines += [
+                "**CPU smoke run at tiny shapes: it checks that every row runs, and says nothing about GPU "
+                "speed or memory.**"
+                if self.tiny
+                else "**Full shapes on the CPU: not a GPU measurement.**",
+                "",
+            ]
         return lines
 
     def table(self) -> str:
@@ -156,11 +168,22 @@ class Check:
                 cells = [row.name, row.shape, row.settings, "error", "error", self.peak_cell(row), "–", row.error]
             else:
                 seconds = "–" if row.seconds is None else f"{row.seconds:.4g}"
-                cells = [row.name, row.shape, row.settings, seconds, row.rate or "–", self.peak_cell(row),
-                         row.calls or "–", row.result]
+                cells = [
+                    row.name,
+                    row.shape,
+                    row.settings,
+                    seconds,
+                    row.rate or "–",
+                    self.peak_cell(row),
+                    row.calls or "–",
+                    row.result,
+                ]
             lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-        lines += ["", f"Total {self.elapsed():.0f} s. Median s: per update (D/G rows), per batch (trajectories, "
-                  f"sampling); UNet calls: per update, or per batch of the row's B."]
+        lines += [
+            "",
+            f"Total {self.elapsed():.0f} s. Median s: per update (D/G rows), per batch (trajectories, "
+            f"sampling); UNet calls: per update, or per batch of the row's B.",
+        ]
         return "\n".join(lines) + "\n"
 
     def write(self) -> None:
@@ -169,12 +192,18 @@ class Check:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(self.table(), encoding="utf-8")
         if self.args.json:
-            data = {"device": device_name(self.device), "torch": torch.__version__, "date": self.date,
-                    "tiny": self.tiny, "rows": [asdict(self.rows[n]) for n in self.order if n in self.rows]}
+            data = {
+                "device": device_name(self.device),
+                "torch": torch.__version__,
+                "date": self.date,
+                "tiny": self.tiny,
+                "rows": [asdict(self.rows[n]) for n in self.order if n in self.rows],
+            }
             Path(self.args.json).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 # --- RAPM updates -------------------------------------------------------------------------------------
+
 
 def measure_update(check: Check, setup, kind: str, name: str, shape: str, settings: str) -> Row:
     """Median seconds, peak memory and UNet calls of ``kind`` updates after warm-up."""
@@ -194,20 +223,34 @@ def measure_update(check: Check, setup, kind: str, name: str, shape: str, settin
     med = statistics.median(times)
     finite = all(math.isfinite(x) for x in losses)
     result = f"median of {check.repeats} after {check.warmup} warm-up" + ("" if finite else "; NON-FINITE LOSS")
-    return Row(name, shape, settings, med, f"{1 / med:.3g} updates/s", peak_memory_bytes(device),
-               "/".join(str(c) for c in sorted(set(counts))), result,
-               data={"times_s": times, "unet_calls": counts, "losses": losses})
+    return Row(
+        name,
+        shape,
+        settings,
+        med,
+        f"{1 / med:.3g} updates/s",
+        peak_memory_bytes(device),
+        "/".join(str(c) for c in sorted(set(counts))),
+        result,
+        data={"times_s": times, "unet_calls": counts, "losses": losses},
+    )
 
 
 def update_rows(check: Check, model: str, checkpointing: bool) -> list[Row]:
     """The D and G rows of one model and checkpointing setting (each wrapped on its own)."""
     names = [update_row_name(model, kind, checkpointing) for kind in ("d", "g")]
     teacher = unet_teacher(model, tiny=check.tiny, device=check.device, dtype=check.weights_dtype)
-    setup = rapm_setup(teacher, {"mixed_precision": "bf16", "gradient_checkpointing": checkpointing},
-                       num_steps=check.num_steps, steps_per_slot=check.steps_per_slot)
+    setup = rapm_setup(
+        teacher,
+        {"mixed_precision": "bf16", "gradient_checkpointing": checkpointing},
+        num_steps=check.num_steps,
+        steps_per_slot=check.steps_per_slot,
+    )
     shape = check.shape(teacher)
-    settings = (f"B=1, N={check.num_steps}, bf16 autocast, {check.args.weights_dtype} UNet weights, "
-                f"checkpointing {'on' if checkpointing else 'off'}")
+    settings = (
+        f"B=1, N={check.num_steps}, bf16 autocast, {check.args.weights_dtype} UNet weights, "
+        f"checkpointing {'on' if checkpointing else 'off'}"
+    )
     rows = []
     for kind, name in zip(("d", "g"), names):
         try:
@@ -225,6 +268,7 @@ def update_rows(check: Check, model: str, checkpointing: bool) -> list[Row]:
 
 
 # --- trajectories and sampling --------------------------------------------------------------------------
+
 
 def median_batch_seconds(check: Check, teacher, fn: Callable[[], Any], repeats: int) -> tuple[float, int, list[float]]:
     """Median seconds of ``fn`` and its UNet calls, peak memory window reset first."""
@@ -244,18 +288,33 @@ def trajectory_row(check: Check, teacher, name: str) -> Row:
 
     t = check.traj_cfg
     B = check.args.traj_batch or (2 if check.tiny else int(t["batch_size"]))
-    attrs = {"num_steps": check.num_steps, "steps_per_slot": check.steps_per_slot, "guidance": float(t["guidance"]),
-             "resolution": None, "latent_shape": list(teacher.latent_shape())}
+    attrs = {
+        "num_steps": check.num_steps,
+        "steps_per_slot": check.steps_per_slot,
+        "guidance": float(t["guidance"]),
+        "resolution": None,
+        "latent_shape": list(teacher.latent_shape()),
+    }
     prompts, seeds = [f"a photograph of object number {j}" for j in range(B)], list(range(B))
     run_batch(teacher, prompts, seeds, {**attrs, "steps_per_slot": 1})  # warm-up on the coarse grid alone
     repeats = check.args.traj_repeats or (2 if check.tiny else 1)
     med, calls, times = median_batch_seconds(check, teacher, lambda: run_batch(teacher, prompts, seeds, attrs), repeats)
     rate = B / med
-    settings = (f"B={B} ({2 * B} UNet rows), N={check.num_steps}, M={check.steps_per_slot}, CFG w={attrs['guidance']}, "
-                f"{str(teacher.dtype).removeprefix('torch.')}")
-    return Row(name, check.shape(teacher), settings, med, f"{rate:.3g} traj/s", peak_memory_bytes(check.device),
-               str(calls), f"{TRAJECTORIES:,} trajectories: {TRAJECTORIES / rate / 3600:.2f} h (median of {repeats})",
-               data={"times_s": times, "batch": B})
+    settings = (
+        f"B={B} ({2 * B} UNet rows), N={check.num_steps}, M={check.steps_per_slot}, CFG w={attrs['guidance']}, "
+        f"{str(teacher.dtype).removeprefix('torch.')}"
+    )
+    return Row(
+        name,
+        check.shape(teacher),
+        settings,
+        med,
+        f"{rate:.3g} traj/s",
+        peak_memory_bytes(check.device),
+        str(calls),
+        f"{TRAJECTORIES:,} trajectories: {TRAJECTORIES / rate / 3600:.2f} h (median of {repeats})",
+        data={"times_s": times, "batch": B},
+    )
 
 
 def sampling_row(check: Check, teacher, name: str) -> Row:
@@ -272,10 +331,20 @@ def sampling_row(check: Check, teacher, name: str) -> Row:
     repeats = check.args.sample_repeats or (2 if check.tiny else 3)
     med, calls, times = median_batch_seconds(check, teacher, run, repeats)
     rate = B / med
-    settings = f"B={B}, {check.num_steps} DDIM steps, guidance 1, {str(teacher.dtype).removeprefix('torch.')}, VAE decode"
-    return Row(name, check.shape(teacher), settings, med, f"{rate:.3g} images/s", peak_memory_bytes(check.device),
-               str(calls), f"{SAMPLES_PER_ROW:,} images: {SAMPLES_PER_ROW / rate / 3600:.2f} h (median of {repeats})",
-               data={"times_s": times, "batch": B})
+    settings = (
+        f"B={B}, {check.num_steps} DDIM steps, guidance 1, {str(teacher.dtype).removeprefix('torch.')}, VAE decode"
+    )
+    return Row(
+        name,
+        check.shape(teacher),
+        settings,
+        med,
+        f"{rate:.3g} images/s",
+        peak_memory_bytes(check.device),
+        str(calls),
+        f"{SAMPLES_PER_ROW:,} images: {SAMPLES_PER_ROW / rate / 3600:.2f} h (median of {repeats})",
+        data={"times_s": times, "batch": B},
+    )
 
 
 def pipeline_rows(check: Check, model: str) -> list[Row]:
@@ -295,6 +364,7 @@ def pipeline_rows(check: Check, model: str) -> list[Row]:
 
 # --- numerics --------------------------------------------------------------------------------------------
 
+
 def _lora_gradient(setup, objective, batch, noise) -> tuple[float, torch.Tensor]:
     from rapm.lora import lora_parameters
 
@@ -302,7 +372,9 @@ def _lora_gradient(setup, objective, batch, noise) -> tuple[float, torch.Tensor]
     for p in params:
         p.grad = None
     loss = float(objective.generator_backward(batch, noise)["loss"])
-    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten() for p in params])
+    grad = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten() for p in params]
+    )
     return loss, grad
 
 
@@ -312,8 +384,12 @@ def bf16_vs_fp32_row(check: Check, model: str = "sdxl") -> Row:
 
     name = "bf16 vs fp32 G step"
     teacher = unet_teacher(model, tiny=check.tiny, device=check.device, dtype=torch.float32)
-    setup = rapm_setup(teacher, {"mixed_precision": "no", "gradient_checkpointing": True},
-                       num_steps=check.num_steps, steps_per_slot=check.steps_per_slot)
+    setup = rapm_setup(
+        teacher,
+        {"mixed_precision": "no", "gradient_checkpointing": True},
+        num_steps=check.num_steps,
+        steps_per_slot=check.steps_per_slot,
+    )
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():  # lora_B off zero, so lora_A gets a gradient too
         for pname, p in teacher.unet.named_parameters():
@@ -328,11 +404,15 @@ def bf16_vs_fp32_row(check: Check, model: str = "sdxl") -> Row:
     loss, grad = _lora_gradient(setup, bf16, batch, noise)
     rel_loss = abs(loss - ref_loss) / abs(ref_loss) if ref_loss else (0.0 if loss == ref_loss else math.inf)
     rel_grad = relative_difference(grad, ref_grad)
-    return Row(name, check.shape(teacher), "float32 UNet weights, bf16 autocast vs none (TF32 off), checkpointing on",
-               peak_bytes=peak_memory_bytes(check.device),
-               result=f"loss rel diff {rel_loss:.2e}; grad rel diff {rel_grad:.2e} (loss {ref_loss:.4g}, "
-                      f"{grad.numel():,} LoRA weights, lora_B ~ N(0, 0.01²))",
-               data={"rel_loss": rel_loss, "rel_grad": rel_grad, "loss_fp32": ref_loss, "loss_bf16": loss})
+    return Row(
+        name,
+        check.shape(teacher),
+        "float32 UNet weights, bf16 autocast vs none (TF32 off), checkpointing on",
+        peak_bytes=peak_memory_bytes(check.device),
+        result=f"loss rel diff {rel_loss:.2e}; grad rel diff {rel_grad:.2e} (loss {ref_loss:.4g}, "
+        f"{grad.numel():,} LoRA weights, lora_B ~ N(0, 0.01²))",
+        data={"rel_loss": rel_loss, "rel_grad": rel_grad, "loss_fp32": ref_loss, "loss_bf16": loss},
+    )
 
 
 def _all_finite(tensors) -> bool:
@@ -360,8 +440,12 @@ def fp16_row(check: Check, model: str = "sdxl") -> Row:
 
     def run(dtype):
         teacher = unet_teacher(model, tiny=check.tiny, device=check.device, dtype=dtype)
-        setup = rapm_setup(teacher, {"mixed_precision": "fp16", "gradient_checkpointing": True},
-                           num_steps=check.num_steps, steps_per_slot=check.steps_per_slot)
+        setup = rapm_setup(
+            teacher,
+            {"mixed_precision": "fp16", "gradient_checkpointing": True},
+            num_steps=check.num_steps,
+            steps_per_slot=check.steps_per_slot,
+        )
         return check.shape(teacher), finite_iterations(check, setup, FP16_ITERATIONS)
 
     reset_peak_memory(check.device)
@@ -375,10 +459,14 @@ def fp16_row(check: Check, model: str = "sdxl") -> Row:
         free_memory(check.device)
         shape, finite = run(weights)
     dtype = str(weights).removeprefix("torch.")
-    return Row(name, shape, f"{dtype} UNet weights, float32 LoRA and heads, fp16 autocast, checkpointing on",
-               peak_bytes=peak_memory_bytes(check.device),
-               result=f"{finite}/{FP16_ITERATIONS} finite iterations (alternate D/G){note}",
-               data={"finite_iterations": finite, "weights": dtype})
+    return Row(
+        name,
+        shape,
+        f"{dtype} UNet weights, float32 LoRA and heads, fp16 autocast, checkpointing on",
+        peak_bytes=peak_memory_bytes(check.device),
+        result=f"{finite}/{FP16_ITERATIONS} finite iterations (alternate D/G){note}",
+        data={"finite_iterations": finite, "weights": dtype},
+    )
 
 
 def config_dtype_row(check: Check, model: str) -> Row:
@@ -389,11 +477,17 @@ def config_dtype_row(check: Check, model: str) -> Row:
     cfg = read_yaml(ROOT / "config" / f"{model}.yaml")
     dtype, mp = cfg["teacher"]["dtype"], cfg["train"]["mixed_precision"]
     ckpt = bool(cfg["train"].get("gradient_checkpointing", False))
-    settings = f"config/{model}.yaml: teacher.dtype {dtype}, mixed_precision {mp}, checkpointing {'on' if ckpt else 'off'}"
+    settings = (
+        f"config/{model}.yaml: teacher.dtype {dtype}, mixed_precision {mp}, checkpointing {'on' if ckpt else 'off'}"
+    )
     teacher = unet_teacher(model, tiny=check.tiny, device=check.device, dtype=DTYPES[dtype])
     shape = check.shape(teacher)
-    setup = rapm_setup(teacher, {"mixed_precision": mp, "gradient_checkpointing": ckpt},
-                       num_steps=check.num_steps, steps_per_slot=check.steps_per_slot)
+    setup = rapm_setup(
+        teacher,
+        {"mixed_precision": mp, "gradient_checkpointing": ckpt},
+        num_steps=check.num_steps,
+        steps_per_slot=check.steps_per_slot,
+    )
     batch = random_batch(teacher, setup.num_steps, 1, seed=3)
     reset_peak_memory(check.device)
     try:
@@ -402,26 +496,45 @@ def config_dtype_row(check: Check, model: str) -> Row:
         traceback.print_exc()
         return Row.failed(name, err, shape=shape, settings=settings)
     ok = all(math.isfinite(x) for x in losses)
-    return Row(name, shape, settings, peak_bytes=peak_memory_bytes(check.device),
-               result="ok: one D and one G update ran" + ("" if ok else ", NON-FINITE LOSS"), data={"losses": losses})
+    return Row(
+        name,
+        shape,
+        settings,
+        peak_bytes=peak_memory_bytes(check.device),
+        result="ok: one D and one G update ran" + ("" if ok else ", NON-FINITE LOSS"),
+        data={"losses": losses},
+    )
 
 
 # --- plan and main ---------------------------------------------------------------------------------------
+
 
 def plan(check: Check) -> list[tuple[str, list[str], Callable[[], list[Row]]]]:
     """(group, row names, runner) in execution order; the table lists the rows in this order."""
     updates = [(m, c) for m, c in (("sdxl", True), ("sd15", True), ("sd15", False))]
     steps: list[tuple[str, list[str], Callable[[], list[Row]]]] = []
     for model, ckpt in updates:
-        steps.append(("updates", [update_row_name(model, k, ckpt) for k in ("d", "g")],
-                      lambda model=model, ckpt=ckpt: update_rows(check, model, ckpt)))
+        steps.append(
+            (
+                "updates",
+                [update_row_name(model, k, ckpt) for k in ("d", "g")],
+                lambda model=model, ckpt=ckpt: update_rows(check, model, ckpt),
+            )
+        )
     for model in ("sd15", "sdxl"):
-        steps.append(("pipeline", [f"{LABELS[model]} trajectories", f"{LABELS[model]} 4-step sampling"],
-                      lambda model=model: pipeline_rows(check, model)))
+        steps.append(
+            (
+                "pipeline",
+                [f"{LABELS[model]} trajectories", f"{LABELS[model]} 4-step sampling"],
+                lambda model=model: pipeline_rows(check, model),
+            )
+        )
     steps.append(("numerics", ["bf16 vs fp32 G step"], lambda: [bf16_vs_fp32_row(check)]))
     steps.append(("numerics", ["fp16 teacher training"], lambda: [fp16_row(check)]))
     for model in ("sd15", "sdxl"):
-        steps.append(("numerics", [f"{LABELS[model]} config dtypes"], lambda model=model: [config_dtype_row(check, model)]))
+        steps.append(
+            ("numerics", [f"{LABELS[model]} config dtypes"], lambda model=model: [config_dtype_row(check, model)])
+        )
     return steps
 
 
@@ -459,16 +572,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="measured updates per row (default 5; --tiny 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up updates per row (default 2; --tiny 1)")
     p.add_argument("--weights-dtype", default="bfloat16", choices=sorted(DTYPES), help="UNet weights of the D/G rows")
-    p.add_argument("--pipeline-dtype", default=None, choices=sorted(DTYPES),
-                   help="trajectory and sampling pipelines (default float16 on a GPU, float32 on the CPU)")
-    p.add_argument("--traj-batch", type=int, default=None, help="trajectories per batch (default: the config's; --tiny 2)")
+    p.add_argument(
+        "--pipeline-dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="trajectory and sampling pipelines (default float16 on a GPU, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--traj-batch", type=int, default=None, help="trajectories per batch (default: the config's; --tiny 2)"
+    )
     p.add_argument("--traj-repeats", type=int, default=None, help="measured trajectory batches (default 1; --tiny 2)")
     p.add_argument("--sample-batch", type=int, default=None, help="images per sampling batch (default 4; --tiny 2)")
     p.add_argument("--sample-repeats", type=int, default=None, help="measured sampling batches (default 3; --tiny 2)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no row after this many seconds (default 420 on a GPU, none on the CPU)")
-    p.add_argument("--only", nargs="+", choices=["updates", "pipeline", "numerics"], default=None,
-                   help="run only these groups of rows")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no row after this many seconds (default 420 on a GPU, none on the CPU)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["updates", "pipeline", "numerics"],
+        default=None,
+        help="run only these groups of rows",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -54,8 +54,10 @@ def collect(cfg: dict, variants: list[str], out: Path, results: Path) -> None:
         if row["kind"] in TRAINED_KINDS:
             if row["kind"] == "msd":
                 for k in range(len(row["loras"])):
-                    shutil.copyfile(results / "train" / name / "students" / str(k) / "summary.json",
-                                    out / "train" / f"{name}-s{k}.json")
+                    shutil.copyfile(
+                        results / "train" / name / "students" / str(k) / "summary.json",
+                        out / "train" / f"{name}-s{k}.json",
+                    )
             else:
                 shutil.copyfile(results / "train" / name / "summary.json", out / "train" / f"{name}.json")
             key = trajectory_store_key({**cfg, **variant_config(cfg, name)})
@@ -63,9 +65,16 @@ def collect(cfg: dict, variants: list[str], out: Path, results: Path) -> None:
     tables_cfg = select_keys(cfg, stage_keys()["tables"])
     (out / "tables.json").write_text(json.dumps(tables_cfg, indent=1, sort_keys=True) + "\n")
     order = list(rows(cfg, every=True))
-    metrics = sorted((out / "metrics").glob("*.json"), key=lambda p: order.index(p.stem) if p.stem in order else len(order))
-    write_tables(tables_cfg, metrics=metrics, train_summaries=sorted((out / "train").glob("*.json")),
-                 trajectory_manifests=sorted((out / "trajectories").glob("*.json")), out_dir=out)
+    metrics = sorted(
+        (out / "metrics").glob("*.json"), key=lambda p: order.index(p.stem) if p.stem in order else len(order)
+    )
+    write_tables(
+        tables_cfg,
+        metrics=metrics,
+        train_summaries=sorted((out / "train").glob("*.json")),
+        trajectory_manifests=sorted((out / "trajectories").glob("*.json")),
+        out_dir=out,
+    )
     print(f"{out}: tables from {len(metrics)} rows")
 
 

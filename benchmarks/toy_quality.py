@@ -41,15 +41,19 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=None, help="folder for each row's images (NAME.npy), reused when present")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    prompts = pd.read_csv(args.prompts, keep_default_na=False).iloc[:args.num]
+    prompts = pd.read_csv(args.prompts, keep_default_na=False).iloc[: args.num]
     captions = list(prompts["caption"])
     scenes = [parse_caption(c) for c in captions]
     extract = feature_extractor("toyclip")
-    ref = gaussian_stats(extract(np.stack([reference_image(c, int(i), 32) for c, i in zip(captions, prompts["image_id"])])))
+    ref = gaussian_stats(
+        extract(np.stack([reference_image(c, int(i), 32) for c, i in zip(captions, prompts["image_id"])]))
+    )
     teacher_cfg = {"path": args.teacher, "type": "auto", "dtype": "float32", "device": "cpu"}
     cache = Path(args.cache) if args.cache else None
-    print(f"{'row':<28}{'FD':>8}{'all':>7}{'colour':>8}{'shape':>8}{'position':>9}{'count':>7}{'RMSE→T':>8}{'FD→T':>8}"
-          f"   ({len(captions)} prompts; →T: against the first row, same noise)")
+    print(
+        f"{'row':<28}{'FD':>8}{'all':>7}{'colour':>8}{'shape':>8}{'position':>9}{'count':>7}{'RMSE→T':>8}{'FD→T':>8}"
+        f"   ({len(captions)} prompts; →T: against the first row, same noise)"
+    )
     first = None
     for spec in args.row:
         name, steps, guidance, *lora = spec.split(":", 3)
@@ -58,8 +62,18 @@ def main(argv=None) -> int:
             images = np.load(path)
         else:
             teacher = load_row_pipeline({"name": name, "lora": lora[0] if lora else None}, teacher_cfg)
-            images = np.concatenate([generate(teacher, captions[i:i + 100], [item_seed(args.seed, k) for k in range(i, min(i + 100, len(captions)))],
-                                              steps=int(steps), guidance=float(guidance)) for i in range(0, len(captions), 100)])
+            images = np.concatenate(
+                [
+                    generate(
+                        teacher,
+                        captions[i : i + 100],
+                        [item_seed(args.seed, k) for k in range(i, min(i + 100, len(captions)))],
+                        steps=int(steps),
+                        guidance=float(guidance),
+                    )
+                    for i in range(0, len(captions), 100)
+                ]
+            )
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path, images)
@@ -70,8 +84,11 @@ def main(argv=None) -> int:
             first = images, gaussian_stats(feats)
         rmse = np.sqrt(((images.astype(np.float64) - first[0]) ** 2).reshape(len(images), -1).mean(axis=1)).mean()
         fd_t = frechet_distance(*gaussian_stats(feats), *first[1])
-        print(f"{name:<28}{fd:>8.4f}{a['all']:>7.3f}{a['colour']:>8.3f}{a['shape']:>8.3f}{a['position']:>9.3f}{a['count']:>7.3f}"
-              f"{rmse:>8.2f}{fd_t:>8.4f}", flush=True)
+        print(
+            f"{name:<28}{fd:>8.4f}{a['all']:>7.3f}{a['colour']:>8.3f}{a['shape']:>8.3f}{a['position']:>9.3f}{a['count']:>7.3f}"
+            f"{rmse:>8.2f}{fd_t:>8.4f}",
+            flush=True,
+        )
     return 0
 
 

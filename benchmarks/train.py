@@ -87,9 +87,12 @@ def random_batch(teacher, cond_shapes, n: int, batch_size: int, device) -> Batch
     c, side = teacher.unet.config.in_channels, teacher.unet.config.sample_size
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(**{k: torch.randn((batch_size, *s), generator=g).to(device) for k, s in cond_shapes.items()})
-    return Batch(coarse=torch.randn((batch_size, n + 1, c, side, side), generator=g).to(device),
-                 delta=torch.randn((batch_size, n, c, side, side), generator=g).to(device), cond=cond,
-                 indices=list(range(batch_size)))
+    return Batch(
+        coarse=torch.randn((batch_size, n + 1, c, side, side), generator=g).to(device),
+        delta=torch.randn((batch_size, n, c, side, side), generator=g).to(device),
+        cond=cond,
+        indices=list(range(batch_size)),
+    )
 
 
 class Timers:
@@ -152,8 +155,17 @@ def bench_model(name: str, merged: bool | str, args) -> dict:
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     teacher, cond_shapes = make_teacher(name, device, dtype)
-    cfg = validate({"train": {"mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-                              "batch_size": args.batch_size, "lora": {"merged": merged}}}, partial=True)["train"]
+    cfg = validate(
+        {
+            "train": {
+                "mixed_precision": args.mixed_precision,
+                "gradient_checkpointing": args.gradient_checkpointing,
+                "batch_size": args.batch_size,
+                "lora": {"merged": merged},
+            }
+        },
+        partial=True,
+    )["train"]
     torch.manual_seed(0)
     unet = teacher.unet
     add_student_lora(unet, cfg["lora"])
@@ -183,7 +195,9 @@ def bench_model(name: str, merged: bool | str, args) -> dict:
 
     def forward():
         with torch.no_grad(), teacher_mode(unet), rapm.autocast():
-            unet_eps(teacher, batch0.coarse[:1, 0], 999, Conditioning(**{k: v[:1] for k, v in batch0.cond.tensors().items()}))
+            unet_eps(
+                teacher, batch0.coarse[:1, 0], 999, Conditioning(**{k: v[:1] for k, v in batch0.cond.tensors().items()})
+            )
 
     for _ in range(2):
         forward()
@@ -226,16 +240,35 @@ def bench_model(name: str, merged: bool | str, args) -> dict:
             parts["backward"] = t_update - sum(parts.values())
             parts["data"] = t_data
             if it >= args.warmup:
-                rows[kind].append({**parts, "total": t_data + t_update, "update": t_update, "unet_calls": calls["n"],
-                                   "unet_rows": calls["rows"]})
-    out = {"model": name, "lora_forward": "merged" if rapm.merged else "peft", "merged_setting": merged,
-           "device": str(device), "dtype": args.dtype, "mixed_precision": args.mixed_precision,
-           "gradient_checkpointing": args.gradient_checkpointing, "batch_size": args.batch_size,
-           "latent": list(batch0.coarse.shape[2:]), "unet_forward_ms": 1e3 * statistics.median(fwd)}
+                rows[kind].append(
+                    {
+                        **parts,
+                        "total": t_data + t_update,
+                        "update": t_update,
+                        "unet_calls": calls["n"],
+                        "unet_rows": calls["rows"],
+                    }
+                )
+    out = {
+        "model": name,
+        "lora_forward": "merged" if rapm.merged else "peft",
+        "merged_setting": merged,
+        "device": str(device),
+        "dtype": args.dtype,
+        "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "batch_size": args.batch_size,
+        "latent": list(batch0.coarse.shape[2:]),
+        "unet_forward_ms": 1e3 * statistics.median(fwd),
+    }
     for kind, recs in rows.items():
         med = {k: 1e3 * statistics.median(r[k] for r in recs) for k in recs[0] if k not in ("unet_calls", "unet_rows")}
-        out[kind] = {**{f"{k}_ms": round(v, 2) for k, v in med.items()}, "unet_calls": recs[0]["unet_calls"],
-                     "unet_rows": recs[0]["unet_rows"], "x_forward": round(med["total"] / out["unet_forward_ms"], 2)}
+        out[kind] = {
+            **{f"{k}_ms": round(v, 2) for k, v in med.items()},
+            "unet_calls": recs[0]["unet_calls"],
+            "unet_rows": recs[0]["unet_rows"],
+            "x_forward": round(med["total"] / out["unet_forward_ms"], 2),
+        }
     if not args.no_bare:
         bare = bare_update_ms(name, args, cfg)
         for kind in ("d", "g"):
@@ -260,8 +293,13 @@ def main(argv=None) -> int:
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--merged", nargs="+", default=["auto"], choices=["auto", "true", "false"],
-                   help="train.lora.merged setting(s) to measure, each against the same bare baseline (default: auto)")
+    p.add_argument(
+        "--merged",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "true", "false"],
+        help="train.lora.merged setting(s) to measure, each against the same bare baseline (default: auto)",
+    )
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -272,21 +310,32 @@ def main(argv=None) -> int:
     settings = [{"true": True, "false": False}.get(m, m) for m in args.merged]
     results = [bench_model(m, merged, args) for m in args.model for merged in settings]
     for r in results:
-        print(f"\n{r['model']} on {r['device']}, LoRA forward {r['lora_forward']} (train.lora.merged: {r['merged_setting']}) "
-              f"(latent {r['latent']}, batch {r['batch_size']}, {r['dtype']}, "
-              f"autocast {r['mixed_precision']}, checkpointing {r['gradient_checkpointing']}): "
-              f"one UNet forward {r['unet_forward_ms']:.2f} ms")
-        print(f"{'update':<8}{'total':>9}{'data':>8}{'student':>9}{'backbone':>10}{'heads':>8}{'backward':>10}"
-              f"{'UNet calls':>12}{'rows':>6}{'x forward':>11}{'bare':>9}{'ratio':>7}")
+        print(
+            f"\n{r['model']} on {r['device']}, LoRA forward {r['lora_forward']} (train.lora.merged: {r['merged_setting']}) "
+            f"(latent {r['latent']}, batch {r['batch_size']}, {r['dtype']}, "
+            f"autocast {r['mixed_precision']}, checkpointing {r['gradient_checkpointing']}): "
+            f"one UNet forward {r['unet_forward_ms']:.2f} ms"
+        )
+        print(
+            f"{'update':<8}{'total':>9}{'data':>8}{'student':>9}{'backbone':>10}{'heads':>8}{'backward':>10}"
+            f"{'UNet calls':>12}{'rows':>6}{'x forward':>11}{'bare':>9}{'ratio':>7}"
+        )
         for kind in ("d", "g"):
             x = r[kind]
-            print(f"{kind:<8}{x['total_ms']:>9.1f}{x['data_ms']:>8.1f}{x.get('student_ms', 0):>9.1f}{x.get('backbone_ms', 0):>10.1f}"
-                  f"{x.get('heads_ms', 0):>8.1f}{x['backward_ms']:>10.1f}{x['unet_calls']:>12}{x['unet_rows']:>6}"
-                  f"{x['x_forward']:>11.1f}{x.get('bare_ms', float('nan')):>9.1f}{x.get('ratio', float('nan')):>7.2f}")
+            print(
+                f"{kind:<8}{x['total_ms']:>9.1f}{x['data_ms']:>8.1f}{x.get('student_ms', 0):>9.1f}{x.get('backbone_ms', 0):>10.1f}"
+                f"{x.get('heads_ms', 0):>8.1f}{x['backward_ms']:>10.1f}{x['unet_calls']:>12}{x['unet_rows']:>6}"
+                f"{x['x_forward']:>11.1f}{x.get('bare_ms', float('nan')):>9.1f}{x.get('ratio', float('nan')):>7.2f}"
+            )
         if "ratio" in r:
-            print(f"update time / bare passes (D + G): {r['ratio']:.3f}   (bare: the same passes on a UNet without adapters)")
-        print(f"iterations/s {r['iterations_per_s']}  s/iteration {r['seconds_per_iteration']}  peak RSS {r['peak_rss_mb']} MB"
-              + (f"  peak GPU {r['peak_gpu_mb']} MB" if r["peak_gpu_mb"] else "") + "  (times in ms, medians)")
+            print(
+                f"update time / bare passes (D + G): {r['ratio']:.3f}   (bare: the same passes on a UNet without adapters)"
+            )
+        print(
+            f"iterations/s {r['iterations_per_s']}  s/iteration {r['seconds_per_iteration']}  peak RSS {r['peak_rss_mb']} MB"
+            + (f"  peak GPU {r['peak_gpu_mb']} MB" if r["peak_gpu_mb"] else "")
+            + "  (times in ms, medians)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -47,11 +47,16 @@ def sync(device: torch.device) -> None:
 
 
 def write_prompts(directory: Path, count: int) -> tuple[Path, Path]:
-    rows = [f"{j},{j},{j},a {COLOURS[j % 6]} {SHAPES[j // 6 % 3]} above a {COLOURS[(j // 18 + 1) % 6]} "
-            f"{SHAPES[j % 3]},x.jpg\n" for j in range(count)]
+    rows = [
+        f"{j},{j},{j},a {COLOURS[j % 6]} {SHAPES[j // 6 % 3]} above a {COLOURS[(j // 18 + 1) % 6]} "
+        f"{SHAPES[j % 3]},x.jpg\n"
+        for j in range(count)
+    ]
     data = ("prompt_id,image_id,caption_id,caption,file_name\n" + "".join(rows)).encode()
     (directory / "train.csv").write_bytes(data)
-    (directory / "manifest.json").write_text(json.dumps({"outputs": {"train.csv": {"sha256": hashlib.sha256(data).hexdigest()}}}))
+    (directory / "manifest.json").write_text(
+        json.dumps({"outputs": {"train.csv": {"sha256": hashlib.sha256(data).hexdigest()}}})
+    )
     return directory / "train.csv", directory / "manifest.json"
 
 
@@ -59,8 +64,10 @@ def unet_inputs(unet, rows: int, latent, cond_shapes, device, dtype):
     z = torch.randn(rows, *latent, device=device, dtype=dtype)
     kwargs = {"encoder_hidden_states": torch.randn(rows, *cond_shapes["prompt_embeds"], device=device, dtype=dtype)}
     if "pooled_embeds" in cond_shapes:
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, *cond_shapes["pooled_embeds"], device=device, dtype=dtype),
-                                       "time_ids": torch.randn(rows, 6, device=device, dtype=dtype)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(rows, *cond_shapes["pooled_embeds"], device=device, dtype=dtype),
+            "time_ids": torch.randn(rows, 6, device=device, dtype=dtype),
+        }
     return z, kwargs
 
 
@@ -122,7 +129,9 @@ def projected_bytes(N: int, latent, cond_shapes, prompt_bytes: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--teacher", default=None, help="pipeline directory (default: rapm:tinysd if shipped, else a tiny random SD)")
+    p.add_argument(
+        "--teacher", default=None, help="pipeline directory (default: rapm:tinysd if shipped, else a tiny random SD)"
+    )
     p.add_argument("--trajectories", type=int, default=32, help="J")
     p.add_argument("--batch-size", type=int, default=8, help="B")
     p.add_argument("--num-steps", type=int, default=4, help="N")
@@ -132,8 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no spin-waiting on a shared machine)")
-    p.add_argument("--measure-full", nargs="*", default=[], choices=sorted(MODELS),
-                   help="time one forward of these real-size UNets (random weights) instead of FLOP scaling")
+    p.add_argument(
+        "--measure-full",
+        nargs="*",
+        default=[],
+        choices=sorted(MODELS),
+        help="time one forward of these real-size UNets (random weights) instead of FLOP scaling",
+    )
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,8 +167,17 @@ def main(argv: list[str] | None = None) -> int:
             tiny_sd_pipeline(0).save_pretrained(path)
         teacher_cfg = {"path": path, "dtype": args.dtype, "device": args.device}
         teacher = load_teacher(teacher_cfg)
-        cfg = dict(num_steps=N, steps_per_slot=M, guidance=args.guidance, num_trajectories=None, seed=0, resolution=None,
-                   shards=1, batch_size=B, trajectories_per_chunk=1)
+        cfg = dict(
+            num_steps=N,
+            steps_per_slot=M,
+            guidance=args.guidance,
+            num_trajectories=None,
+            seed=0,
+            resolution=None,
+            shards=1,
+            batch_size=B,
+            trajectories_per_chunk=1,
+        )
         prompts = write_prompts(tmp, J)
         latent = teacher.latent_shape()
         cond_shapes = {k: tuple(v.shape[1:]) for k, v in encode_prompts(teacher, ["x"]).tensors().items()}
@@ -180,21 +203,45 @@ def main(argv: list[str] | None = None) -> int:
         tiny_step = raw / (len(batches) * N * M)  # seconds per forward of 2B rows (full batches dominate)
         tiny_flops = forward_flops(dict(teacher.unet.config), 2 * B, latent, cond_shapes)
 
-    print(f"teacher: {path} ({teacher.type}, {sum(p.numel() for p in teacher.unet.parameters()) / 1e6:.2f}M UNet params, "
-          f"latents {tuple(latent)}), device {device}, {args.dtype}, {torch.get_num_threads()} CPU thread(s)")
-    print(f"grid N={N}, M={M} ({N * M} guided steps), w={args.guidance}, J={J} trajectories, batch size B={B} "
-          f"(UNet rows {2 * B}), {args.repeats} alternating repeats")
-    print(f"pipeline (compute_shard):  {J / pipe:8.2f} trajectories/s   (median {pipe:.3f} s; runs {[round(x, 3) for x in pipe_s]})")
-    print(f"raw UNet forward, same B:  {J / raw:8.2f} trajectories/s   (median {raw:.3f} s; runs {[round(x, 3) for x in raw_s]})")
+    print(
+        f"teacher: {path} ({teacher.type}, {sum(p.numel() for p in teacher.unet.parameters()) / 1e6:.2f}M UNet params, "
+        f"latents {tuple(latent)}), device {device}, {args.dtype}, {torch.get_num_threads()} CPU thread(s)"
+    )
+    print(
+        f"grid N={N}, M={M} ({N * M} guided steps), w={args.guidance}, J={J} trajectories, batch size B={B} "
+        f"(UNet rows {2 * B}), {args.repeats} alternating repeats"
+    )
+    print(
+        f"pipeline (compute_shard):  {J / pipe:8.2f} trajectories/s   (median {pipe:.3f} s; runs {[round(x, 3) for x in pipe_s]})"
+    )
+    print(
+        f"raw UNet forward, same B:  {J / raw:8.2f} trajectories/s   (median {raw:.3f} s; runs {[round(x, 3) for x in raw_s]})"
+    )
     print(f"ratio pipeline / raw UNet: {ratio:8.3f}   (target >= 0.85)")
-    print(f"bytes per trajectory: {store_bytes / J:,.0f} on disk incl. metadata ({array_bytes / J:,.0f} in chunks; "
-          f"projected by the layout formula: {projected_bytes(N, latent, cond_shapes, prompt_bytes):,})")
+    print(
+        f"bytes per trajectory: {store_bytes / J:,.0f} on disk incl. metadata ({array_bytes / J:,.0f} in chunks; "
+        f"projected by the layout formula: {projected_bytes(N, latent, cond_shapes, prompt_bytes):,})"
+    )
 
-    figures = {"device": str(device), "dtype": args.dtype, "teacher": path, "N": N, "M": M, "B": B, "J": J,
-               "pipeline_traj_per_s": J / pipe, "raw_traj_per_s": J / raw, "ratio": ratio,
-               "bytes_per_trajectory_disk": store_bytes / J, "bytes_per_trajectory_chunks": array_bytes / J, "projections": {}}
-    print(f"projection for 1000 trajectories (N={N}, M={M}, B={B}, on {device} {args.dtype}; time includes the "
-          f"measured pipeline overhead 1/ratio):")
+    figures = {
+        "device": str(device),
+        "dtype": args.dtype,
+        "teacher": path,
+        "N": N,
+        "M": M,
+        "B": B,
+        "J": J,
+        "pipeline_traj_per_s": J / pipe,
+        "raw_traj_per_s": J / raw,
+        "ratio": ratio,
+        "bytes_per_trajectory_disk": store_bytes / J,
+        "bytes_per_trajectory_chunks": array_bytes / J,
+        "projections": {},
+    }
+    print(
+        f"projection for 1000 trajectories (N={N}, M={M}, B={B}, on {device} {args.dtype}; time includes the "
+        f"measured pipeline overhead 1/ratio):"
+    )
     for name, (unet_config, big_latent, big_cond) in MODELS.items():
         size = 1000 * projected_bytes(N, big_latent, big_cond, prompt_bytes)
         if name in args.measure_full:
@@ -204,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             step, how = tiny_step * scale, f"tiny step x {scale:,.0f} (FLOP ratio)"
         hours = 1000 / B * N * M * step / ratio / 3600
         figures["projections"][name] = {"bytes": size, "step_s": step, "step_source": how, "hours": hours}
-        print(f"  {name}: storage {size / 1e9:.2f} GB; UNet step ({2 * B} rows) {step:.3f} s [{how}]; "
-              f"time {hours:.2f} h")
+        print(
+            f"  {name}: storage {size / 1e9:.2f} GB; UNet step ({2 * B} rows) {step:.3f} s [{how}]; time {hours:.2f} h"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0

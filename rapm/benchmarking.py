@@ -29,21 +29,41 @@ from rapm.teacher import Teacher
 MODEL_NAMES = ("sd15", "sdxl")
 
 #: The published AutoencoderKL of SD1.5 and SDXL (same architecture, 83.7M parameters).
-SD_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-              latent_channels=4, norm_num_groups=32)
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+)
 VAE_CONFIGS = {
     "sd15": {**SD_VAE, "sample_size": 512, "scaling_factor": 0.18215},
     "sdxl": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
 }
 #: CLIP ViT-L/14's text tower (SD1.5's encoder, SDXL's first) and OpenCLIP ViT-bigG/14's (SDXL's second).
-CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   hidden_act="quick_gelu", projection_dim=768)
-OPENCLIP_BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                          hidden_act="gelu", projection_dim=1280)
+CLIP_L_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+OPENCLIP_BIGG_TEXT = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 
 
 # --- devices and timing --------------------------------------------------------------------------
+
 
 def sync(device: torch.device | str) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
@@ -125,14 +145,16 @@ def relative_difference(a: Tensor, b: Tensor) -> float:
 
 # --- random-weight teachers ----------------------------------------------------------------------
 
+
 def ddim_trailing_scheduler(config: Mapping[str, Any] | None = None):
     """The inference/trajectory sampler of method.md ("Notation"): DDIM, trailing, as :func:`rapm.teacher.load_teacher` sets it."""
     from diffusers import DDIMScheduler
 
     from rapm.models.tiny import SD_SCHEDULER_CONFIG
 
-    return DDIMScheduler.from_config(dict(config or SD_SCHEDULER_CONFIG), timestep_spacing="trailing",
-                                     set_alpha_to_one=False, clip_sample=False)
+    return DDIMScheduler.from_config(
+        dict(config or SD_SCHEDULER_CONFIG), timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False
+    )
 
 
 def _text_encoder(spec: Mapping[str, Any], with_projection: bool):
@@ -140,8 +162,14 @@ def _text_encoder(spec: Mapping[str, Any], with_projection: bool):
 
     from rapm.tokenizer import VOCAB_SIZE
 
-    config = CLIPTextConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=77, bos_token_id=VOCAB_SIZE - 2,
-                            eos_token_id=VOCAB_SIZE - 1, pad_token_id=VOCAB_SIZE - 1, **spec)
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=77,
+        bos_token_id=VOCAB_SIZE - 2,
+        eos_token_id=VOCAB_SIZE - 1,
+        pad_token_id=VOCAB_SIZE - 1,
+        **spec,
+    )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
@@ -154,15 +182,31 @@ def _full_pipeline(name: str, device: torch.device):
 
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes for SDXL's 3.5B parameters
         unet, vae = build_unet(name), AutoencoderKL(**VAE_CONFIGS[name])
-        encoders = [_text_encoder(CLIP_L_TEXT, False)] + ([_text_encoder(OPENCLIP_BIGG_TEXT, True)] if name == "sdxl" else [])
+        encoders = [_text_encoder(CLIP_L_TEXT, False)] + (
+            [_text_encoder(OPENCLIP_BIGG_TEXT, True)] if name == "sdxl" else []
+        )
     if name == "sd15":
-        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=clip_tokenizer(), unet=unet,
-                                       scheduler=ddim_trailing_scheduler(), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet,
-                                     scheduler=ddim_trailing_scheduler(), force_zeros_for_empty_prompt=True,
-                                     add_watermarker=False)
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=encoders[0],
+            tokenizer=clip_tokenizer(),
+            unet=unet,
+            scheduler=ddim_trailing_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=ddim_trailing_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
 
 
 def _check_name(name: str) -> None:
@@ -175,8 +219,14 @@ def _cast(module: nn.Module, device, dtype: torch.dtype) -> nn.Module:
     return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
-def random_pipeline(name: str, *, tiny: bool = False, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, seed: int = 0):
+def random_pipeline(
+    name: str,
+    *,
+    tiny: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
     """A random-weight ``StableDiffusionPipeline`` (``sd15``) or ``StableDiffusionXLPipeline`` (``sdxl``).
 
     Full size (the published configs; built directly on ``device``, so a GPU initialises it in seconds) or
@@ -202,18 +252,32 @@ def teacher_from_pipeline(pipe, name: str, *, source: str) -> Teacher:
     """A :class:`rapm.teacher.Teacher` around an in-memory pipeline, its scheduler set as ``load_teacher`` sets it."""
     _check_name(name)
     pipe.scheduler = ddim_trailing_scheduler(pipe.scheduler.config)
-    return Teacher(pipe=pipe, type=name, dtype=pipe.unet.dtype, device=pipe.unet.device, source=source, location="memory")
+    return Teacher(
+        pipe=pipe, type=name, dtype=pipe.unet.dtype, device=pipe.unet.device, source=source, location="memory"
+    )
 
 
-def random_teacher(name: str, *, tiny: bool = False, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32, seed: int = 0) -> Teacher:
+def random_teacher(
+    name: str,
+    *,
+    tiny: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Teacher:
     """A teacher with the full random pipeline (text encoders, VAE, UNet): trajectories and sampling."""
     pipe = random_pipeline(name, tiny=tiny, device=device, dtype=dtype, seed=seed)
     return teacher_from_pipeline(pipe, name, source=f"random {name}{' (tiny)' if tiny else ''}")
 
 
-def unet_teacher(name: str, *, tiny: bool = False, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> Teacher:
+def unet_teacher(
+    name: str,
+    *,
+    tiny: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Teacher:
     """A teacher holding only the random UNet (what training uses: trajectories carry the text embeddings)."""
     _check_name(name)
     device = torch.device(device)
@@ -228,8 +292,14 @@ def unet_teacher(name: str, *, tiny: bool = False, device: torch.device | str = 
             unet, scale = build_unet(name), 8
     unet = _cast(unet, device, dtype).requires_grad_(False).eval()
     pipe = SimpleNamespace(unet=unet, scheduler=ddim_trailing_scheduler(), vae_scale_factor=scale)
-    return Teacher(pipe=pipe, type=name, dtype=dtype, device=device,
-                   source=f"random {name} UNet{' (tiny)' if tiny else ''}", location="memory")
+    return Teacher(
+        pipe=pipe,
+        type=name,
+        dtype=dtype,
+        device=device,
+        source=f"random {name} UNet{' (tiny)' if tiny else ''}",
+        location="memory",
+    )
 
 
 def conditioning_shapes(unet) -> dict[str, tuple[int, ...]]:
@@ -250,14 +320,19 @@ def random_batch(teacher: Teacher, num_steps: int, batch_size: int = 1, *, seed:
     unet = teacher.unet
     c, side = unet.config.in_channels, unet.config.sample_size
     g = torch.Generator().manual_seed(seed)
-    cond = Conditioning(**{k: torch.randn((batch_size, *s), generator=g).to(teacher.device)
-                           for k, s in conditioning_shapes(unet).items()})
+    cond = Conditioning(
+        **{
+            k: torch.randn((batch_size, *s), generator=g).to(teacher.device)
+            for k, s in conditioning_shapes(unet).items()
+        }
+    )
     coarse = torch.randn((batch_size, num_steps + 1, c, side, side), generator=g).to(teacher.device)
     delta = torch.randn((batch_size, num_steps, c, side, side), generator=g).to(teacher.device)
     return Batch(coarse=coarse, delta=delta, cond=cond, indices=list(range(batch_size)))
 
 
 # --- RAPM set-up and updates ---------------------------------------------------------------------
+
 
 @dataclass
 class RAPMSetup:
@@ -280,8 +355,14 @@ class RAPMSetup:
         return (c.in_channels, c.sample_size, c.sample_size)
 
 
-def rapm_setup(teacher: Teacher, train: Mapping[str, Any] | None = None, *, num_steps: int = 4,
-               steps_per_slot: int = 10, seed: int = 0) -> RAPMSetup:
+def rapm_setup(
+    teacher: Teacher,
+    train: Mapping[str, Any] | None = None,
+    *,
+    num_steps: int = 4,
+    steps_per_slot: int = 10,
+    seed: int = 0,
+) -> RAPMSetup:
     """What :class:`rapm.train.Trainer` builds around the teacher: LoRA, heads, :class:`rapm.objective.RAPM`, AdamW.
 
     ``train``: keys of the ``train`` config section (validated against the schema, defaults filled),

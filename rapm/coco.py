@@ -52,6 +52,7 @@ class CaptionsFormatError(RapmError, ValueError):
 
 # --- captions schema and loading ----------------------------------------------------------
 
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -62,6 +63,7 @@ def check_captions(data: Any, source: str) -> None:
     Required: ``images`` (each with integer ``id`` and string ``file_name``) and ``annotations``
     (each with integer ``id``, integer ``image_id`` of a listed image and string ``caption``).
     """
+
     def fail(why: str) -> CaptionsFormatError:
         return CaptionsFormatError(f"{source}: not a COCO captions file: {why}")
 
@@ -79,8 +81,12 @@ def check_captions(data: Any, source: str) -> None:
         raise fail("'annotations' is empty")
     ann_ids = set()
     for i, ann in enumerate(data["annotations"]):
-        if not (isinstance(ann, dict) and _is_int(ann.get("id")) and _is_int(ann.get("image_id"))
-                and isinstance(ann.get("caption"), str)):
+        if not (
+            isinstance(ann, dict)
+            and _is_int(ann.get("id"))
+            and _is_int(ann.get("image_id"))
+            and isinstance(ann.get("caption"), str)
+        ):
             raise fail(f"annotations[{i}] needs integer 'id' and 'image_id' and a string 'caption': {ann!r:.200}")
         if ann["image_id"] not in image_ids:
             raise fail(f"annotations[{i}] refers to image_id {ann['image_id']}, which is not in 'images'")
@@ -140,16 +146,19 @@ def load_captions(path: str | Path) -> pd.DataFrame:
 
     anns = coco.loadAnns(coco.getAnnIds())
     images = {img["id"]: img for img in coco.loadImgs(sorted({a["image_id"] for a in anns}))}
-    frame = pd.DataFrame({
-        "image_id": pd.Series([a["image_id"] for a in anns], dtype="int64"),
-        "caption_id": pd.Series([a["id"] for a in anns], dtype="int64"),
-        "caption": pd.Series([normalise_caption(a["caption"]) for a in anns], dtype=object),
-        "file_name": pd.Series([images[a["image_id"]]["file_name"] for a in anns], dtype=object),
-    })
+    frame = pd.DataFrame(
+        {
+            "image_id": pd.Series([a["image_id"] for a in anns], dtype="int64"),
+            "caption_id": pd.Series([a["id"] for a in anns], dtype="int64"),
+            "caption": pd.Series([normalise_caption(a["caption"]) for a in anns], dtype=object),
+            "file_name": pd.Series([images[a["image_id"]]["file_name"] for a in anns], dtype=object),
+        }
+    )
     return frame.sort_values(["image_id", "caption_id"], kind="stable", ignore_index=True)
 
 
 # --- verify and extract --------------------------------------------------------------------
+
 
 def verify_sha256(path: Path, expected: str | None, origin: str, *, remove_bad: bool) -> str:
     """Return the file's SHA-256; raise ``FetchError`` if it differs from ``expected``.
@@ -167,7 +176,8 @@ def verify_sha256(path: Path, expected: str | None, origin: str, *, remove_bad: 
             path.unlink(missing_ok=True)
         raise FetchError(
             f"{origin}: SHA-256 mismatch for {path.name} ({size} bytes): expected {expected}, found {found}"
-            + ("; the file was removed" if remove_bad else ""))
+            + ("; the file was removed" if remove_bad else "")
+        )
     log.info("%s: sha256 verified (%s)", path.name, found)
     return found
 
@@ -181,8 +191,10 @@ def _find_members(zf: zipfile.ZipFile, archive: Path) -> dict[str, zipfile.ZipIn
             found[name].append(info)
     missing = [name for name, infos in found.items() if not infos]
     if missing:
-        raise FetchError(f"{archive}: archive lacks {', '.join(missing)} "
-                         f"(it holds {len(zf.infolist())} members, e.g. {zf.namelist()[:5]})")
+        raise FetchError(
+            f"{archive}: archive lacks {', '.join(missing)} "
+            f"(it holds {len(zf.infolist())} members, e.g. {zf.namelist()[:5]})"
+        )
     ambiguous = {name: [i.filename for i in infos] for name, infos in found.items() if len(infos) > 1}
     if ambiguous:
         raise FetchError(f"{archive}: several members match: {ambiguous}")
@@ -219,8 +231,10 @@ def _copy_captions_dir(src_dir: Path, out_dir: Path) -> dict[str, Path]:
         candidates = [src_dir / name, src_dir / "annotations" / name]
         hit = next((p for p in candidates if p.is_file()), None)
         if hit is None:
-            raise FetchError(f"data.coco.local_path: directory {src_dir} has no {name} "
-                             f"(looked for {', '.join(map(str, candidates))})")
+            raise FetchError(
+                f"data.coco.local_path: directory {src_dir} has no {name} "
+                f"(looked for {', '.join(map(str, candidates))})"
+            )
         sources[name] = hit
     outputs = {name: out_dir / name for name in CAPTION_FILES}
     with contextlib.ExitStack() as stack:
@@ -235,6 +249,7 @@ def _copy_captions_dir(src_dir: Path, out_dir: Path) -> dict[str, Path]:
 
 
 # --- the stage -----------------------------------------------------------------------------
+
 
 def archive_name(url: str) -> str:
     """File name of the archive a URL points to (used for the cache)."""
@@ -301,8 +316,7 @@ def fetch_captions(coco_cfg: Mapping[str, Any], out_dir: str | Path, cache_dir: 
         "archive_sha256_expected": expected,
         "archive_sha256_found": archive_sha,
         "archive_verified": archive is not None and expected is not None,
-        "files": {name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-                  for name, path in outputs.items()},
+        "files": {name: {"sha256": sha256_file(path), "bytes": path.stat().st_size} for name, path in outputs.items()},
         "wall_time_s": round(time.monotonic() - started, 3),
     }
     summary = write_summary(out_dir / "summary.json", "fetch-coco", summary, libraries=("rapm", "pandas"))

@@ -75,12 +75,15 @@ class Conditioning:
 
 # --- text conditioning ---------------------------------------------------------------------------
 
+
 def add_time_ids(teacher: Teacher, batch_size: int, dtype: torch.dtype, resolution: int | None) -> Tensor:
     """SDXL micro-conditioning: original size = target size = resolution, crop (0, 0), via the pipeline."""
     pipe = teacher.pipe
     side = resolution or pipe.default_sample_size * pipe.vae_scale_factor
     projection_dim = pipe.text_encoder_2.config.projection_dim
-    ids = pipe._get_add_time_ids((side, side), (0, 0), (side, side), dtype=dtype, text_encoder_projection_dim=projection_dim)
+    ids = pipe._get_add_time_ids(
+        (side, side), (0, 0), (side, side), dtype=dtype, text_encoder_projection_dim=projection_dim
+    )
     return ids.to(teacher.device).repeat(batch_size, 1)
 
 

@@ -224,8 +224,12 @@ def coerce_strings(instance: Any, schema: dict) -> Any:
         return _coerce_string(instance, schema)
     if isinstance(instance, dict):
         extra = schema.get("additionalProperties")
-        return {name: coerce_strings(value, schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else {}))
-                for name, value in instance.items()}
+        return {
+            name: coerce_strings(
+                value, schema.get("properties", {}).get(name, extra if isinstance(extra, dict) else {})
+            )
+            for name, value in instance.items()
+        }
     if isinstance(instance, list) and isinstance(schema.get("items"), dict):
         return [coerce_strings(v, schema["items"]) for v in instance]
     return instance

@@ -28,8 +28,15 @@ from rapm.shards import item_seed
 log = logging.getLogger(__name__)
 
 
-def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: list[dict], prompts_csv: str | Path,
-                   num_images: int, out_json: str | Path, out_png: str | Path) -> dict[str, Any]:
+def snapshot_curve(
+    cfg: Mapping[str, Any],
+    row: Mapping[str, Any],
+    snapshots: list[dict],
+    prompts_csv: str | Path,
+    num_images: int,
+    out_json: str | Path,
+    out_png: str | Path,
+) -> dict[str, Any]:
     from rapm.metrics import frechet_distance, gaussian_stats, resize_all
     from rapm.pipeline import base_weights, fuse_row_lora, generate, restore_base
     from rapm.teacher import load_teacher
@@ -51,19 +58,35 @@ def snapshot_curve(cfg: Mapping[str, Any], row: Mapping[str, Any], snapshots: li
             restore_base(teacher, base)
         if snap["lora"]:
             fuse_row_lora(teacher, row.with_lora(snap["lora"]))
-        images = np.concatenate([
-            generate(teacher, captions[i:i + bs], [item_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
-                     steps=row.steps, guidance=row.guidance, resolution=row.resolution)
-            for i in range(0, len(captions), bs)])
-        point = {"iteration": snap["iteration"],
-                 "fid": frechet_distance(*gaussian_stats(extract(resize_all(images, res))), *ref)}
+        images = np.concatenate(
+            [
+                generate(
+                    teacher,
+                    captions[i : i + bs],
+                    [item_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
+                    steps=row.steps,
+                    guidance=row.guidance,
+                    resolution=row.resolution,
+                )
+                for i in range(0, len(captions), bs)
+            ]
+        )
+        point = {
+            "iteration": snap["iteration"],
+            "fid": frechet_distance(*gaussian_stats(extract(resize_all(images, res))), *ref),
+        }
         acc = protocol.reader_accuracy_of(images, captions)
         if acc is not None:
             point.update(accuracy=acc["all"], colour=acc["colour"])
         log.info("iteration %d: %s", snap["iteration"], point)
         points.append(point)
-    result = {"row": row.name, "images": len(captions), "resolution": res, "features": fid_cfg["features"],
-              "points": points}
+    result = {
+        "row": row.name,
+        "images": len(captions),
+        "resolution": res,
+        "features": fid_cfg["features"],
+        "points": points,
+    }
     write_json(out_json, result)
     plot_curve(result, out_png)
     return result

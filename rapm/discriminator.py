@@ -47,10 +47,12 @@ class DiscriminatorHead(nn.Module):
     def __init__(self, in_channels: int, channels: int):
         super().__init__()
         groups = max(g for g in range(1, 33) if channels % g == 0)
-        self.block1 = nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.GroupNorm(groups, channels),
-                                    nn.LeakyReLU(LEAKY_SLOPE))
-        self.block2 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.GroupNorm(groups, channels),
-                                    nn.LeakyReLU(LEAKY_SLOPE))
+        self.block1 = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 1), nn.GroupNorm(groups, channels), nn.LeakyReLU(LEAKY_SLOPE)
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(channels, channels, 1), nn.GroupNorm(groups, channels), nn.LeakyReLU(LEAKY_SLOPE)
+        )
         self.out = nn.Conv2d(channels, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,10 +107,14 @@ class Discriminator(nn.Module):
                 p.requires_grad_(False)
         self._taps = self._tap_points(unet)
         self.feature_names = [name for name, _, _ in self._taps]
-        self.heads = nn.ModuleDict({
-            head: nn.ModuleDict({name: DiscriminatorHead(ch, self.cfg["head_channels"]) for name, _, ch in self._taps})
-            for head in HEADS
-        })
+        self.heads = nn.ModuleDict(
+            {
+                head: nn.ModuleDict(
+                    {name: DiscriminatorHead(ch, self.cfg["head_channels"]) for name, _, ch in self._taps}
+                )
+                for head in HEADS
+            }
+        )
 
     @property
     def unet(self) -> nn.Module:

@@ -119,10 +119,20 @@ def _attempt(url: str, part: Path, timeout_s: float) -> None:
         log.info("%s: resuming %s at byte %d", url, part.name, offset)
     source = _open_file(url, offset) if url.startswith("file:") else _open_http(url, offset, timeout_s)
     written = source.start
-    with source.stream, open(part, "ab" if source.start else "wb") as out, tqdm(
-        total=source.total, initial=source.start, desc=part.name.removesuffix(".part"), unit="B",
-        unit_scale=True, unit_divisor=1024, file=sys.stderr, mininterval=1.0,
-    ) as bar:
+    with (
+        source.stream,
+        open(part, "ab" if source.start else "wb") as out,
+        tqdm(
+            total=source.total,
+            initial=source.start,
+            desc=part.name.removesuffix(".part"),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            mininterval=1.0,
+        ) as bar,
+    ):
         while chunk := source.stream.read(CHUNK_BYTES):
             out.write(chunk)
             written += len(chunk)
@@ -133,8 +143,9 @@ def _attempt(url: str, part: Path, timeout_s: float) -> None:
         raise ConnectionError(f"connection closed at byte {written} of {source.total}")
 
 
-def download(url: str, dest: str | Path, *, retries: int = 5, timeout_s: float = 60.0,
-             backoff_s: float | None = None) -> Path:
+def download(
+    url: str, dest: str | Path, *, retries: int = 5, timeout_s: float = 60.0, backoff_s: float | None = None
+) -> Path:
     """Download ``url`` (http, https or file) to ``dest``, resumably.
 
     Bytes go to ``<dest>.part``; an existing ``.part`` is continued (HTTP ``Range``; a server
@@ -160,10 +171,18 @@ def download(url: str, dest: str | Path, *, retries: int = 5, timeout_s: float =
             if attempt == retries:
                 raise FetchError(
                     f"{url}: download failed after {retries} attempt(s): {type(err).__name__}: {err}; "
-                    f"{part} is kept, so running again resumes it") from err
+                    f"{part} is kept, so running again resumes it"
+                ) from err
             delay = min(base * 2 ** (attempt - 1), BACKOFF_MAX_S)
-            log.warning("%s: attempt %d/%d failed (%s: %s); retrying in %.3g s",
-                        url, attempt, retries, type(err).__name__, err, delay)
+            log.warning(
+                "%s: attempt %d/%d failed (%s: %s); retrying in %.3g s",
+                url,
+                attempt,
+                retries,
+                type(err).__name__,
+                err,
+                delay,
+            )
             time.sleep(delay)
     os.replace(part, dest)
     return dest

@@ -56,7 +56,7 @@ def pixel_rmse(images: np.ndarray, teacher: np.ndarray) -> np.ndarray:
     if images.shape != teacher.shape:
         raise MetricsError(f"same-noise distance: images {images.shape} and teacher images {teacher.shape} differ")
     diff = images.astype(np.float64) - teacher.astype(np.float64)
-    return np.sqrt((diff ** 2).reshape(len(images), -1).mean(axis=1))
+    return np.sqrt((diff**2).reshape(len(images), -1).mean(axis=1))
 
 
 def fd_replicates(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -68,7 +68,7 @@ def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out
     """Write the reference statistics (``mu_<res>``, ``sigma_<res>`` per resolution) to ``out`` (.npz)."""
     t0 = time.time()
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
-    prompts = prompts.iloc[:num_images(cfg["sampling"], len(prompts))]
+    prompts = prompts.iloc[: num_images(cfg["sampling"], len(prompts))]
     fid = cfg["evaluation"]["fid"]
     protocol = Protocol.from_config(cfg)
     extract = protocol.extractor()
@@ -87,9 +87,15 @@ def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out
     return info
 
 
-def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list[str | Path],
-                 reference: str | Path, prompts_csv: str | Path, out: str | Path,
-                 teacher_manifests: list[str | Path] | None = None) -> dict[str, Any]:
+def evaluate_row(
+    cfg: Mapping[str, Any],
+    row: Mapping[str, Any],
+    manifests: list[str | Path],
+    reference: str | Path,
+    prompts_csv: str | Path,
+    out: str | Path,
+    teacher_manifests: list[str | Path] | None = None,
+) -> dict[str, Any]:
     """Metrics of one row's images; writes ``out`` (JSON, validated against the metrics schema).
 
     ``teacher_manifests``: the teacher row's images, for the same-noise distance and the Fréchet
@@ -105,8 +111,10 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     required = ecfg["fid"]["min_images"] or num_images(cfg["sampling"], len(prompts))
     images, table = read_row_images(manifests)
     if len(images) < required:
-        raise MetricsError(f"row {row.name!r}: {len(images)} images, the protocol asks for {required}; FID on fewer "
-                           "images is biased and not comparable (sample more, or lower evaluation.fid.min_images)")
+        raise MetricsError(
+            f"row {row.name!r}: {len(images)} images, the protocol asks for {required}; FID on fewer "
+            "images is biased and not comparable (sample more, or lower evaluation.fid.min_images)"
+        )
     protocol = Protocol.from_config(cfg)
     extract = protocol.extractor()
     resamples = int(ecfg.get("bootstrap", 0) or 0)
@@ -128,14 +136,24 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     captions = list(table["caption"])
     result: dict[str, Any] = {
         "format": METRICS_FORMAT,
-        "row": row.name, "kind": row.kind, "steps": int(row.steps), "guidance": float(row.guidance),
-        "lora": row.lora, "images": len(images), "init": row.init,
+        "row": row.name,
+        "kind": row.kind,
+        "steps": int(row.steps),
+        "guidance": float(row.guidance),
+        "lora": row.lora,
+        "images": len(images),
+        "init": row.init,
         "fid": fids,
         "clip_score": clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"]),
         "accuracy": None,
-        "protocol": {**protocol_summary(ecfg), "prompts": str(prompts_csv), "images": len(images),
-                     "sampling_seed": int(cfg["sampling"]["seed"]), "image_seed": "sampling.seed + i",
-                     "profile": cfg.get("profile")},
+        "protocol": {
+            **protocol_summary(ecfg),
+            "prompts": str(prompts_csv),
+            "images": len(images),
+            "sampling_seed": int(cfg["sampling"]["seed"]),
+            "image_seed": "sampling.seed + i",
+            "profile": cfg.get("profile"),
+        },
         "wall_time_s": None,
     }
     scores = protocol.reader_scores(images, captions)
@@ -148,39 +166,57 @@ def evaluate_row(cfg: Mapping[str, Any], row: Mapping[str, Any], manifests: list
     if teacher_manifests:
         t_images, t_table = read_row_images(teacher_manifests)
         if list(t_table["caption"]) != captions:
-            raise MetricsError(f"row {row.name!r}: the teacher row's images are of other prompts (or another order); "
-                               "resample the teacher row")
+            raise MetricsError(
+                f"row {row.name!r}: the teacher row's images are of other prompts (or another order); "
+                "resample the teacher row"
+            )
         rmse = pixel_rmse(images, t_images)
         res0 = int(ecfg["fid"]["resolutions"][0])
         t_mu, t_sigma = gaussian_stats(extract(resize_all(t_images, res0)))
-        result["teacher_distance"] = {"rmse": float(rmse.mean()),
-                                      "fd": frechet_distance(*gaussian_stats(feats_first), t_mu, t_sigma),
-                                      "resolution": res0}
+        result["teacher_distance"] = {
+            "rmse": float(rmse.mean()),
+            "fd": frechet_distance(*gaussian_stats(feats_first), t_mu, t_sigma),
+            "resolution": res0,
+        }
         if idx is not None:
             replicates["teacher_rmse"] = rmse[idx].mean(axis=1)
             replicates["teacher_fd"] = fd_replicates(feats_first, t_mu, t_sigma, idx)
     if idx is not None:
-        estimates = {**{f"fid_{r}": v for r, v in fids.items()},
-                     **{f"accuracy_{k}": v for k, v in (result["accuracy"] or {}).items()},
-                     **({"teacher_rmse": result["teacher_distance"]["rmse"], "teacher_fd": result["teacher_distance"]["fd"]}
-                        if "teacher_distance" in result else {})}
+        estimates = {
+            **{f"fid_{r}": v for r, v in fids.items()},
+            **{f"accuracy_{k}": v for k, v in (result["accuracy"] or {}).items()},
+            **(
+                {"teacher_rmse": result["teacher_distance"]["rmse"], "teacher_fd": result["teacher_distance"]["fd"]}
+                if "teacher_distance" in result
+                else {}
+            ),
+        }
         cis = {k: interval(v, estimates.get(k)) for k, v in replicates.items()}
-        cis = {k: ([max(0.0, lo), max(0.0, hi)] if "fd" in k or "fid" in k else [lo, hi]) for k, (lo, hi) in cis.items()}
+        cis = {
+            k: ([max(0.0, lo), max(0.0, hi)] if "fd" in k or "fid" in k else [lo, hi]) for k, (lo, hi) in cis.items()
+        }
         result["intervals"] = {"level": 0.95, "resamples": resamples, **cis}
         result["bootstrap_replicates"] = {k: [round(float(x), 6) for x in v] for k, v in replicates.items()}
     if "group" in table.columns:  # MSD: per-partition CLIP score and accuracy (FID needs the whole set)
         result["partitions"] = {}
         for k, idx in table.groupby("group").indices.items():
-            part = {"images": len(idx), "clip_score": clip_score(images[idx], [captions[i] for i in idx], clip,
-                                                                 prefix=ecfg["clip"]["prefix"])}
+            part = {
+                "images": len(idx),
+                "clip_score": clip_score(images[idx], [captions[i] for i in idx], clip, prefix=ecfg["clip"]["prefix"]),
+            }
             if result["accuracy"] is not None:
                 part["accuracy"] = protocol.reader_accuracy_of(images[idx], [captions[i] for i in idx])
             result["partitions"][str(k)] = part
     result["wall_time_s"] = round(time.time() - t0, 1)
     validate_metrics(result)
     write_json(out, result)
-    log.info("row %s: FID %s, CLIP %.2f%s", row.name, fids, result["clip_score"],
-             f", accuracy {result['accuracy'].get('all', float('nan')):.3f}" if result["accuracy"] else "")
+    log.info(
+        "row %s: FID %s, CLIP %.2f%s",
+        row.name,
+        fids,
+        result["clip_score"],
+        f", accuracy {result['accuracy'].get('all', float('nan')):.3f}" if result["accuracy"] else "",
+    )
     return result
 
 
@@ -192,4 +228,6 @@ def validate_metrics(result: Mapping[str, Any]) -> None:
     try:
         jsonschema.validate(json.loads(json.dumps(result)), schema)
     except jsonschema.ValidationError as err:
-        raise MetricsError(f"metrics record does not match its schema: {err.message} at {list(err.absolute_path)}") from err
+        raise MetricsError(
+            f"metrics record does not match its schema: {err.message} at {list(err.absolute_path)}"
+        ) from err

@@ -9,8 +9,15 @@ from typing import Sequence
 import numpy as np
 
 
-def captioned_grid(images: np.ndarray, captions: Sequence[str], path: str | Path, *, ncol: int = 8,
-                   scale: int = 4, width_chars: int = 30) -> Path:
+def captioned_grid(
+    images: np.ndarray,
+    captions: Sequence[str],
+    path: str | Path,
+    *,
+    ncol: int = 8,
+    scale: int = 4,
+    width_chars: int = 30,
+) -> Path:
     """Write a PNG grid: each image upscaled ``scale``x (nearest) above its wrapped caption."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -33,8 +40,9 @@ def captioned_grid(images: np.ndarray, captions: Sequence[str], path: str | Path
     return path
 
 
-def comparison_grid(rows: dict[str, np.ndarray], captions: Sequence[str], path: str | Path, *, scale: int = 3,
-                    width_chars: int = 24) -> Path:
+def comparison_grid(
+    rows: dict[str, np.ndarray], captions: Sequence[str], path: str | Path, *, scale: int = 3, width_chars: int = 24
+) -> Path:
     """A PNG with one line per table row (its label on the left) and one column per prompt (caption on
     top): the same prompts and seeds across the teacher, the undistilled N-step teacher and each variant."""
     from PIL import Image, ImageDraw, ImageFont
@@ -54,8 +62,10 @@ def comparison_grid(rows: dict[str, np.ndarray], captions: Sequence[str], path: 
     for i, (name, images) in enumerate(rows.items()):
         y0 = head_h + i * (h + 8)
         draw.text((4, y0 + h // 2 - 5), name, fill=(0, 0, 0), font=font)
-        for j, img in enumerate(images[:len(captions)]):
-            grid.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (label_w + j * cell_w + (cell_w - w) // 2, y0))
+        for j, img in enumerate(images[: len(captions)]):
+            grid.paste(
+                Image.fromarray(img).resize((w, h), Image.NEAREST), (label_w + j * cell_w + (cell_w - w) // 2, y0)
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -115,13 +115,15 @@ def write_text(path: str | Path, text: str, *, fsync: bool = False) -> Path:
     return path
 
 
-def write_json(path: str | Path, data: Any, *, indent: int | None = 2, sort_keys: bool = True,
-               fsync: bool = False) -> Path:
+def write_json(
+    path: str | Path, data: Any, *, indent: int | None = 2, sort_keys: bool = True, fsync: bool = False
+) -> Path:
     """Write ``data`` as JSON with a trailing newline, atomically: a reader sees the old file or the whole new
     one. ``indent=None`` writes compact separators (``,`` and ``:``)."""
     separators = None if indent is not None else (",", ":")
-    return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, separators=separators) + "\n",
-                      fsync=fsync)
+    return write_text(
+        path, json.dumps(data, indent=indent, sort_keys=sort_keys, separators=separators) + "\n", fsync=fsync
+    )
 
 
 #: the libraries a stage summary records by default (``rapm`` itself included)
@@ -151,8 +153,15 @@ def resource_fields(device: Any = None) -> dict[str, float | None]:
     return {"peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": gpu}
 
 
-def write_summary(path: str | Path, stage: str, fields: Mapping[str, Any], *, outputs: Iterable[str | Path] = (),
-                  device: Any = None, libraries: Iterable[str] = LIBRARIES) -> dict[str, Any]:
+def write_summary(
+    path: str | Path,
+    stage: str,
+    fields: Mapping[str, Any],
+    *,
+    outputs: Iterable[str | Path] = (),
+    device: Any = None,
+    libraries: Iterable[str] = LIBRARIES,
+) -> dict[str, Any]:
     """Write a stage's summary to ``path`` (:func:`write_json`) and return it.
 
     The summary is ``fields`` plus, where ``fields`` does not set them already: ``stage``, the
@@ -187,7 +196,7 @@ def load_optimizer_tensors(prefix: str, opt, tensors: Mapping[str, Any]) -> None
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
-            pid, name = key[len(prefix) + 1:].split(".", 1)
+            pid, name = key[len(prefix) + 1 :].split(".", 1)
             state.setdefault(int(pid), {})[name] = value
     sd = opt.state_dict()
     sd["state"] = state
@@ -197,13 +206,35 @@ def load_optimizer_tensors(prefix: str, opt, tensors: Mapping[str, Any]) -> None
 # --- safetensors -----------------------------------------------------------------------------------
 
 _TORCH_DTYPES = {  # torch dtype name -> safetensors dtype
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64",
-    "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 _NUMPY_DTYPES = {  # numpy dtype name -> safetensors dtype
-    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
-    "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 
 
@@ -245,8 +276,28 @@ def non_finite_count(value: Any) -> tuple[int, int]:
 
 
 #: safetensors' ``Dtype`` enum order (increasing alignment); data is laid out in descending order, then by name
-_DTYPE_ORDER = {d: i for i, d in enumerate(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
-                                            "I32", "U32", "F32", "F64", "I64", "U64"))}
+_DTYPE_ORDER = {
+    d: i
+    for i, d in enumerate(
+        (
+            "BOOL",
+            "U8",
+            "I8",
+            "F8_E5M2",
+            "F8_E4M3",
+            "I16",
+            "U16",
+            "F16",
+            "BF16",
+            "I32",
+            "U32",
+            "F32",
+            "F64",
+            "I64",
+            "U64",
+        )
+    )
+}
 
 
 def _encode(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None):
@@ -276,8 +327,13 @@ def _encode(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = Non
     return struct.pack("<Q", len(text)) + text, [(name, data) for name, _, _, data in entries]
 
 
-def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Mapping[str, str] | None = None, *,
-                     require_finite: bool = False) -> Path:
+def save_safetensors(
+    tensors: Mapping[str, Any],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    require_finite: bool = False,
+) -> Path:
     """Write ``tensors`` (torch tensors or numpy arrays) and ``metadata`` (str → str) to ``path``:
     deterministic bytes (see the module docstring), atomic (:func:`atomic_path`), mode from the umask,
     fsynced. ``require_finite``: raise :class:`NonFiniteTensorError` naming the first floating tensor
@@ -293,7 +349,9 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | Path, metadata: Map
                 value = tensors[name]
                 raise NonFiniteTensorError(
                     f"tensor {name!r} ({str(value.dtype).removeprefix('torch.')}, shape {tuple(value.shape)}) holds "
-                    f"{n_nan} NaN and {n_inf} ±inf values; {path} was not written", name)
+                    f"{n_nan} NaN and {n_inf} ±inf values; {path} was not written",
+                    name,
+                )
     head, data = _encode(tensors, metadata)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

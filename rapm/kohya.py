@@ -54,7 +54,13 @@ def export_kohya(lora: str | os.PathLike, out: str | os.PathLike) -> int:
     if len(ranks) != 1:
         raise ValueError(f"{lora}: LoRA modules of ranks {sorted(ranks)}; kohya's metadata holds one rank")
     rank = ranks.pop()
-    metadata.update({"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                     "ss_network_alpha": str(rank)})
+    metadata.update(
+        {
+            "format": "pt",
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(rank),
+        }
+    )
     save_safetensors(kohya, Path(out), metadata)
     return sum(1 for k in kohya if k.endswith(".alpha"))

@@ -70,8 +70,10 @@ def resolve_targets(unet: nn.Module, targets) -> list[str]:
         if not matched:
             continue
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"LoRA target {matched[0]!r} selects {name}, a {type(module).__name__}; "
-                             "only Linear and Conv2d layers can carry the student LoRA")
+            raise ValueError(
+                f"LoRA target {matched[0]!r} selects {name}, a {type(module).__name__}; "
+                "only Linear and Conv2d layers can carry the student LoRA"
+            )
         names.append(name)
         for t in matched:
             hits[t] += 1
@@ -132,8 +134,12 @@ def add_student_lora(unet: nn.Module, lora_cfg: Mapping[str, Any] | None) -> Non
     cfg = _lora_cfg(lora_cfg)
     if STUDENT in getattr(unet, "peft_config", {}):
         raise ValueError(f"the UNet already has a {STUDENT!r} adapter")
-    config = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], target_modules=resolve_targets(unet, cfg["targets"]),
-                        init_lora_weights=True)
+    config = LoraConfig(
+        r=cfg["rank"],
+        lora_alpha=cfg["alpha"],
+        target_modules=resolve_targets(unet, cfg["targets"]),
+        init_lora_weights=True,
+    )
     unet.requires_grad_(False)
     unet.add_adapter(config, adapter_name=STUDENT)
     unet.set_adapter(STUDENT)
@@ -214,11 +220,15 @@ def use_merged(setting: bool | str, unet: nn.Module, *, checkpointing: bool = Fa
     if setting is not True:
         raise ValueError(f"train.lora.merged must be auto, true or false, got {setting!r}")
     if dtypes != {torch.float32}:
-        raise ValueError(f"train.lora.merged: true needs a float32 UNet (its weights are {sorted(map(str, dtypes))}): "
-                         "the LoRA update would be rounded away in W + BA; set it to auto or false")
+        raise ValueError(
+            f"train.lora.merged: true needs a float32 UNet (its weights are {sorted(map(str, dtypes))}): "
+            "the LoRA update would be rounded away in W + BA; set it to auto or false"
+        )
     if checkpointing:
-        raise ValueError("train.lora.merged: true cannot be combined with train.gradient_checkpointing; "
-                         "set one of them to false (merged: auto turns itself off)")
+        raise ValueError(
+            "train.lora.merged: true cannot be combined with train.gradient_checkpointing; "
+            "set one of them to false (merged: auto turns itself off)"
+        )
     return True
 
 
@@ -233,8 +243,9 @@ def _merge_parts(unet: nn.Module) -> list[tuple]:
             base = m.get_base_layer()
             if getattr(base, "groups", 1) != 1:
                 raise ValueError(f"merged_student: {type(base).__name__} with groups={base.groups} is not supported")
-            parts.append((m, base, base.weight, m.lora_A[STUDENT].weight, m.lora_B[STUDENT].weight,
-                          float(m.scaling[STUDENT])))
+            parts.append(
+                (m, base, base.weight, m.lora_A[STUDENT].weight, m.lora_B[STUDENT].weight, float(m.scaling[STUDENT]))
+            )
         cached = (layers, parts)
         unet.__dict__["_rapm_merge_parts"] = cached
     return cached[1]
@@ -264,8 +275,9 @@ def merged_student(unet: nn.Module) -> Iterator[nn.Module]:
     entries = []  # (base layer, teacher weight, merged leaf), the order of ``parts``
     with torch.no_grad():
         for _, base, weight, a, b, scale in parts:
-            merged = torch.addmm(weight.view(weight.shape[0], -1), b.view(b.shape[0], -1), a.view(a.shape[0], -1),
-                                 alpha=scale).view(weight.shape)
+            merged = torch.addmm(
+                weight.view(weight.shape[0], -1), b.view(b.shape[0], -1), a.view(a.shape[0], -1), alpha=scale
+            ).view(weight.shape)
             entries.append((base, weight, merged.requires_grad_(grad)))
     flags = [m._disable_adapters for m in layers]
     for m in layers:
@@ -325,8 +337,12 @@ def _adapter_aware_checkpoint(module, *args):
     if not layers:
         return checkpoint(module, *args, use_reentrant=False)
     disabled = [m._disable_adapters for m in layers]
-    return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _adapter_state(layers, disabled)))
+    return checkpoint(
+        module,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _adapter_state(layers, disabled)),
+    )
 
 
 def enable_gradient_checkpointing(unet: nn.Module) -> None:
@@ -338,11 +354,16 @@ def enable_gradient_checkpointing(unet: nn.Module) -> None:
 def _check_checkpointing(unet: nn.Module) -> None:
     if not torch.is_grad_enabled():
         return
-    funcs = {getattr(m, "_gradient_checkpointing_func", None) for m in _checkpointed_blocks(unet)
-             if getattr(m, "gradient_checkpointing", False)}
+    funcs = {
+        getattr(m, "_gradient_checkpointing_func", None)
+        for m in _checkpointed_blocks(unet)
+        if getattr(m, "gradient_checkpointing", False)
+    }
     if funcs - {_adapter_aware_checkpoint}:
-        raise RuntimeError("gradient checkpointing is on with a function that would recompute the teacher-mode pass "
-                           "with the student LoRA enabled; turn it on with rapm.lora.enable_gradient_checkpointing(unet)")
+        raise RuntimeError(
+            "gradient checkpointing is on with a function that would recompute the teacher-mode pass "
+            "with the student LoRA enabled; turn it on with rapm.lora.enable_gradient_checkpointing(unet)"
+        )
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
@@ -355,8 +376,10 @@ def load_lora_state_dict(unet: nn.Module, state_dict: Mapping[str, Tensor]) -> N
     params = _student_params(unet)
     missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
     if missing or unexpected:
-        raise ValueError(f"LoRA state dict does not match the student adapter: missing {missing[:3]}"
-                         f"{' …' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{' …' if len(unexpected) > 3 else ''}")
+        raise ValueError(
+            f"LoRA state dict does not match the student adapter: missing {missing[:3]}"
+            f"{' …' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{' …' if len(unexpected) > 3 else ''}"
+        )
     with torch.no_grad():
         for k, p in params.items():
             if tuple(state_dict[k].shape) != tuple(p.shape):
@@ -364,8 +387,14 @@ def load_lora_state_dict(unet: nn.Module, state_dict: Mapping[str, Tensor]) -> N
             p.copy_(state_dict[k])
 
 
-def export_lora(unet: nn.Module, path: str | os.PathLike, lora_cfg: Mapping[str, Any] | None,
-                metadata: Mapping[str, str] | None = None, *, dtype: torch.dtype = torch.float32) -> int:
+def export_lora(
+    unet: nn.Module,
+    path: str | os.PathLike,
+    lora_cfg: Mapping[str, Any] | None,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> int:
     """Write ``lora.safetensors`` for diffusers' ``pipe.load_lora_weights(path)`` + ``pipe.fuse_lora()``.
 
     Keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (peft names), each lora_B multiplied by
@@ -394,7 +423,9 @@ def export_lora(unet: nn.Module, path: str | os.PathLike, lora_cfg: Mapping[str,
         if isinstance(scaling, dict) and STUDENT in scaling:
             r, alpha = module.r[STUDENT], module.lora_alpha[STUDENT]
             if (r, float(alpha)) != (cfg["rank"], float(cfg["alpha"])):
-                raise ValueError(f"{name}: adapter has rank {r}, alpha {alpha}; lora_cfg says {cfg['rank']}, {cfg['alpha']}")
+                raise ValueError(
+                    f"{name}: adapter has rank {r}, alpha {alpha}; lora_cfg says {cfg['rank']}, {cfg['alpha']}"
+                )
             scales[name] = scaling[STUDENT]
     tensors = {}
     for key, value in lora_state_dict(unet).items():
@@ -403,9 +434,15 @@ def export_lora(unet: nn.Module, path: str | os.PathLike, lora_cfg: Mapping[str,
             value = value.float() * scales[module_name]
         tensors["unet." + key] = value.float().to(dtype).contiguous().cpu()
     n_modules = sum(1 for k in tensors if ".lora_A." in k)
-    info = {"rank": cfg["rank"], "alpha": cfg["alpha"], "targets": list(cfg["targets"]),
-            "alpha_folded_into_lora_B": True, "modules": n_modules,
-            "dtype": str(dtype).removeprefix("torch.")}
-    save_safetensors(tensors, Path(path), {"format": "pt", "rapm.lora": json.dumps(info), **metadata},
-                     require_finite=True)
+    info = {
+        "rank": cfg["rank"],
+        "alpha": cfg["alpha"],
+        "targets": list(cfg["targets"]),
+        "alpha_folded_into_lora_B": True,
+        "modules": n_modules,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    save_safetensors(
+        tensors, Path(path), {"format": "pt", "rapm.lora": json.dumps(info), **metadata}, require_finite=True
+    )
     return n_modules

@@ -17,8 +17,13 @@ import numpy as np
 from rapm.errors import RapmError
 
 #: what each term of a losses.jsonl record is (method.md §2-§4)
-TERMS = {"d_rel": "D hinge, relative", "d_abs": "D hinge, absolute", "g_rel": "G adversarial, relative",
-         "g_abs": "G adversarial, absolute", "reg": "G regression"}
+TERMS = {
+    "d_rel": "D hinge, relative",
+    "d_abs": "D hinge, absolute",
+    "g_rel": "G adversarial, relative",
+    "g_abs": "G adversarial, absolute",
+    "reg": "G regression",
+}
 
 
 def run_name(path: str | Path) -> str:

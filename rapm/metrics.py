@@ -41,6 +41,7 @@ class MetricsError(RapmError):
 
 # --- Fréchet distance -------------------------------------------------------------------------------
 
+
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, covariance) of features (N, D), float64, covariance with N − 1 as clean-fid computes it."""
     f = np.asarray(features, dtype=np.float64)
@@ -62,6 +63,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 # --- image preparation ------------------------------------------------------------------------------
 
+
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     """Centre square crop, then PIL bicubic resize to ``size`` (the protocol's reference images)."""
     from PIL import Image
@@ -69,7 +71,7 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    crop = image[top:top + side, left:left + side]
+    crop = image[top : top + side, left : left + side]
     if side == size:
         return crop
     return np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
@@ -83,6 +85,7 @@ def resize_all(images: np.ndarray, size: int) -> np.ndarray:
 
 # --- feature extractors -----------------------------------------------------------------------------
 
+
 def inception_path(weights: str | None) -> Path:
     """The Inception weights file, which must exist: ``weights`` or clean-fid's default location."""
     path = Path(weights) if weights else Path(CLEANFID_DEFAULT_DIR) / INCEPTION_FILE
@@ -91,14 +94,16 @@ def inception_path(weights: str | None) -> Path:
     if not path.is_file():
         raise MetricsError(
             f"FID needs the Inception weights {INCEPTION_FILE}, not found at {path}. Download {INCEPTION_URL} on a "
-            f"machine with network access and copy it to {path} (or set evaluation.fid.inception_weights to the file)")
+            f"machine with network access and copy it to {path} (or set evaluation.fid.inception_weights to the file)"
+        )
     if path.name != INCEPTION_FILE:
         raise MetricsError(f"{path}: clean-fid loads the Inception weights only under the name {INCEPTION_FILE}")
     return path
 
 
-def feature_extractor(name: str, *, device: str | torch.device = "cpu", inception_weights: str | None = None,
-                      batch_size: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+def feature_extractor(
+    name: str, *, device: str | torch.device = "cpu", inception_weights: str | None = None, batch_size: int = 64
+) -> Callable[[np.ndarray], np.ndarray]:
     """``f(uint8 images (N, H, W, 3)) -> float64 (N, D)`` for ``inception`` or ``toyclip``."""
     if name == "toyclip":
         from rapm.toy.clip import image_features, load_toy_clip
@@ -117,7 +122,9 @@ def feature_extractor(name: str, *, device: str | torch.device = "cpu", inceptio
         def features(images: np.ndarray) -> np.ndarray:
             out = []
             for start in range(0, len(images), batch_size):
-                batch = np.stack([resize(im) for im in images[start:start + batch_size]])  # float32 (B, 299, 299, 3), 0..255
+                batch = np.stack(
+                    [resize(im) for im in images[start : start + batch_size]]
+                )  # float32 (B, 299, 299, 3), 0..255
                 x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
                 out.append(model(x).cpu().numpy().astype(np.float64))
             return np.concatenate(out)
@@ -127,6 +134,7 @@ def feature_extractor(name: str, *, device: str | torch.device = "cpu", inceptio
 
 
 # --- CLIP score -------------------------------------------------------------------------------------
+
 
 def load_clip(model: str, pretrained: str | None, device: str | torch.device = "cpu"):
     """``(model, preprocess, tokenizer)`` of open_clip: the shipped toy CLIP, a local weights file, or a
@@ -140,8 +148,10 @@ def load_clip(model: str, pretrained: str | None, device: str | torch.device = "
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
     except Exception as err:  # noqa: BLE001 - re-raised with the model named
-        raise MetricsError(f"open_clip could not load {model!r} with pretrained={pretrained!r}: {err}. Offline, "
-                           "download the weights elsewhere and set evaluation.clip.pretrained to the local file") from err
+        raise MetricsError(
+            f"open_clip could not load {model!r} with pretrained={pretrained!r}: {err}. Offline, "
+            "download the weights elsewhere and set evaluation.clip.pretrained to the local file"
+        ) from err
     return net.eval(), preprocess, open_clip.get_tokenizer(model)
 
 
@@ -156,8 +166,8 @@ def clip_score(images: np.ndarray, captions: Sequence[str], clip, *, prefix: str
     device = next(model.parameters()).device
     sims = []
     for start in range(0, len(images), batch_size):
-        ims = torch.stack([preprocess(Image.fromarray(im)) for im in images[start:start + batch_size]]).to(device)
-        txt = tokenizer([prefix + c for c in captions[start:start + batch_size]]).to(device)
+        ims = torch.stack([preprocess(Image.fromarray(im)) for im in images[start : start + batch_size]]).to(device)
+        txt = tokenizer([prefix + c for c in captions[start : start + batch_size]]).to(device)
         a = model.encode_image(ims, normalize=True).float()
         b = model.encode_text(txt, normalize=True).float()
         sims.append((a * b).sum(dim=1).cpu())
@@ -172,7 +182,16 @@ def reference_protocol(eval_cfg: Mapping) -> dict:
 def protocol_summary(eval_cfg: Mapping) -> dict:
     """The protocol keys as they go into every metrics file and table footnote."""
     fid, clip = eval_cfg["fid"], eval_cfg["clip"]
-    return {"fid_features": fid["features"], "fid_resolutions": list(fid["resolutions"]),
-            "fid_code": "clean-fid frechet_distance" + (" (mode clean, Inception-V3)" if fid["features"] == "inception"
-                                                        else " on toy CLIP image features (not Inception)"),
-            "clip_model": clip["model"], "clip_pretrained": clip["pretrained"], "clip_prefix": clip["prefix"]}
+    return {
+        "fid_features": fid["features"],
+        "fid_resolutions": list(fid["resolutions"]),
+        "fid_code": "clean-fid frechet_distance"
+        + (
+            " (mode clean, Inception-V3)"
+            if fid["features"] == "inception"
+            else " on toy CLIP image features (not Inception)"
+        ),
+        "clip_model": clip["model"],
+        "clip_pretrained": clip["pretrained"],
+        "clip_prefix": clip["prefix"],
+    }

@@ -67,9 +67,11 @@ class Router:
         xc = x - center
         if method == "pca":
             bits = int(round(math.log2(num_groups)))
-            if 2 ** bits != num_groups:
-                raise RouterError(f"the pca partition needs a power-of-two number of students, got {num_groups}; "
-                                  "use partition: kmeans for other K")
+            if 2**bits != num_groups:
+                raise RouterError(
+                    f"the pca partition needs a power-of-two number of students, got {num_groups}; "
+                    "use partition: kmeans for other K"
+                )
             if bits == 0:
                 return cls(method, 1, center, np.zeros((0, x.shape[1])), np.zeros(0))
             _, _, vt = np.linalg.svd(xc, full_matrices=False)
@@ -105,8 +107,11 @@ class Router:
         """Write the router as safetensors (numpy arrays; deterministic bytes, :func:`rapm.io.save_safetensors`)."""
         from rapm.io import save_safetensors
 
-        arrays = {k: np.ascontiguousarray(getattr(self, k)) for k in ("center", "components", "medians", "centroids")
-                  if getattr(self, k) is not None}
+        arrays = {
+            k: np.ascontiguousarray(getattr(self, k))
+            for k in ("center", "components", "medians", "centroids")
+            if getattr(self, k) is not None
+        }
         meta = {"rapm.router": json.dumps({"method": self.method, "num_groups": self.num_groups})}
         save_safetensors(arrays, path, meta)
 
@@ -134,14 +139,20 @@ def partition_store(trajectories: str | Path, num_groups: int, method: str, seed
 
     ds = TrajectoryDataset(trajectories)
     items = [ds[j] for j in range(len(ds))]
-    feats = pooled_features(torch.stack([it["prompt_embeds"] for it in items]),
-                            torch.stack([it["pooled_embeds"] for it in items]) if "pooled_embeds" in items[0] else None)
+    feats = pooled_features(
+        torch.stack([it["prompt_embeds"] for it in items]),
+        torch.stack([it["pooled_embeds"] for it in items]) if "pooled_embeds" in items[0] else None,
+    )
     router = Router.fit(feats, num_groups, method, seed)
     groups = router.assign(feats)
     out_dir = Path(out_dir)
     router.save(out_dir / "router.safetensors")
-    info = {"method": method, "num_groups": num_groups, "sizes": group_sizes(groups, num_groups),
-            "groups": [[int(j) for j in np.flatnonzero(groups == k)] for k in range(num_groups)]}
+    info = {
+        "method": method,
+        "num_groups": num_groups,
+        "sizes": group_sizes(groups, num_groups),
+        "groups": [[int(j) for j in np.flatnonzero(groups == k)] for k in range(num_groups)],
+    }
     if min(info["sizes"]) == 0:
         raise RouterError(f"MSD partition of {trajectories} left a group empty (sizes {info['sizes']})")
     write_json(out_dir / "groups.json", info)
@@ -149,6 +160,7 @@ def partition_store(trajectories: str | Path, num_groups: int, method: str, seed
 
 
 # --- sampling an MSD row -------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def route(row: Row, teacher, captions: list[str]) -> list[int]:
@@ -158,9 +170,10 @@ def route(row: Row, teacher, captions: list[str]) -> list[int]:
     router = Router.load(row.router)
     groups = []
     for start in range(0, len(captions), 64):
-        cond = encode_prompts(teacher, captions[start:start + 64])
-        groups += router.assign(pooled_features(cond.prompt_embeds.cpu(), None if cond.pooled_embeds is None
-                                                else cond.pooled_embeds.cpu())).tolist()
+        cond = encode_prompts(teacher, captions[start : start + 64])
+        groups += router.assign(
+            pooled_features(cond.prompt_embeds.cpu(), None if cond.pooled_embeds is None else cond.pooled_embeds.cpu())
+        ).tolist()
     return groups
 
 

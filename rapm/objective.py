@@ -65,10 +65,14 @@ def slot_weights(spec: str | Sequence[float], num_steps: int) -> list[float]:
     """
     if isinstance(spec, str):
         if spec not in SLOT_WEIGHT_SCHEDULES:
-            raise ValueError(f"unknown slot weight schedule {spec!r}; choose {', '.join(SLOT_WEIGHT_SCHEDULES)} or a list")
-        raw = {"uniform": [1.0] * num_steps,
-               "increasing": [k + 1.0 for k in range(num_steps)],
-               "decreasing": [num_steps - k + 0.0 for k in range(num_steps)]}[spec]
+            raise ValueError(
+                f"unknown slot weight schedule {spec!r}; choose {', '.join(SLOT_WEIGHT_SCHEDULES)} or a list"
+            )
+        raw = {
+            "uniform": [1.0] * num_steps,
+            "increasing": [k + 1.0 for k in range(num_steps)],
+            "decreasing": [num_steps - k + 0.0 for k in range(num_steps)],
+        }[spec]
         mean = sum(raw) / num_steps
         return [w / mean for w in raw]
     weights = [float(w) for w in spec]
@@ -79,8 +83,14 @@ def slot_weights(spec: str | Sequence[float], num_steps: int) -> list[float]:
     return weights
 
 
-def generator_slot_loss(rel_logits: Sequence[Tensor] | None, abs_logits: Sequence[Tensor] | None, *,
-                        weight: float, lambda_rel: float, lambda_abs: float) -> dict[str, Tensor]:
+def generator_slot_loss(
+    rel_logits: Sequence[Tensor] | None,
+    abs_logits: Sequence[Tensor] | None,
+    *,
+    weight: float,
+    lambda_rel: float,
+    lambda_abs: float,
+) -> dict[str, Tensor]:
     """The adversarial part of one slot's student loss, w_n [λ_rel hinge_G(D1) + λ_abs hinge_G(D2)].
 
     Returns ``{"g_rel": …, "g_abs": …}`` (each already multiplied by w_n and its λ); a head whose λ is
@@ -106,28 +116,48 @@ class Batch:
     indices: list[int]
 
 
-def optimizers(optim: Mapping[str, Any], student_params, disc_params) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def optimizers(
+    optim: Mapping[str, Any], student_params, disc_params
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """AdamW of the student LoRA and of the discriminator heads, from the ``train.optim`` section.
 
     PyTorch's fused implementation (one kernel over every tensor, CPU and CUDA): the student has one
     lora_A and one lora_B per adapted module (330 small tensors on the toy), where the per-tensor loop
     took 8 ms per step against 2 ms fused.
     """
-    opt_g = torch.optim.AdamW(list(student_params), lr=float(optim["student_lr"]), betas=tuple(optim["student_betas"]),
-                              weight_decay=float(optim["student_weight_decay"]), fused=True)
-    opt_d = torch.optim.AdamW(list(disc_params), lr=float(optim["disc_lr"]), betas=tuple(optim["disc_betas"]),
-                              weight_decay=float(optim["disc_weight_decay"]), fused=True)
+    opt_g = torch.optim.AdamW(
+        list(student_params),
+        lr=float(optim["student_lr"]),
+        betas=tuple(optim["student_betas"]),
+        weight_decay=float(optim["student_weight_decay"]),
+        fused=True,
+    )
+    opt_d = torch.optim.AdamW(
+        list(disc_params),
+        lr=float(optim["disc_lr"]),
+        betas=tuple(optim["disc_betas"]),
+        weight_decay=float(optim["disc_weight_decay"]),
+        fused=True,
+    )
     return opt_g, opt_d
 
 
 def load_batch(dataset, indices: Sequence[int], device: torch.device | str) -> Batch:
     """Stack items of a :class:`rapm.store.TrajectoryDataset` into a :class:`Batch`."""
     items = [dataset[int(j)] for j in indices]
-    cond = Conditioning(**{name: torch.stack([it[name] for it in items]).to(device)
-                           for name in ("prompt_embeds", "pooled_embeds", "add_time_ids") if name in items[0]})
-    return Batch(coarse=torch.stack([it["coarse"] for it in items]).to(device),
-                 delta=torch.stack([it["delta"] for it in items]).to(device),
-                 cond=cond, indices=[int(j) for j in indices])
+    cond = Conditioning(
+        **{
+            name: torch.stack([it[name] for it in items]).to(device)
+            for name in ("prompt_embeds", "pooled_embeds", "add_time_ids")
+            if name in items[0]
+        }
+    )
+    return Batch(
+        coarse=torch.stack([it["coarse"] for it in items]).to(device),
+        delta=torch.stack([it["delta"] for it in items]).to(device),
+        cond=cond,
+        indices=[int(j) for j in indices],
+    )
 
 
 RENOISE_TAU = ("shared", "independent")
@@ -153,8 +183,9 @@ class RAPM:
     ``coarse_t``/``delta_t``: the store's grids; ``cfg``: the ``train`` config section.
     """
 
-    def __init__(self, teacher, disc: Discriminator, coarse_t: Sequence[int], delta_t: Sequence[int],
-                 cfg: Mapping[str, Any]):
+    def __init__(
+        self, teacher, disc: Discriminator, coarse_t: Sequence[int], delta_t: Sequence[int], cfg: Mapping[str, Any]
+    ):
         self.teacher, self.disc, self.cfg = teacher, disc, cfg
         self.coarse_t, self.delta_t = [int(t) for t in coarse_t], [int(t) for t in delta_t]
         self.num_steps = len(self.delta_t)
@@ -168,7 +199,9 @@ class RAPM:
         self.renoise = bool(cfg["discriminator"]["renoise"])
         self.renoise_tau = cfg["discriminator"].get("renoise_tau", "shared")
         if self.renoise_tau not in RENOISE_TAU:
-            raise ValueError(f"unknown train.discriminator.renoise_tau {self.renoise_tau!r}; choose {', '.join(RENOISE_TAU)}")
+            raise ValueError(
+                f"unknown train.discriminator.renoise_tau {self.renoise_tau!r}; choose {', '.join(RENOISE_TAU)}"
+            )
         self.sabotage = list(cfg.get("sabotage") or [])
         unknown = sorted(set(self.sabotage) - set(SABOTAGE))
         if unknown:
@@ -176,8 +209,9 @@ class RAPM:
         self.lambda_reg_rel = float(losses["regression_rel"])
         self.lambda_reg_abs = float(losses["regression_abs"])
         self.autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg["mixed_precision"]]
-        self.merged = use_merged(cfg["lora"].get("merged", "auto"), teacher.unet,
-                                 checkpointing=bool(cfg.get("gradient_checkpointing")))
+        self.merged = use_merged(
+            cfg["lora"].get("merged", "auto"), teacher.unet, checkpointing=bool(cfg.get("gradient_checkpointing"))
+        )
 
     # --- pieces ------------------------------------------------------------------------------
 
@@ -258,17 +292,25 @@ class RAPM:
         use = {"rel": self.lambda_rel != 0, "abs": self.lambda_abs != 0}
         cond, B, N = batch.cond, len(batch.indices), self.num_steps
         with torch.no_grad(), self.student_weights():
-            reals = {"rel": self.relative_targets(batch) if use["rel"] else None,
-                     "abs": [batch.coarse[:, k + 1] for k in range(N)]}
+            reals = {
+                "rel": self.relative_targets(batch) if use["rel"] else None,
+                "abs": [batch.coarse[:, k + 1] for k in range(N)],
+            }
             fakes, z = [], batch.coarse[:, 0]
             for k in range(N):
                 z = self.student_step(z, self.coarse_t[k], self.coarse_t[k + 1], cond)
                 fakes.append(z)
             names = ["fake"] + [h for h in ("rel", "abs") if use[h]]
-            inputs = [self._noised(fakes[k] if name == "fake" else reals[name][k], k, name, noise)
-                      for name in names for k in range(N)]
-            feats = self._features(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
-                                   Conditioning.cat([cond.expand(B)] * len(inputs)))
+            inputs = [
+                self._noised(fakes[k] if name == "fake" else reals[name][k], k, name, noise)
+                for name in names
+                for k in range(N)
+            ]
+            feats = self._features(
+                torch.cat([x for x, _ in inputs]),
+                torch.cat([t for _, t in inputs]),
+                Conditioning.cat([cond.expand(B)] * len(inputs)),
+            )
         chunks = list(zip(*[f.split(B) for f in feats]))  # per (input, slot), in the order of ``inputs``
         terms = {"d_rel": [], "d_abs": []}
         swap = "swap_real_fake" in self.sabotage
@@ -277,7 +319,10 @@ class RAPM:
                 continue
             row = names.index(head) * N
             for k in range(N):
-                real_logits, fake_logits = self._logits(list(chunks[row + k]), head), self._logits(list(chunks[k]), head)
+                real_logits, fake_logits = (
+                    self._logits(list(chunks[row + k]), head),
+                    self._logits(list(chunks[k]), head),
+                )
                 if swap:
                     real_logits, fake_logits = fake_logits, real_logits
                 terms[f"d_{head}"].append(d_hinge(real_logits, fake_logits))
@@ -311,10 +356,15 @@ class RAPM:
             if w != 0 and (self.lambda_rel != 0 or self.lambda_abs != 0):
                 x, tau = self._noised(fake, k, "fake", noise)
                 feats = self._features(x, tau, cond)
-                parts.update(generator_slot_loss(
-                    self._logits(feats, "rel") if self.lambda_rel else None,
-                    self._logits(feats, "abs") if self.lambda_abs else None,
-                    weight=w, lambda_rel=self.lambda_rel, lambda_abs=self.lambda_abs))
+                parts.update(
+                    generator_slot_loss(
+                        self._logits(feats, "rel") if self.lambda_rel else None,
+                        self._logits(feats, "abs") if self.lambda_abs else None,
+                        weight=w,
+                        lambda_rel=self.lambda_rel,
+                        lambda_abs=self.lambda_abs,
+                    )
+                )
             if w != 0 and (self.lambda_reg_rel != 0 or self.lambda_reg_abs != 0):
                 reg = torch.zeros((), device=fake.device)
                 if self.lambda_reg_rel != 0:

@@ -41,8 +41,11 @@ def fuse_row_lora(teacher, row: Mapping[str, Any]) -> None:
 
 def base_weights(teacher) -> dict[str, dict[str, torch.Tensor]]:
     """CPU copies of the teacher's LoRA-carrying models' weights, for :func:`restore_base`."""
-    return {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(teacher.pipe, name).state_dict().items()}
-            for name in ("unet", "text_encoder", "text_encoder_2") if getattr(teacher.pipe, name, None) is not None}
+    return {
+        name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(teacher.pipe, name).state_dict().items()}
+        for name in ("unet", "text_encoder", "text_encoder_2")
+        if getattr(teacher.pipe, name, None) is not None
+    }
 
 
 def restore_base(teacher, base: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
@@ -57,12 +60,20 @@ def restore_base(teacher, base: Mapping[str, Mapping[str, torch.Tensor]]) -> Non
 
 
 @torch.no_grad()
-def generate(teacher, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-             resolution: int | None = None) -> np.ndarray:
+def generate(
+    teacher, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, resolution: int | None = None
+) -> np.ndarray:
     """uint8 (B, H, W, 3) images of ``prompts``, image k from the noise of ``seeds[k]`` (CPU generator)."""
     shape = teacher.latent_shape(resolution)
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     side = resolution or teacher.resolution
-    out = teacher.pipe(prompts, num_inference_steps=int(steps), guidance_scale=float(guidance), height=side, width=side,
-                       latents=latents.to(teacher.device, teacher.unet.dtype), output_type="np").images
+    out = teacher.pipe(
+        prompts,
+        num_inference_steps=int(steps),
+        guidance_scale=float(guidance),
+        height=side,
+        width=side,
+        latents=latents.to(teacher.device, teacher.unet.dtype),
+        output_type="np",
+    ).images
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

@@ -66,8 +66,9 @@ class Progress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = f", ETA {_duration((self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else ""
         done = f", done in {_duration(elapsed)}" if self.done >= self.total else ""
-        return (f"{self.label}: {self.done}/{self.total} ({pct:.0f}%), {rate:.3g} {self.unit}/s{eta}{done}"
-                + (f" [{self.note}]" if self.note else ""))
+        return f"{self.label}: {self.done}/{self.total} ({pct:.0f}%), {rate:.3g} {self.unit}/s{eta}{done}" + (
+            f" [{self.note}]" if self.note else ""
+        )
 
     def report(self) -> None:
         text = self.line()

@@ -48,8 +48,9 @@ class PromptSetError(ConfigError):
     """The prompt configuration cannot be satisfied by the captions (e.g. too few images)."""
 
 
-def select_prompts(captions: pd.DataFrame, n: int, rng: np.random.Generator, *,
-                   key: str = "n", source: str = "<captions>") -> pd.DataFrame:
+def select_prompts(
+    captions: pd.DataFrame, n: int, rng: np.random.Generator, *, key: str = "n", source: str = "<captions>"
+) -> pd.DataFrame:
     """Pick ``n`` distinct images and one caption of each, with ``rng``.
 
     ``captions`` is a :func:`rapm.coco.load_captions` frame (sorted by image_id, caption_id).
@@ -62,10 +63,12 @@ def select_prompts(captions: pd.DataFrame, n: int, rng: np.random.Generator, *,
         raise ValueError("captions must be sorted by (image_id, caption_id); use rapm.coco.load_captions")
     _, first_row, counts = np.unique(image_ids, return_index=True, return_counts=True)
     if n > len(counts):
-        raise PromptSetError(f"prompts.{key} = {n} requested, but {source} has only {len(counts)} "
-                             f"distinct images ({len(captions)} captions)")
-    order = rng.permutation(len(counts))          # images in draw order
-    caption_index = rng.integers(0, counts)       # one caption per image, for every image
+        raise PromptSetError(
+            f"prompts.{key} = {n} requested, but {source} has only {len(counts)} "
+            f"distinct images ({len(captions)} captions)"
+        )
+    order = rng.permutation(len(counts))  # images in draw order
+    caption_index = rng.integers(0, counts)  # one caption per image, for every image
     rows = first_row[order[:n]] + caption_index[order[:n]]
     chosen = captions.iloc[rows].reset_index(drop=True)
     chosen.insert(0, "prompt_id", np.arange(n, dtype=np.int64))
@@ -81,8 +84,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def make_prompt_sets(prompts_cfg: Mapping[str, Any], captions_dir: str | Path,
-                     out_dir: str | Path) -> dict[str, Any]:
+def make_prompt_sets(prompts_cfg: Mapping[str, Any], captions_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Write ``train.csv``, ``eval.csv`` and ``manifest.json`` to ``out_dir``; return the manifest.
 
     ``prompts_cfg`` is the ``prompts`` config section (seed, num_train, num_eval);
@@ -98,8 +100,10 @@ def make_prompt_sets(prompts_cfg: Mapping[str, Any], captions_dir: str | Path,
     for (split, (file_name, key)), rng in zip(SPLITS.items(), generators):
         path = captions_dir / file_name
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: captions file not found (run `rapm fetch-coco` or "
-                                    f"`rapm toy captions` to create {captions_dir})")
+            raise FileNotFoundError(
+                f"{path}: captions file not found (run `rapm fetch-coco` or "
+                f"`rapm toy captions` to create {captions_dir})"
+            )
         captions = load_captions(path)
         n = int(prompts_cfg[key])
         sets[split] = select_prompts(captions, n, rng, key=key, source=str(path))
@@ -109,8 +113,14 @@ def make_prompt_sets(prompts_cfg: Mapping[str, Any], captions_dir: str | Path,
             "images": int(captions["image_id"].nunique()),
             "captions": len(captions),
         }
-        log.info("%s: %d prompts from %d images (%d captions) in %s",
-                 split, n, sources[split]["images"], sources[split]["captions"], path)
+        log.info(
+            "%s: %d prompts from %d images (%d captions) in %s",
+            split,
+            n,
+            sources[split]["images"],
+            sources[split]["captions"],
+            path,
+        )
 
     outputs: dict[str, dict[str, Any]] = {}
     for split, frame in sets.items():
@@ -126,9 +136,16 @@ def make_prompt_sets(prompts_cfg: Mapping[str, Any], captions_dir: str | Path,
         "sources": sources,
         "outputs": outputs,
     }
-    _write_bytes(out_dir / "manifest.json",
-                 (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
-    log.info("wrote %d train and %d eval prompts to %s (train.csv sha256 %s, eval.csv sha256 %s)",
-             len(sets["train"]), len(sets["eval"]), out_dir,
-             outputs["train.csv"]["sha256"][:12], outputs["eval.csv"]["sha256"][:12])
+    _write_bytes(
+        out_dir / "manifest.json",
+        (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"),
+    )
+    log.info(
+        "wrote %d train and %d eval prompts to %s (train.csv sha256 %s, eval.csv sha256 %s)",
+        len(sets["train"]),
+        len(sets["eval"]),
+        out_dir,
+        outputs["train.csv"]["sha256"][:12],
+        outputs["eval.csv"]["sha256"][:12],
+    )
     return manifest

@@ -47,10 +47,15 @@ class Protocol:
         """From a config with ``data.source`` and ``evaluation`` (``data.toy.image_size`` where renders are needed)."""
         ecfg, toy = cfg["evaluation"], cfg["data"]["source"] == "toy"
         size = cfg["data"].get("toy", {}).get("image_size") if toy else None
-        return cls(features=ecfg["fid"]["features"], inception_weights=ecfg["fid"]["inception_weights"],
-                   resolutions=tuple(int(r) for r in ecfg["fid"]["resolutions"]), renders=toy,
-                   render_size=None if size is None else int(size), images_dir=ecfg["reference"]["images_dir"],
-                   reader_accuracy=toy and bool(ecfg["reader_accuracy"]))
+        return cls(
+            features=ecfg["fid"]["features"],
+            inception_weights=ecfg["fid"]["inception_weights"],
+            resolutions=tuple(int(r) for r in ecfg["fid"]["resolutions"]),
+            renders=toy,
+            render_size=None if size is None else int(size),
+            images_dir=ecfg["reference"]["images_dir"],
+            reader_accuracy=toy and bool(ecfg["reader_accuracy"]),
+        )
 
     @property
     def fd_label(self) -> str:
@@ -71,19 +76,23 @@ class Protocol:
 
             if self.render_size is None:
                 raise MetricsError("reference renders need data.toy.image_size, which this config lacks")
-            return np.stack([reference_image(c, int(i), self.render_size)
-                             for c, i in zip(prompts["caption"], prompts["image_id"])])
+            return np.stack(
+                [reference_image(c, int(i), self.render_size) for c, i in zip(prompts["caption"], prompts["image_id"])]
+            )
         from PIL import Image
 
         if not self.images_dir:
-            raise MetricsError("evaluation.reference.images_dir is not set: FID of the SD profiles needs the COCO "
-                               "val2014 images (val2014/COCO_val2014_*.jpg from images.cocodataset.org/zips/val2014.zip)")
+            raise MetricsError(
+                "evaluation.reference.images_dir is not set: FID of the SD profiles needs the COCO "
+                "val2014 images (val2014/COCO_val2014_*.jpg from images.cocodataset.org/zips/val2014.zip)"
+            )
         out = []
         for name in prompts["file_name"]:
             path = Path(self.images_dir) / name
             if not path.is_file():
-                raise MetricsError(f"{path}: reference image of an evaluation prompt not found in "
-                                   "evaluation.reference.images_dir")
+                raise MetricsError(
+                    f"{path}: reference image of an evaluation prompt not found in evaluation.reference.images_dir"
+                )
             out.append(center_crop_resize(np.asarray(Image.open(path).convert("RGB")), max(self.resolutions)))
         return np.stack(out)
 
@@ -105,13 +114,18 @@ class Protocol:
         """Footnotes the tables add for this protocol."""
         if not self.renders:
             return []
-        return ["Toy profile: the Fréchet distance uses the toy CLIP's image features (not Inception) and the "
-                "reference images are renders of the evaluation prompts"
-                + ("; accuracy is the attribute reader's prompt following" if self.reader_accuracy else "")
-                + ". None of these numbers is comparable to the published rows below."]
+        return [
+            "Toy profile: the Fréchet distance uses the toy CLIP's image features (not Inception) and the "
+            "reference images are renders of the evaluation prompts"
+            + ("; accuracy is the attribute reader's prompt following" if self.reader_accuracy else "")
+            + ". None of these numbers is comparable to the published rows below."
+        ]
 
     @property
     def published_heading(self) -> str:
         """How the tables introduce the published rows."""
-        return "Published reference rows" + (" (a separate block: other models, data and protocols)"
-                                             if self.renders else "") + ":"
+        return (
+            "Published reference rows"
+            + (" (a separate block: other models, data and protocols)" if self.renders else "")
+            + ":"
+        )

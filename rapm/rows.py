@@ -72,8 +72,13 @@ class Row(Mapping):
     def with_lora(self, lora: str | None) -> Row:
         """The same row carrying ``lora`` (an MSD student, a training snapshot)."""
         kind = "student" if self.kind == "msd" and lora else self.kind
-        return replace(self, lora=lora, kind=kind, router=None if kind != "msd" else self.router,
-                       loras=None if kind != "msd" else self.loras)
+        return replace(
+            self,
+            lora=lora,
+            kind=kind,
+            router=None if kind != "msd" else self.router,
+            loras=None if kind != "msd" else self.loras,
+        )
 
     # --- the file format ---------------------------------------------------------------------------
 
@@ -93,10 +98,12 @@ class Row(Mapping):
         unknown = sorted(set(data) - known)
         missing = [k for k in ("name", "kind", "steps", "guidance") if k not in data]
         if unknown or missing:
-            raise ConfigError(f"{source}: not a table row"
-                              + (f"; unknown key(s) {unknown}" if unknown else "")
-                              + (f"; missing key(s) {missing}" if missing else "")
-                              + f" (a row has {sorted(known)})")
+            raise ConfigError(
+                f"{source}: not a table row"
+                + (f"; unknown key(s) {unknown}" if unknown else "")
+                + (f"; missing key(s) {missing}" if missing else "")
+                + f" (a row has {sorted(known)})"
+            )
         return cls(**dict(data))
 
     @classmethod
@@ -104,8 +111,9 @@ class Row(Mapping):
         """Read ``results/config/rows/<name>.yaml`` (``{"row": {...}}``, what the workflow writes)."""
         data = read_yaml(path)
         if not isinstance(data.get("row"), dict):
-            raise ConfigError(f"{path}: not a row file (expected a mapping under 'row', as rapm.workflow.row_file "
-                              "writes)")
+            raise ConfigError(
+                f"{path}: not a row file (expected a mapping under 'row', as rapm.workflow.row_file writes)"
+            )
         return cls.from_dict(data["row"], source=str(path))
 
     # --- read as a mapping of the written keys -----------------------------------------------------

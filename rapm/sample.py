@@ -47,18 +47,25 @@ def shard_range(n: int, shards: int, shard: int) -> tuple[int, int]:
         raise SamplingError(f"sampling {err}") from None
 
 
-def row_settings(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], prompts_sha256: str, seed: int,
-                 resolution: int | None) -> dict[str, Any]:
+def row_settings(
+    row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], prompts_sha256: str, seed: int, resolution: int | None
+) -> dict[str, Any]:
     """Everything the pixels of a row depend on (its ``lora`` file by content)."""
     row = Row.from_dict(row)
     files = row.weight_files()
     for f in files:
         if not Path(f).is_file():
             raise SamplingError(f"{f}: {'router' if f == row.router else 'LoRA'} file not found (row {row.name!r})")
-    return {"kind": row.kind, "steps": int(row.steps), "guidance": float(row.guidance),
-            "lora_sha256": [sha256_file(f) for f in files] or None, "teacher": {k: teacher_cfg.get(k) for k in
-            ("path", "type", "dtype", "revision", "variant")}, "prompts_sha256": prompts_sha256, "seed": int(seed),
-            "resolution": resolution}
+    return {
+        "kind": row.kind,
+        "steps": int(row.steps),
+        "guidance": float(row.guidance),
+        "lora_sha256": [sha256_file(f) for f in files] or None,
+        "teacher": {k: teacher_cfg.get(k) for k in ("path", "type", "dtype", "revision", "variant")},
+        "prompts_sha256": prompts_sha256,
+        "seed": int(seed),
+        "resolution": resolution,
+    }
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
@@ -68,9 +75,17 @@ def _write_png(image: np.ndarray, path: Path) -> None:
         Image.fromarray(image).save(tmp, format="PNG")
 
 
-def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], sampling_cfg: Mapping[str, Any],
-                 prompts_csv: str | Path, shard: int, out_dir: str | Path, manifest: str | Path,
-                 *, resolution: int | None = None) -> dict[str, Any]:
+def sample_shard(
+    row: Mapping[str, Any],
+    teacher_cfg: Mapping[str, Any],
+    sampling_cfg: Mapping[str, Any],
+    prompts_csv: str | Path,
+    shard: int,
+    out_dir: str | Path,
+    manifest: str | Path,
+    *,
+    resolution: int | None = None,
+) -> dict[str, Any]:
     """Sample the missing images of one shard of a row; write its manifest CSV. Returns a summary."""
     t0 = time.time()
     row = Row.from_dict(row)
@@ -103,11 +118,18 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
     bs = int(sampling_cfg["batch_size"])
     for _sub_row, indices in plan:
         starts = range(0, len(indices), bs)
-        for start in progress(starts, len(indices), f"sample {row.name}", unit="img",
-                              weight=lambda s: min(bs, len(indices) - s)):
-            idx = indices[start:start + bs]
-            images = generate(teacher, [prompts["caption"][i] for i in idx], [item_seed(seed, i) for i in idx],
-                              steps=row.steps, guidance=row.guidance, resolution=resolution)
+        for start in progress(
+            starts, len(indices), f"sample {row.name}", unit="img", weight=lambda s: min(bs, len(indices) - s)
+        ):
+            idx = indices[start : start + bs]
+            images = generate(
+                teacher,
+                [prompts["caption"][i] for i in idx],
+                [item_seed(seed, i) for i in idx],
+                steps=row.steps,
+                guidance=row.guidance,
+                resolution=resolution,
+            )
             for i, image in zip(idx, images):
                 _write_png(image, images_dir / f"{i:06d}.png")
     table = prompts.iloc[lo:hi][["prompt_id", "image_id", "caption"]].copy()
@@ -120,5 +142,10 @@ def sample_shard(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any], samplin
     table["file"] = [f"{rel}/{i:06d}.png" for i in range(lo, hi)]
     with atomic_path(manifest) as tmp:
         table.to_csv(tmp, index=False)
-    return {"row": row.name, "shard": shard, "images": hi - lo, "sampled": len(todo),
-            "wall_time_s": round(time.time() - t0, 1)}
+    return {
+        "row": row.name,
+        "shard": shard,
+        "images": hi - lo,
+        "sampled": len(todo),
+        "wall_time_s": round(time.time() - t0, 1),
+    }

@@ -30,6 +30,7 @@ Timestep = int | Tensor
 
 # --- noise schedule ----------------------------------------------------------------------------
 
+
 def scaled_linear_alphas_cumprod(
     beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000
 ) -> Tensor:
@@ -53,6 +54,7 @@ def alphas_cumprod_from_scheduler(scheduler) -> Tensor:
 
 
 # --- time grids --------------------------------------------------------------------------------
+
 
 def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """The grid of diffusers' DDIM with ``timestep_spacing="trailing"`` and ``num_steps`` steps, plus the final 0.
@@ -109,6 +111,7 @@ def delta_timesteps(num_steps: int, steps_per_slot: int, num_train_timesteps: in
 
 
 # --- one DDIM step -----------------------------------------------------------------------------
+
 
 def _alpha_bar(alphas_cumprod: Tensor, t: Timestep, like: Tensor) -> Tensor:
     """ᾱ_t shaped to broadcast against ``like`` (B, C, H, W): a scalar, or (B, 1, 1, 1) for a vector t."""
@@ -189,6 +192,7 @@ def renoise(x: Tensor, t: Timestep, tau: Timestep, noise: Tensor, alphas_cumprod
 
 
 # --- sampler -----------------------------------------------------------------------------------
+
 
 def ddim_sample(
     eps_fn: Callable[[Tensor, int], Tensor],

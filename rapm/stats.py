@@ -29,7 +29,6 @@ def interval(values: np.ndarray, estimate: float | None = None) -> list[float]:
     return [float(np.percentile(values, 2.5)) + shift, float(np.percentile(values, 97.5)) + shift]
 
 
-
 def seed_replicates(per_seed: Sequence[Sequence[float]], seed: int = 0) -> np.ndarray:
     """Bootstrap replicates of the mean over seeds: ``per_seed[s][b]`` is seed s's replicate b (the same image
     indices for every s); replicate b of the mean draws S seeds with replacement (a seeded generator) and

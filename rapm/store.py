@@ -54,9 +54,22 @@ STORE_NAME = "store.zarr"
 COND_ARRAYS = ("prompt_embeds", "pooled_embeds", "add_time_ids")
 #: Attributes that define the arrays' content: a store whose values differ holds other trajectories.
 FINGERPRINT = (
-    "format_version", "teacher.path", "teacher.type", "teacher.dtype", "teacher.weights_sha256", "scheduler",
-    "num_steps", "steps_per_slot", "guidance", "seed", "resolution", "num_trajectories", "latent_shape",
-    "conditioning_shapes", "trajectories_per_chunk", "prompts.train_csv_sha256",
+    "format_version",
+    "teacher.path",
+    "teacher.type",
+    "teacher.dtype",
+    "teacher.weights_sha256",
+    "scheduler",
+    "num_steps",
+    "steps_per_slot",
+    "guidance",
+    "seed",
+    "resolution",
+    "num_trajectories",
+    "latent_shape",
+    "conditioning_shapes",
+    "trajectories_per_chunk",
+    "prompts.train_csv_sha256",
 )
 
 _MISSING = object()
@@ -117,8 +130,10 @@ def store_grid(traj_cfg: Mapping[str, Any]) -> dict[str, Any]:
     n, m = int(traj_cfg["num_steps"]), int(traj_cfg["steps_per_slot"])
     ns = traj_cfg.get("store_steps") or n
     if ns % n or (n * m) % ns:
-        raise ValueError(f"trajectories.store_steps {ns} must be a multiple of num_steps {n} and divide "
-                         f"num_steps x steps_per_slot = {n * m}")
+        raise ValueError(
+            f"trajectories.store_steps {ns} must be a multiple of num_steps {n} and divide "
+            f"num_steps x steps_per_slot = {n * m}"
+        )
     out["num_steps"], out["steps_per_slot"] = int(ns), n * m // int(ns)
     return out
 
@@ -142,8 +157,11 @@ def expected_attrs(teacher_cfg: Mapping[str, Any], traj_cfg: Mapping[str, Any], 
         "format_version": FORMAT_VERSION,
         "teacher.path": str(teacher_cfg["path"]),
         "teacher.dtype": teacher_cfg.get("dtype", "float32"),
-        "num_steps": traj_cfg["num_steps"], "steps_per_slot": traj_cfg["steps_per_slot"],
-        "guidance": float(traj_cfg["guidance"]), "seed": traj_cfg["seed"], "resolution": traj_cfg.get("resolution"),
+        "num_steps": traj_cfg["num_steps"],
+        "steps_per_slot": traj_cfg["steps_per_slot"],
+        "guidance": float(traj_cfg["guidance"]),
+        "seed": traj_cfg["seed"],
+        "resolution": traj_cfg.get("resolution"),
         "trajectories_per_chunk": traj_cfg.get("trajectories_per_chunk", 1),
     }
     if teacher_cfg.get("type", "auto") != "auto":
@@ -200,8 +218,11 @@ def array_specs(attrs: Mapping) -> dict[str, tuple[tuple[int, ...], Any]]:
     J, N = attrs["num_trajectories"], attrs["num_steps"]
     C, H, W = attrs["latent_shape"]
     specs: dict[str, tuple[tuple[int, ...], Any]] = {
-        "seed": ((J,), "int64"), "prompt_id": ((J,), "int64"), "prompt": ((J,), str),
-        "coarse": ((J, N + 1, C, H, W), "float32"), "delta": ((J, N, C, H, W), "float32"),
+        "seed": ((J,), "int64"),
+        "prompt_id": ((J,), "int64"),
+        "prompt": ((J,), str),
+        "coarse": ((J, N + 1, C, H, W), "float32"),
+        "delta": ((J, N, C, H, W), "float32"),
     }
     for name, shape in attrs["conditioning_shapes"].items():
         specs[name] = ((J, *shape), "float32")
@@ -226,8 +247,10 @@ def chunk_problems(path: Path, attrs: Mapping, lo: int = 0, hi: int | None = Non
             if not file.is_file():
                 problems.setdefault(k, []).append(f"chunk {file.relative_to(path)} ({rows}) is missing")
             elif size is not None and file.stat().st_size != size:
-                problems.setdefault(k, []).append(f"chunk {file.relative_to(path)} ({rows}) is truncated or damaged: "
-                                                  f"{file.stat().st_size} bytes, expected {size}")
+                problems.setdefault(k, []).append(
+                    f"chunk {file.relative_to(path)} ({rows}) is truncated or damaged: "
+                    f"{file.stat().st_size} bytes, expected {size}"
+                )
     return problems
 
 
@@ -257,10 +280,12 @@ def verify_store(directory: str | Path, *, full: bool = True) -> dict[str, Any]:
     problems: list[str] = []
     missing = np.flatnonzero(done != 1)
     if len(missing):
-        problems.append(f"{len(missing)} of {len(done)} trajectories are not computed (first: "
-                        f"{missing[:10].tolist()}); run their shards (they resume)")
+        problems.append(
+            f"{len(missing)} of {len(done)} trajectories are not computed (first: "
+            f"{missing[:10].tolist()}); run their shards (they resume)"
+        )
     for k, lines in sorted(chunk_problems(path, attrs).items()):
-        if done[k * chunk:(k + 1) * chunk].any():  # chunks of uncomputed trajectories are not written yet
+        if done[k * chunk : (k + 1) * chunk].any():  # chunks of uncomputed trajectories are not written yet
             problems += [line + "; rerun its shard, which recomputes it" for line in lines]
     digests: dict[str, str] = {}
     if full and not problems:
@@ -268,13 +293,15 @@ def verify_store(directory: str | Path, *, full: bool = True) -> dict[str, Any]:
             h, arr = hashlib.sha256(), group[name]
             for k in range(math.ceil(arr.shape[0] / chunk)):
                 try:
-                    block = arr[k * chunk:(k + 1) * chunk]
+                    block = arr[k * chunk : (k + 1) * chunk]
                 except Exception as err:  # noqa: BLE001
                     problems.append(f"chunk {k} of {name!r} (trajectories from {k * chunk}) is damaged: {err}")
                     continue
                 if block.dtype.kind == "f" and not np.isfinite(block).all():
                     problems.append(f"chunk {k} of {name!r} (trajectories from {k * chunk}) holds non-finite values")
-                h.update("\0".join(block.tolist()).encode() if name == "prompt" else np.ascontiguousarray(block).tobytes())
+                h.update(
+                    "\0".join(block.tolist()).encode() if name == "prompt" else np.ascontiguousarray(block).tobytes()
+                )
             digests[name] = h.hexdigest()
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:20])
@@ -294,8 +321,14 @@ class TrajectoryDataset(Dataset):
     ``index``, ``seed``, ``prompt_id`` and ``prompt``.
     """
 
-    def __init__(self, directory: str | Path, expect: Mapping[str, Any] | None = None, *, verify: bool = True,
-                 num_steps: int | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        expect: Mapping[str, Any] | None = None,
+        *,
+        verify: bool = True,
+        num_steps: int | None = None,
+    ):
         zarr = import_zarr()
         self.path = store_path(directory)
         if not (self.path / "zarr.json").is_file():
@@ -303,8 +336,10 @@ class TrajectoryDataset(Dataset):
         group = zarr.open_group(self.path, mode="r")
         self.attrs = dict(group.attrs)
         if not self.attrs.get("complete"):
-            raise TrajectoryStoreError(f"{self.path}: the store was not gathered (rule gather_trajectories / "
-                                       "`rapm trajectories gather`); it may be incomplete")
+            raise TrajectoryStoreError(
+                f"{self.path}: the store was not gathered (rule gather_trajectories / "
+                "`rapm trajectories gather`); it may be incomplete"
+            )
         check_attrs(self.attrs, expect or {}, f"trajectory store {self.path}")
         if verify:
             verify_store(directory, full=False)
@@ -315,8 +350,9 @@ class TrajectoryDataset(Dataset):
         self._coarse_idx, self._delta_idx = subgrid_indices(int(self.attrs["num_steps"]), self.num_steps)
 
     @classmethod
-    def from_config(cls, directory: str | Path, cfg: Mapping[str, Any], teacher=None, *,
-                    prompts: str | Path | None = None, **kwargs) -> TrajectoryDataset:
+    def from_config(
+        cls, directory: str | Path, cfg: Mapping[str, Any], teacher=None, *, prompts: str | Path | None = None, **kwargs
+    ) -> TrajectoryDataset:
         """Open the store for the ``teacher`` and ``trajectories`` sections of a config (and a loaded
         teacher): the teacher, its weights and the grid must match (:func:`expected_attrs`), and so must
         the prompt set (:func:`prompt_attrs`: the number of trajectories ``trajectories.num_trajectories``
@@ -346,9 +382,15 @@ class TrajectoryDataset(Dataset):
             try:
                 value = arr[j]
             except Exception as err:  # noqa: BLE001 - zarr raises ValueError on a checksum mismatch
-                raise TrajectoryStoreError(f"trajectory store {self.path}: array {name!r}, trajectory {j}: chunk "
-                                           f"unreadable ({err}); the store is damaged, recompute it") from err
+                raise TrajectoryStoreError(
+                    f"trajectory store {self.path}: array {name!r}, trajectory {j}: chunk "
+                    f"unreadable ({err}); the store is damaged, recompute it"
+                ) from err
             if name in ("coarse", "delta") and self.num_steps != int(self.attrs["num_steps"]):
                 value = np.asarray(value)[self._coarse_idx if name == "coarse" else self._delta_idx]
-            item[name] = str(value) if name == "prompt" else (int(value) if np.ndim(value) == 0 else torch.from_numpy(np.array(value)))
+            item[name] = (
+                str(value)
+                if name == "prompt"
+                else (int(value) if np.ndim(value) == 0 else torch.from_numpy(np.array(value)))
+            )
         return item

@@ -55,12 +55,33 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def to_latex(df: pd.DataFrame, caption: str) -> str:
-    esc = lambda s: str(s).replace("\\", "\\textbackslash{}").replace("&", "\\&").replace("%", "\\%").replace("_", "\\_").replace("#", "\\#")  # noqa: E731
+    esc = lambda s: (
+        str(s)
+        .replace("\\", "\\textbackslash{}")
+        .replace("&", "\\&")
+        .replace("%", "\\%")
+        .replace("_", "\\_")
+        .replace("#", "\\#")
+    )  # noqa: E731
     body = [" & ".join(esc(_fmt(v)) for v in row) + " \\\\" for row in df.itertuples(index=False)]
-    return "\n".join(["\\begin{table}[t]", "\\centering", f"\\caption{{{esc(caption)}}}",
-                      "\\begin{tabular}{" + "l" * len(df.columns) + "}", "\\toprule",
-                      " & ".join(esc(c) for c in df.columns) + " \\\\", "\\midrule", *body, "\\bottomrule",
-                      "\\end{tabular}", "\\end{table}"]) + "\n"
+    return (
+        "\n".join(
+            [
+                "\\begin{table}[t]",
+                "\\centering",
+                f"\\caption{{{esc(caption)}}}",
+                "\\begin{tabular}{" + "l" * len(df.columns) + "}",
+                "\\toprule",
+                " & ".join(esc(c) for c in df.columns) + " \\\\",
+                "\\midrule",
+                *body,
+                "\\bottomrule",
+                "\\end{tabular}",
+                "\\end{table}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _read_json(paths: Sequence[str | Path]) -> list[dict]:
@@ -73,7 +94,9 @@ def _hours(seconds: float | None) -> float | None:
 
 def _label(m: Mapping) -> str:
     if m["kind"] == "teacher":
-        return f"Teacher, {m['steps']}-step DDIM, w={m['guidance']:g}" + (" (undistilled)" if m["row"] != "teacher" else "")
+        return f"Teacher, {m['steps']}-step DDIM, w={m['guidance']:g}" + (
+            " (undistilled)" if m["row"] != "teacher" else ""
+        )
     if m["kind"] == "init":
         return f"Teacher, {m['steps']}-step DDIM, w={m['guidance']:g} (the student's initialisation)"
     if m["kind"] == "msd":
@@ -88,8 +111,9 @@ class Value(float):
     (``sd``, for a mean over replicates) and an optional significance mark; a float for arithmetic and CSV,
     rendered ``0.045 ± 0.003 (0.040, 0.051)`` in Markdown and LaTeX."""
 
-    def __new__(cls, value: float, lo: float | None = None, hi: float | None = None, mark: str = "",
-                sd: float | None = None):
+    def __new__(
+        cls, value: float, lo: float | None = None, hi: float | None = None, mark: str = "", sd: float | None = None
+    ):
         obj = super().__new__(cls, value)
         obj.lo, obj.hi, obj.mark, obj.sd = lo, hi, mark, sd
         return obj
@@ -135,13 +159,21 @@ def combine_replicates(group: Sequence[Mapping], variant: str) -> dict:
     for key in ("fid", "teacher_distance", "accuracy", "clip_score"):
         if group[0].get(key) is not None:
             out[key] = _mean_tree([m[key] for m in group])
-    reps = {k: [m["bootstrap_replicates"][k] for m in group] for k in group[0].get("bootstrap_replicates") or {}
-            if all(k in (m.get("bootstrap_replicates") or {}) for m in group)}
+    reps = {
+        k: [m["bootstrap_replicates"][k] for m in group]
+        for k in group[0].get("bootstrap_replicates") or {}
+        if all(k in (m.get("bootstrap_replicates") or {}) for m in group)
+    }
     out["bootstrap_replicates"] = {k: [round(float(x), 6) for x in seed_replicates(v)] for k, v in reps.items()}
-    out["intervals"] = {**(group[0].get("intervals") or {}),
-                        **{k: interval(v, _metric(out, k)) for k, v in out["bootstrap_replicates"].items()}}
-    out["seed_sd"] = {k: float(np.std([float(_metric(m, k)) for m in group], ddof=1))
-                      for k in reps if all(_metric(m, k) is not None for m in group)}
+    out["intervals"] = {
+        **(group[0].get("intervals") or {}),
+        **{k: interval(v, _metric(out, k)) for k, v in out["bootstrap_replicates"].items()},
+    }
+    out["seed_sd"] = {
+        k: float(np.std([float(_metric(m, k)) for m in group], ddof=1))
+        for k in reps
+        if all(_metric(m, k) is not None for m in group)
+    }
     return out
 
 
@@ -152,8 +184,7 @@ def group_replicates(metrics: Sequence[Mapping]) -> list[dict]:
     for m in metrics:
         name = split_replicate(m["row"])[0] if m["kind"] in TRAINED_KINDS else m["row"]
         groups.setdefault(name, []).append(m)
-    return [combine_replicates(g, name) if g[0]["kind"] in TRAINED_KINDS else dict(g[0])
-            for name, g in groups.items()]
+    return [combine_replicates(g, name) if g[0]["kind"] in TRAINED_KINDS else dict(g[0]) for name, g in groups.items()]
 
 
 def _delta(m: Mapping, ref: Mapping | None, get, replicate: str):
@@ -175,8 +206,10 @@ def seeds_note(seeds: Sequence[int]) -> str:
     if not seeds or seeds == [1]:
         return " One training seed per variant."
     counts = " or ".join(str(s) for s in seeds)
-    return (f" Students: mean over {counts} training seeds (replicates; seed r trains with train.seed + r); "
-            "± is the standard deviation over seeds; the interval resamples seeds, then images (two-level bootstrap).")
+    return (
+        f" Students: mean over {counts} training seeds (replicates; seed r trains with train.seed + r); "
+        "± is the standard deviation over seeds; the interval resamples seeds, then images (two-level bootstrap)."
+    )
 
 
 def row_order(by_row: Mapping[str, Mapping]) -> list[str]:
@@ -205,9 +238,15 @@ def _summaries_by_variant(summaries: Sequence[dict]) -> dict[str, dict]:
     return summary_by_variant
 
 
-def _ablation_table(by_row: Mapping[str, dict], order: Sequence[str], variants: Mapping[str, Any],
-                    resolutions: Sequence[str], protocol: Protocol, first_notes: list[str],
-                    seeds: Sequence[int]) -> tuple[pd.DataFrame, list[str]]:
+def _ablation_table(
+    by_row: Mapping[str, dict],
+    order: Sequence[str],
+    variants: Mapping[str, Any],
+    resolutions: Sequence[str],
+    protocol: Protocol,
+    first_notes: list[str],
+    seeds: Sequence[int],
+) -> tuple[pd.DataFrame, list[str]]:
     """Every student row against its initialisation and the base variant (the first run variant)."""
     students = [by_row[r] for r in order if by_row[r]["kind"] in TRAINED_KINDS]
     base = students[0] if students else None
@@ -219,8 +258,12 @@ def _ablation_table(by_row: Mapping[str, dict], order: Sequence[str], variants: 
     abl_rows = []
     for m in students:
         init = by_row.get(m.get("init") or f"init-{m['steps']}step")
-        row = {"variant": m["row"], "description": variants.get(m["row"], {}).get("description", ""), "steps": m["steps"],
-               "seeds": m.get("seeds", 1)}
+        row = {
+            "variant": m["row"],
+            "description": variants.get(m["row"], {}).get("description", ""),
+            "steps": m["steps"],
+            "seeds": m.get("seeds", 1),
+        }
         for label, get, rep in metric_keys:
             row[label] = _with_interval(m, get(m), rep)
             row[f"{label}: Δ vs init"] = _delta(m, init, get, rep)
@@ -228,39 +271,57 @@ def _ablation_table(by_row: Mapping[str, dict], order: Sequence[str], variants: 
         row["CLIP"] = m["clip_score"]
         abl_rows.append(row)
     ablations = pd.DataFrame(abl_rows, dtype=object)
-    abl_notes = first_notes + ["Δ = variant − reference (lower is better for FD and RMSE, higher for accuracy); "
-                             "* marks a difference whose 95% paired bootstrap interval over images excludes 0 "
-                             "(the same image indices for both rows)" + (
-                                 "; a variant with several seeds enters as its mean over seeds and its bootstrap "
-                                 "resamples the seeds too, so the interval holds the seed-to-seed spread (the same "
-                                 "seed draws for every variant: replicate r of each trains with train.seed + r, so a "
-                                 "Δ between variants is paired by seed as well as by image)."
-                                 if seeds and seeds[-1] > 1 else
-                                 "; one training seed per variant, so seed-to-seed spread is not in these intervals.")]
+    abl_notes = first_notes + [
+        "Δ = variant − reference (lower is better for FD and RMSE, higher for accuracy); "
+        "* marks a difference whose 95% paired bootstrap interval over images excludes 0 "
+        "(the same image indices for both rows)"
+        + (
+            "; a variant with several seeds enters as its mean over seeds and its bootstrap "
+            "resamples the seeds too, so the interval holds the seed-to-seed spread (the same "
+            "seed draws for every variant: replicate r of each trains with train.seed + r, so a "
+            "Δ between variants is paired by seed as well as by image)."
+            if seeds and seeds[-1] > 1
+            else "; one training seed per variant, so seed-to-seed spread is not in these intervals."
+        )
+    ]
     return ablations, abl_notes
 
 
-def _resources_table(traj_by_key: Mapping[str, dict], traj_hours: Mapping[str, float],
-                     summary_by_variant: Mapping[str, dict]) -> tuple[pd.DataFrame, list[str]]:
+def _resources_table(
+    traj_by_key: Mapping[str, dict], traj_hours: Mapping[str, float], summary_by_variant: Mapping[str, dict]
+) -> tuple[pd.DataFrame, list[str]]:
     res_rows = []
     for key, t in traj_by_key.items():
-        res_rows.append({"stage": f"trajectories {key} ({t['num_trajectories']} x N={t['num_steps']}, M={t['steps_per_slot']})",
-                         "device": ", ".join(sorted({s.get('device') or '' for s in t["shards"]})),
-                         "hours": traj_hours[key], "peak memory MB": max((s.get("peak_rss_mb") or 0) for s in t["shards"]),
-                         "storage MB": t["bytes_on_disk"] / 1e6})
+        res_rows.append(
+            {
+                "stage": f"trajectories {key} ({t['num_trajectories']} x N={t['num_steps']}, M={t['steps_per_slot']})",
+                "device": ", ".join(sorted({s.get("device") or "" for s in t["shards"]})),
+                "hours": traj_hours[key],
+                "peak memory MB": max((s.get("peak_rss_mb") or 0) for s in t["shards"]),
+                "storage MB": t["bytes_on_disk"] / 1e6,
+            }
+        )
     for name, s in summary_by_variant.items():
-        res_rows.append({"stage": f"training {name} ({s['iterations']} it)", "device": s["device"],
-                         "hours": _hours(s["train_seconds_logged"]),
-                         "peak memory MB": s["peak_gpu_mb"] if s.get("peak_gpu_mb") else s["peak_rss_mb"],
-                         "storage MB": s["lora_bytes"] / 1e6})
+        res_rows.append(
+            {
+                "stage": f"training {name} ({s['iterations']} it)",
+                "device": s["device"],
+                "hours": _hours(s["train_seconds_logged"]),
+                "peak memory MB": s["peak_gpu_mb"] if s.get("peak_gpu_mb") else s["peak_rss_mb"],
+                "storage MB": s["lora_bytes"] / 1e6,
+            }
+        )
     resources = pd.DataFrame(res_rows)
-    res_notes = ["Hours are wall-clock seconds logged by each job / 3600; peak memory is CUDA max allocated on a GPU, "
-                 "else the process's peak RSS; storage is the trajectory store on disk or the exported LoRA file."]
+    res_notes = [
+        "Hours are wall-clock seconds logged by each job / 3600; peak memory is CUDA max allocated on a GPU, "
+        "else the process's peak RSS; storage is the trajectory store on disk or the exported LoRA file."
+    ]
     return resources, res_notes
 
 
-def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Sequence[dict],
-                 trajectories: Sequence[dict]) -> dict[str, tuple[pd.DataFrame, list[str]]]:
+def build_tables(
+    cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Sequence[dict], trajectories: Sequence[dict]
+) -> dict[str, tuple[pd.DataFrame, list[str]]]:
     """{name: (table, footnotes)} for main, ablations and resources."""
     variants = cfg.get("variants", {})
     resolutions = [str(r) for r in cfg["evaluation"]["fid"]["resolutions"]]
@@ -275,17 +336,26 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
 
     def measured(m: Mapping) -> dict:
         s = summary_by_variant.get(m["row"]) if m["kind"] in TRAINED_KINDS else None
-        row = {"method": _label(m), "steps": m["steps"], "seeds": m.get("seeds") if m["kind"] in TRAINED_KINDS else None}
+        row = {
+            "method": _label(m),
+            "steps": m["steps"],
+            "seeds": m.get("seeds") if m["kind"] in TRAINED_KINDS else None,
+        }
         if s:
             device = s["device"]
             threads = s.get("threads")
-            row["hardware"] = ("1 GPU" if device.startswith("cuda") else
-                               (f"CPU, {threads} thread{'s' if threads != 1 else ''}" if threads else "CPU")
-                               if device == "cpu" else device)
+            row["hardware"] = (
+                "1 GPU"
+                if device.startswith("cuda")
+                else (f"CPU, {threads} thread{'s' if threads != 1 else ''}" if threads else "CPU")
+                if device == "cpu"
+                else device
+            )
             row["batch"] = s["config"]["train"]["batch_size"]
             key = s.get("trajectory_key")
-            row["train h (+ trajectories h)"] = (f"{_hours(s['train_seconds_logged']):.3f}"
-                                                 + (f" (+{traj_hours[key]:.3f})" if key in traj_hours else ""))
+            row["train h (+ trajectories h)"] = f"{_hours(s['train_seconds_logged']):.3f}" + (
+                f" (+{traj_hours[key]:.3f})" if key in traj_hours else ""
+            )
         else:
             row.update({"hardware": "", "batch": None, "train h (+ trajectories h)": ""})
         for r in resolutions:
@@ -304,35 +374,55 @@ def build_tables(cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Seq
     order = row_order(by_row)
     main = pd.DataFrame([measured(by_row[r]) for r in order], dtype=object)
     proto = metrics[0]["protocol"] if metrics else {}
-    notes = [f"Measured in this run ({cfg['profile']} profile): {proto.get('images')} images of {proto.get('prompts')}, "
-             f"image i from the noise of sampling.seed + i; {proto.get('fid_code')} at {', '.join(resolutions)} px; "
-             f"CLIP score = 100 x cosine, open_clip {proto.get('clip_model')} ({proto.get('clip_pretrained') or 'shipped weights'})"
-             + (f", caption prefix {proto.get('clip_prefix')!r}" if proto.get("clip_prefix") else "") + "."]
+    notes = [
+        f"Measured in this run ({cfg['profile']} profile): {proto.get('images')} images of {proto.get('prompts')}, "
+        f"image i from the noise of sampling.seed + i; {proto.get('fid_code')} at {', '.join(resolutions)} px; "
+        f"CLIP score = 100 x cosine, open_clip {proto.get('clip_model')} ({proto.get('clip_pretrained') or 'shipped weights'})"
+        + (f", caption prefix {proto.get('clip_prefix')!r}" if proto.get("clip_prefix") else "")
+        + "."
+    ]
     boot = next((m["intervals"] for m in metrics if m.get("intervals")), None)
-    notes.append("Rows by N: the teacher (many steps), then for each N the teacher with guidance, the student's "
-                 "initialisation (the teacher at N steps and guidance 1, LoRA B = 0: where training starts) and the "
-                 "students; a student that does not beat its initialisation has distilled nothing. RMSE to teacher: "
-                 "mean pixel RMSE (0-255) of each image to the teacher row's image from the same noise; FD to "
-                 "teacher's samples: Fréchet distance to the teacher row's images."
-                 + (f" (a, b): 95% bootstrap interval over images ({boot['resamples']} resamples)." if boot else "")
-                 + seeds_note(seeds))
+    notes.append(
+        "Rows by N: the teacher (many steps), then for each N the teacher with guidance, the student's "
+        "initialisation (the teacher at N steps and guidance 1, LoRA B = 0: where training starts) and the "
+        "students; a student that does not beat its initialisation has distilled nothing. RMSE to teacher: "
+        "mean pixel RMSE (0-255) of each image to the teacher row's image from the same noise; FD to "
+        "teacher's samples: Fréchet distance to the teacher row's images."
+        + (f" (a, b): 95% bootstrap interval over images ({boot['resamples']} resamples)." if boot else "")
+        + seeds_note(seeds)
+    )
     notes.extend(protocol.table_notes())
 
     published = pd.read_csv(PUBLISHED, dtype=str, keep_default_na=False)
     family = {"sd15": "sd15", "sdxl": "sdxl"}.get(str(cfg["profile"]))
     pub = published[published["family"].isin([family] if family else ["sd15", "sdxl"])]
-    pub_table = pd.DataFrame({"method": pub["family"] + " " + pub["method"] + " (published)", "steps": pub["steps"],
-                              "hardware": pub["gpus"], "batch": pub["batch"], "train h (+ trajectories h)": pub["train_hours"],
-                              "FID": pub["fid"], "CLIP": pub["clip"], "real images": pub["real_images"],
-                              "protocol": pub["protocol"], "source": pub["source"]})
-    notes.append("Published rows: " + "; ".join(sorted({f"{p}" for p in pub["protocol"]})) + " (protocol keys; see "
-                 "rapm/assets/published_results.csv for sources). Rows of different protocols are not comparable.")
+    pub_table = pd.DataFrame(
+        {
+            "method": pub["family"] + " " + pub["method"] + " (published)",
+            "steps": pub["steps"],
+            "hardware": pub["gpus"],
+            "batch": pub["batch"],
+            "train h (+ trajectories h)": pub["train_hours"],
+            "FID": pub["fid"],
+            "CLIP": pub["clip"],
+            "real images": pub["real_images"],
+            "protocol": pub["protocol"],
+            "source": pub["source"],
+        }
+    )
+    notes.append(
+        "Published rows: " + "; ".join(sorted({f"{p}" for p in pub["protocol"]})) + " (protocol keys; see "
+        "rapm/assets/published_results.csv for sources). Rows of different protocols are not comparable."
+    )
 
     ablations, abl_notes = _ablation_table(by_row, order, variants, resolutions, protocol, notes[:1], seeds)
 
     resources, res_notes = _resources_table(traj_by_key, traj_hours, summary_by_variant)
-    return {"main": (main, notes, pub_table), "ablations": (ablations, abl_notes, None),
-            "resources": (resources, res_notes, None)}
+    return {
+        "main": (main, notes, pub_table),
+        "ablations": (ablations, abl_notes, None),
+        "resources": (resources, res_notes, None),
+    }
 
 
 def expand_intervals(df: pd.DataFrame) -> pd.DataFrame:
@@ -348,13 +438,21 @@ def expand_intervals(df: pd.DataFrame) -> pd.DataFrame:
             out[f"{col} low"] = [v.lo if isinstance(v, Value) else None for v in values]
             out[f"{col} high"] = [v.hi if isinstance(v, Value) else None for v in values]
             if "Δ" in col:
-                out[f"{col} significant"] = [(v.mark == "*") if isinstance(v, Value) and v.lo is not None else None
-                                             for v in values]
+                out[f"{col} significant"] = [
+                    (v.mark == "*") if isinstance(v, Value) and v.lo is not None else None for v in values
+                ]
     return pd.DataFrame(out)
 
 
-def write_tables(cfg: Mapping[str, Any], *, metrics: Sequence[str | Path], train_summaries: Sequence[str | Path],
-                 trajectory_manifests: Sequence[str | Path], out_dir: str | Path, readme: str | Path | None = None) -> None:
+def write_tables(
+    cfg: Mapping[str, Any],
+    *,
+    metrics: Sequence[str | Path],
+    train_summaries: Sequence[str | Path],
+    trajectory_manifests: Sequence[str | Path],
+    out_dir: str | Path,
+    readme: str | Path | None = None,
+) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(cfg, _read_json(metrics), _read_json(train_summaries), _read_json(trajectory_manifests))
@@ -364,7 +462,9 @@ def write_tables(cfg: Mapping[str, Any], *, metrics: Sequence[str | Path], train
         csv = expand_intervals(table)
         if extra is not None:
             md += f"\n{Protocol.from_config(cfg).published_heading}\n\n" + to_markdown(extra)
-            csv = pd.concat([csv.assign(protocol=f"this run ({cfg['profile']})", source="measured"), extra], ignore_index=True)
+            csv = pd.concat(
+                [csv.assign(protocol=f"this run ({cfg['profile']})", source="measured"), extra], ignore_index=True
+            )
         md += "\n" + "\n".join(f"{i + 1}. {n}" for i, n in enumerate(notes)) + "\n"
         write_text(out_dir / f"{name}.md", md)
         csv.to_csv(out_dir / f"{name}.csv", index=False)

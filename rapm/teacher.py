@@ -54,6 +54,7 @@ class TeacherLoadError(RapmError, OSError):
 
 # --- data types ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Teacher:
     """A loaded teacher: the diffusers pipeline (DDIM trailing scheduler) and how it was loaded."""
@@ -116,6 +117,7 @@ class Teacher:
 
 # --- loading -------------------------------------------------------------------------------------
 
+
 def _hub_offline() -> bool:
     """Offline mode, read at call time (huggingface_hub reads HF_HUB_OFFLINE only at import)."""
     from huggingface_hub import constants
@@ -132,7 +134,7 @@ def resolve_teacher_path(path: str) -> tuple[str, bool]:
     anything else is an error naming the directory.
     """
     if path.startswith(ASSET_PREFIX):
-        name = path[len(ASSET_PREFIX):]
+        name = path[len(ASSET_PREFIX) :]
         directory = ASSET_ROOT / name
         if not name or "/" in name or not directory.is_dir():
             shipped = sorted(p.name for p in ASSET_ROOT.glob("*") if (p / "model_index.json").is_file())
@@ -187,7 +189,7 @@ def _read_model_index(location: str, is_local: bool, revision: str | None) -> di
 
 
 def detect_type(model_index: Mapping[str, Any]) -> str | None:
-    """"sd15" or "sdxl" from a model_index.json (class name, else the presence of text_encoder_2)."""
+    """ "sd15" or "sdxl" from a model_index.json (class name, else the presence of text_encoder_2)."""
     cls = model_index.get("_class_name", "")
     if cls in PIPELINE_CLASSES:
         return PIPELINE_CLASSES[cls]
@@ -287,6 +289,7 @@ def load_teacher(teacher_cfg: Mapping[str, Any] | None = None) -> Teacher:
 
 # --- the denoiser --------------------------------------------------------------------------------
 
+
 def unet_dtype(unet: torch.nn.Module) -> torch.dtype:
     """The UNet's weight dtype, read from its first conv. diffusers' ``unet.dtype`` walks every module
     on each call (a LoRA multiplies them: 1 ms on the toy, twice per UNet call, a fifth of a D update)."""
@@ -336,12 +339,16 @@ def unet_eps(
 
 # --- VAE -----------------------------------------------------------------------------------------
 
+
 def _latent_stats(vae, like: Tensor) -> tuple[Tensor, Tensor] | None:
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is None or std is None:
         return None
     shape = (1, len(mean), 1, 1)
-    return (torch.tensor(mean).view(shape).to(like.device, like.dtype), torch.tensor(std).view(shape).to(like.device, like.dtype))
+    return (
+        torch.tensor(mean).view(shape).to(like.device, like.dtype),
+        torch.tensor(std).view(shape).to(like.device, like.dtype),
+    )
 
 
 @contextlib.contextmanager

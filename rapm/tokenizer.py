@@ -34,4 +34,6 @@ def clip_tokenizer(model_max_length: int = 77):
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length)
+    return CLIPTokenizer(
+        vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], model_max_length=model_max_length
+    )

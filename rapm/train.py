@@ -59,6 +59,7 @@ class TrainingError(RapmError):
 
 # --- small helpers ------------------------------------------------------------------------------
 
+
 def iteration_indices(seed: int, iteration: int, num_trajectories: int, batch_size: int) -> list[int]:
     """The trajectories of iteration i: uniform draws by a generator seeded with (seed, i)."""
     rng = np.random.default_rng([seed, iteration, 0])
@@ -98,11 +99,17 @@ def _truncate_log(path: Path, step: int) -> None:
             record_step = record["step"]
         except (json.JSONDecodeError, TypeError, KeyError) as err:
             if number == len(lines) and not line.endswith("\n"):
-                log.warning("%s: dropping the torn last line %d (%d bytes; a write was interrupted)",
-                            path, number, len(line.encode("utf-8")))
+                log.warning(
+                    "%s: dropping the torn last line %d (%d bytes; a write was interrupted)",
+                    path,
+                    number,
+                    len(line.encode("utf-8")),
+                )
                 continue
-            raise TrainingError(f"{path}, line {number}: not a loss-log record ({type(err).__name__}: {err}); "
-                                f"repair or delete the line (or delete {path.parent} to start again)") from err
+            raise TrainingError(
+                f"{path}, line {number}: not a loss-log record ({type(err).__name__}: {err}); "
+                f"repair or delete the line (or delete {path.parent} to start again)"
+            ) from err
         if record_step < step:
             kept.append(line)
     with atomic_path(path) as tmp:
@@ -128,11 +135,19 @@ class _EvalCounter:
 
 # --- the trainer ----------------------------------------------------------------------------------
 
+
 class Trainer:
     """Everything a RAPM run holds: teacher UNet + LoRA, heads, optimisers, data, and where to write."""
 
-    def __init__(self, cfg: Mapping[str, Any], trajectories: str | Path, state_dir: str | Path,
-                 subset: list[int] | None = None, prompts: str | Path | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        trajectories: str | Path,
+        state_dir: str | Path,
+        subset: list[int] | None = None,
+        prompts: str | Path | None = None,
+        threads: int | None = None,
+    ):
         from rapm.discriminator import Discriminator
         from rapm.lora import _student_params, add_student_lora, enable_gradient_checkpointing, lora_parameters
         from rapm.objective import RAPM, optimizers
@@ -152,8 +167,10 @@ class Trainer:
             raise TrainingError(f"{prompts}: not found (the data stage's train.csv, rule make_prompt_sets)")
         self.teacher = load_teacher(cfg["teacher"])
         if tcfg["mixed_precision"] != "no" and self.teacher.device.type != "cuda":
-            raise TrainingError(f"train.mixed_precision {tcfg['mixed_precision']!r} needs a CUDA device; "
-                                f"the teacher is on {self.teacher.device} (set it to 'no' on the CPU)")
+            raise TrainingError(
+                f"train.mixed_precision {tcfg['mixed_precision']!r} needs a CUDA device; "
+                f"the teacher is on {self.teacher.device} (set it to 'no' on the CPU)"
+            )
         # the store must match this teacher (weights hash), grid and prompt set (cfg["prompts"] / the
         # ``prompts`` train.csv, when given): checked before the LoRA changes the UNet
         self.dataset = TrajectoryDataset.from_config(trajectories, cfg, self.teacher, prompts=prompts)
@@ -195,10 +212,14 @@ class Trainer:
         tensors.update(optimizer_tensors("opt_d", self.opt_d))
         path = self.state_dir / CHECKPOINT
         try:
-            save_safetensors(tensors, path, {"step": str(self.step), "config": self._config_json()}, require_finite=True)
+            save_safetensors(
+                tensors, path, {"step": str(self.step), "config": self._config_json()}, require_finite=True
+            )
         except NonFiniteTensorError as err:
-            raise TrainingError(f"checkpoint after {self.step} iterations: {err}; the last good checkpoint is kept. "
-                                "Lower train.optim learning rates") from err
+            raise TrainingError(
+                f"checkpoint after {self.step} iterations: {err}; the last good checkpoint is kept. "
+                "Lower train.optim learning rates"
+            ) from err
         return path
 
     def load_checkpoint(self) -> bool:
@@ -214,10 +235,14 @@ class Trainer:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("config") != self._config_json():
-            raise TrainingError(f"{path}: checkpoint of a different configuration (teacher, trajectories or train "
-                                f"settings changed); delete {self.state_dir} to start again")
+            raise TrainingError(
+                f"{path}: checkpoint of a different configuration (teacher, trajectories or train "
+                f"settings changed); delete {self.state_dir} to start again"
+            )
         device = self.teacher.device
-        load_lora_state_dict(self.teacher.unet, {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("lora.")})
+        load_lora_state_dict(
+            self.teacher.unet, {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("lora.")}
+        )
         self.disc.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
         load_optimizer_tensors("opt_g", self.opt_g, {k: v.to(device) for k, v in tensors.items()})
         load_optimizer_tensors("opt_d", self.opt_d, {k: v.to(device) for k, v in tensors.items()})
@@ -232,7 +257,8 @@ class Trainer:
                 raise TrainingError(
                     f"non-finite {kind} loss at iteration {self.step}: term {name!r} = {float(value.detach())}; the last "
                     f"good checkpoint ({self.state_dir / CHECKPOINT}, if any) is kept. Lower train.optim "
-                    "learning rates or switch train.mixed_precision to bf16/no")
+                    "learning rates or switch train.mixed_precision to bf16/no"
+                )
 
     def _check_weights(self, named: list[tuple[str, torch.Tensor]], kind: str) -> None:
         """The weights an update touched are finite: one fused check; the offender is looked up only on failure."""
@@ -245,7 +271,8 @@ class Trainer:
                         f"non-finite {kind} weights after the update of iteration {self.step}: tensor {name!r} holds "
                         f"{int(torch.isnan(p).sum())} NaN and {int(torch.isinf(p).sum())} ±inf of {p.numel()} values; "
                         f"the last good checkpoint ({self.state_dir / CHECKPOINT}, if any) is kept. Lower train.optim "
-                        "learning rates")
+                        "learning rates"
+                    )
 
     def _clip_and_step(self, opt: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]], kind: str) -> float:
         params = [p for _, p in named]
@@ -316,22 +343,38 @@ class Trainer:
     def export(self, path: str | Path) -> int:
         from rapm.lora import export_lora
 
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.tcfg["export_dtype"]]
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+            self.tcfg["export_dtype"]
+        ]
         try:
-            return export_lora(self.teacher.unet, path, self.tcfg["lora"], {"rapm.config": self._config_json(),
-                                                                           "rapm.step": str(self.step)}, dtype=dtype)
+            return export_lora(
+                self.teacher.unet,
+                path,
+                self.tcfg["lora"],
+                {"rapm.config": self._config_json(), "rapm.step": str(self.step)},
+                dtype=dtype,
+            )
         except NonFiniteTensorError as err:
             raise TrainingError(
                 f"the LoRA after {self.step} iterations is not finite in train.export_dtype {self.tcfg['export_dtype']}: "
-                f"{err}. Lower train.optim.student_lr (or export float32)") from err
+                f"{err}. Lower train.optim.student_lr (or export float32)"
+            ) from err
 
 
 # --- entry point ---------------------------------------------------------------------------------
 
-def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path, state_dir: str | Path,
-          max_iterations: int | None = None, subset: list[int] | None = None,
-          name: str | None = None, prompts: str | Path | None = None,
-          threads: int | None = None) -> dict[str, Any] | None:
+
+def train(
+    cfg: Mapping[str, Any],
+    trajectories: str | Path,
+    out_dir: str | Path,
+    state_dir: str | Path,
+    max_iterations: int | None = None,
+    subset: list[int] | None = None,
+    name: str | None = None,
+    prompts: str | Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any] | None:
     """Train (or resume) RAPM from ``cfg`` (sections teacher, trajectories, train) on a gathered store.
 
     Writes the outputs to ``out_dir`` when all ``train.iterations`` are done and returns the summary;
@@ -375,9 +418,13 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
             trainer.step += 1
             bar.update(1)
             if trainer.step % every["log_every"] == 0 or trainer.step == stop:
-                means = {t: np.mean([r[t] for r in recent if t in r]) for t in LOSS_TERMS if any(t in r for r in recent)}
+                means = {
+                    t: np.mean([r[t] for r in recent if t in r]) for t in LOSS_TERMS if any(t in r for r in recent)
+                }
                 bar.note = ", ".join(f"{k} {v:.3f}" for k, v in means.items())
-                log.info("iteration %d/%d: %s", trainer.step, total, ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+                log.info(
+                    "iteration %d/%d: %s", trainer.step, total, ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+                )
                 recent = []
             if snapshot_every and trainer.step % int(snapshot_every) == 0:
                 trainer.export(state_dir / "snapshots" / f"lora_{trainer.step:06d}.safetensors")
@@ -397,16 +444,27 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
     shutil.copyfile(grid, out_dir / "validation.png")
     shutil.copyfile(log_path, out_dir / "losses.jsonl")
     snapshots = sorted((state_dir / "snapshots").glob("lora_*.safetensors"))
-    write_json(out_dir / "snapshots.json", {"snapshots": [{"iteration": int(f.stem.split("_")[1]), "lora": str(f)}
-                                                          for f in snapshots if int(f.stem.split("_")[1]) <= total]})
+    write_json(
+        out_dir / "snapshots.json",
+        {
+            "snapshots": [
+                {"iteration": int(f.stem.split("_")[1]), "lora": str(f)}
+                for f in snapshots
+                if int(f.stem.split("_")[1]) <= total
+            ]
+        },
+    )
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     per_kind = {}
     for kind in ("d", "g"):
         calls = [r[f"{kind}_unet_calls"] for r in records if f"{kind}_unet_calls" in r]
         rows = [r[f"{kind}_unet_rows"] for r in records if f"{kind}_unet_rows" in r]
         if calls:
-            per_kind[kind] = {"iterations": len(calls), "unet_calls": float(np.mean(calls)),
-                              "unet_rows": float(np.mean(rows))}
+            per_kind[kind] = {
+                "iterations": len(calls),
+                "unet_calls": float(np.mean(calls)),
+                "unet_rows": float(np.mean(rows)),
+            }
     device = trainer.teacher.device
     summary = {
         "name": name or out_dir.name,  # the variant (results/train/<variant>/)
@@ -422,11 +480,15 @@ def train(cfg: Mapping[str, Any], trajectories: str | Path, out_dir: str | Path,
         "lora_bytes": (out_dir / "lora.safetensors").stat().st_size,
         "num_trajectories": len(trainer.subset),
         "trajectory_store": str(trajectories),
-        "final_losses": {t: float(np.mean([r[t] for r in records[-100:] if t in r]))
-                         for t in LOSS_TERMS if any(t in r for r in records[-100:])},
+        "final_losses": {
+            t: float(np.mean([r[t] for r in records[-100:] if t in r]))
+            for t in LOSS_TERMS
+            if any(t in r for r in records[-100:])
+        },
         "config": {k: cfg[k] for k in ("teacher", "trajectories", "train")},
     }
-    summary = write_summary(out_dir / "summary.json", "train", summary, outputs=[out_dir / "lora.safetensors"],
-                            device=device)
+    summary = write_summary(
+        out_dir / "summary.json", "train", summary, outputs=[out_dir / "lora.safetensors"], device=device
+    )
     log.info("RAPM done: %d iterations, LoRA with %d modules in %s", total, n_modules, out_dir / "lora.safetensors")
     return summary

@@ -69,8 +69,11 @@ def initial_noise(seed_j: int, latent_shape: Sequence[int]) -> torch.Tensor:
 
 
 def _grids(num_steps: int, steps_per_slot: int, num_train_timesteps: int) -> tuple[list[int], list[int], list[int]]:
-    return (fine_timesteps(num_steps, steps_per_slot, num_train_timesteps),
-            coarse_timesteps(num_steps, num_train_timesteps), delta_timesteps(num_steps, steps_per_slot, num_train_timesteps))
+    return (
+        fine_timesteps(num_steps, steps_per_slot, num_train_timesteps),
+        coarse_timesteps(num_steps, num_train_timesteps),
+        delta_timesteps(num_steps, steps_per_slot, num_train_timesteps),
+    )
 
 
 def read_prompts(train_csv: str | Path, manifest: str | Path, num_trajectories: int | None):
@@ -85,15 +88,19 @@ def read_prompts(train_csv: str | Path, manifest: str | Path, num_trajectories: 
     expected = info.get("outputs", {}).get("train.csv", {}).get("sha256")
     found = sha256_file(train_csv)
     if expected != found:
-        raise TrajectoryStoreError(f"{train_csv}: SHA-256 {found} differs from {manifest} ({expected}); rerun the data stage")
+        raise TrajectoryStoreError(
+            f"{train_csv}: SHA-256 {found} differs from {manifest} ({expected}); rerun the data stage"
+        )
     frame = pd.read_csv(train_csv, dtype={"caption": str}, keep_default_na=False)
     missing = {"prompt_id", "caption"} - set(frame.columns)
     if missing:
         raise TrajectoryStoreError(f"{train_csv}: missing column(s) {sorted(missing)}")
     if num_trajectories is not None:
         if num_trajectories > len(frame):
-            raise TrajectoryStoreError(f"trajectories.num_trajectories = {num_trajectories}, but {train_csv} has only "
-                                       f"{len(frame)} prompts (prompts.num_train)")
+            raise TrajectoryStoreError(
+                f"trajectories.num_trajectories = {num_trajectories}, but {train_csv} has only "
+                f"{len(frame)} prompts (prompts.num_train)"
+            )
         frame = frame.iloc[:num_trajectories]
     hashes = {"train_csv_sha256": found, "manifest_sha256": sha256_file(manifest), "rows": len(frame)}
     return frame.reset_index(drop=True), hashes
@@ -102,33 +109,59 @@ def read_prompts(train_csv: str | Path, manifest: str | Path, num_trajectories: 
 # --- attributes ----------------------------------------------------------------------------------
 
 
-def build_attrs(teacher, traj_cfg: Mapping[str, Any], prompt_hashes: Mapping, cond_shapes: Mapping, key: str | None) -> dict:
+def build_attrs(
+    teacher, traj_cfg: Mapping[str, Any], prompt_hashes: Mapping, cond_shapes: Mapping, key: str | None
+) -> dict:
     meta = teacher.metadata()
     N, M = int(traj_cfg["num_steps"]), int(traj_cfg["steps_per_slot"])
     fine, coarse, delta = _grids(N, M, teacher.num_train_timesteps)
     digests = weights_sha256(teacher)
-    return jsonable({
-        "format": FORMAT, "format_version": FORMAT_VERSION, "key": key,
-        "teacher": {**{k: meta[k] for k in ("path", "location", "type", "pipeline_class", "dtype")},
-                    "weights_sha256": digests["all"], "component_sha256": digests},
-        "scheduler": meta["scheduler"],
-        "num_steps": N, "steps_per_slot": M, "guidance": float(traj_cfg["guidance"]), "seed": int(traj_cfg["seed"]),
-        "resolution": traj_cfg.get("resolution"), "image_size": traj_cfg.get("resolution") or teacher.resolution,
-        "num_trajectories": int(prompt_hashes["rows"]), "trajectories_per_chunk": int(traj_cfg["trajectories_per_chunk"]),
-        "batch_size": int(traj_cfg["batch_size"]),
-        "coarse_timesteps": coarse, "delta_timesteps": delta, "fine_timesteps": fine,
-        "latent_shape": list(teacher.latent_shape(traj_cfg.get("resolution"))),
-        "conditioning_shapes": {k: list(v) for k, v in cond_shapes.items()},
-        "state_dtype": "float32", "prompts": dict(prompt_hashes),
-        "versions": library_versions(LIBRARIES), "complete": False,
-    })
+    return jsonable(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "teacher": {
+                **{k: meta[k] for k in ("path", "location", "type", "pipeline_class", "dtype")},
+                "weights_sha256": digests["all"],
+                "component_sha256": digests,
+            },
+            "scheduler": meta["scheduler"],
+            "num_steps": N,
+            "steps_per_slot": M,
+            "guidance": float(traj_cfg["guidance"]),
+            "seed": int(traj_cfg["seed"]),
+            "resolution": traj_cfg.get("resolution"),
+            "image_size": traj_cfg.get("resolution") or teacher.resolution,
+            "num_trajectories": int(prompt_hashes["rows"]),
+            "trajectories_per_chunk": int(traj_cfg["trajectories_per_chunk"]),
+            "batch_size": int(traj_cfg["batch_size"]),
+            "coarse_timesteps": coarse,
+            "delta_timesteps": delta,
+            "fine_timesteps": fine,
+            "latent_shape": list(teacher.latent_shape(traj_cfg.get("resolution"))),
+            "conditioning_shapes": {k: list(v) for k, v in cond_shapes.items()},
+            "state_dtype": "float32",
+            "prompts": dict(prompt_hashes),
+            "versions": library_versions(LIBRARIES),
+            "complete": False,
+        }
+    )
 
 
 # --- init ----------------------------------------------------------------------------------------
 
 
-def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, train_csv: str | Path,
-               manifest: str | Path, *, key: str | None = None, teacher=None) -> dict[str, Any]:
+def init_store(
+    directory: str | Path,
+    teacher_cfg: Mapping,
+    traj_cfg: Mapping,
+    train_csv: str | Path,
+    manifest: str | Path,
+    *,
+    key: str | None = None,
+    teacher=None,
+) -> dict[str, Any]:
     """Create the pre-allocated store (full shapes; seeds and prompts written), or keep a matching one.
 
     A store whose content-defining attributes (:data:`FINGERPRINT`) equal the new ones is kept with its
@@ -146,8 +179,9 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
     teacher = teacher if teacher is not None else load_teacher(teacher_cfg)
     resolution = traj_cfg.get("resolution")
     if resolution is not None and resolution % teacher.pipe.vae_scale_factor:
-        raise TrajectoryStoreError(f"trajectories.resolution {resolution} is not a multiple of the VAE factor "
-                                   f"{teacher.pipe.vae_scale_factor}")
+        raise TrajectoryStoreError(
+            f"trajectories.resolution {resolution} is not a multiple of the VAE factor {teacher.pipe.vae_scale_factor}"
+        )
     probe = encode_prompts(teacher, [str(frame["caption"].iloc[0])], resolution=resolution)
     attrs = build_attrs(teacher, traj_cfg, hashes, {k: tuple(v.shape[1:]) for k, v in probe.tensors().items()}, key)
 
@@ -161,10 +195,20 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
         if not differs:
             done = int(np.asarray(zarr.open_group(path, mode="r")["done"][:]).sum())
             if old.get("batch_size") != attrs["batch_size"] and done:
-                log.warning("store %s holds %d trajectories computed with batch_size %s; the rest use %s (differences "
-                            "at float rounding level, see the module docstring)", path, done, old.get("batch_size"),
-                            attrs["batch_size"])
-            log.info("keeping %s: it matches the request and holds %d of %d trajectories", path, done, attrs["num_trajectories"])
+                log.warning(
+                    "store %s holds %d trajectories computed with batch_size %s; the rest use %s (differences "
+                    "at float rounding level, see the module docstring)",
+                    path,
+                    done,
+                    old.get("batch_size"),
+                    attrs["batch_size"],
+                )
+            log.info(
+                "keeping %s: it matches the request and holds %d of %d trajectories",
+                path,
+                done,
+                attrs["num_trajectories"],
+            )
             return {"action": "kept", "store": str(path), "key": key, "done": done, "attrs": old}
         log.warning("re-creating %s: attribute(s) %s differ from the request", path, ", ".join(differs))
         shutil.rmtree(path)
@@ -175,19 +219,35 @@ def init_store(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, t
     arrays = {}
     for name, (shape, dtype) in array_specs(attrs).items():  # unwritten rows read as NaN / -1 / not done
         fill = {"float32": np.nan, "int64": -1, "uint8": 0}.get(dtype)
-        arrays[name] = group.create_array(name, shape=shape, chunks=(chunk, *shape[1:]), dtype=dtype, fill_value=fill,
-                                          compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
+        arrays[name] = group.create_array(
+            name,
+            shape=shape,
+            chunks=(chunk, *shape[1:]),
+            dtype=dtype,
+            fill_value=fill,
+            compressors=[Crc32cCodec()],
+            config={"write_empty_chunks": True},
+        )
     J = attrs["num_trajectories"]
     arrays["seed"][:] = np.array([item_seed(attrs["seed"], j) for j in range(J)], dtype=np.int64)
     arrays["prompt_id"][:] = frame["prompt_id"].to_numpy(dtype=np.int64)
     arrays["prompt"][:] = np.array(frame["caption"].astype(str).tolist(), dtype=object)
     group.attrs.update(attrs)
-    log.info("%s %s: %d trajectories of %s, N=%d, M=%d, w=%s", action, path, J, attrs["teacher"]["path"],
-             attrs["num_steps"], attrs["steps_per_slot"], attrs["guidance"])
+    log.info(
+        "%s %s: %d trajectories of %s, N=%d, M=%d, w=%s",
+        action,
+        path,
+        J,
+        attrs["teacher"]["path"],
+        attrs["num_steps"],
+        attrs["steps_per_slot"],
+        attrs["guidance"],
+    )
     return {"action": action, "store": str(path), "key": key, "done": 0, "differs": differs, "attrs": attrs}
 
 
 # --- compute -------------------------------------------------------------------------------------
+
 
 def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int, int]]:
     """Contiguous runs of sorted ``indices`` as (start, stop, offset into indices)."""
@@ -213,13 +273,24 @@ def run_batch(teacher, prompts: Sequence[str], seeds: Sequence[int], attrs: Mapp
     abar = teacher.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
     w = attrs["guidance"]
     _, kept = ddim_sample(lambda x, t: unet_eps(teacher, x, t, cond, w), z, fine, abar, keep=coarse + delta)
-    out = {"coarse": torch.stack([kept[t] for t in coarse], 1), "delta": torch.stack([kept[t] for t in delta], 1),
-           **cond.tensors()}
+    out = {
+        "coarse": torch.stack([kept[t] for t in coarse], 1),
+        "delta": torch.stack([kept[t] for t in delta], 1),
+        **cond.tensors(),
+    }
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
-def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping, shard: int, *, teacher=None,
-                  max_trajectories: int | None = None, progress: bool = True) -> dict[str, Any]:
+def compute_shard(
+    directory: str | Path,
+    teacher_cfg: Mapping,
+    traj_cfg: Mapping,
+    shard: int,
+    *,
+    teacher=None,
+    max_trajectories: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Compute the missing trajectories of one shard; returns its summary (``remaining`` > 0 when stopped early).
 
     Writes only whole batches inside its own range: a batch's rows, then its done flags. Killed at any
@@ -251,8 +322,17 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
     arrays = {name: group[name] for name in ("coarse", "delta", *COND_ARRAYS) if name in group}
     abar = teacher.alphas_cumprod.to(teacher.device)  # on the device: no host copy per DDIM step
     todo = int((~done).sum())
-    log.info("shard %d/%d: trajectories [%d, %d), %d done, %d to compute, batch size %d, device %s",
-             shard, S, start, stop, int(done.sum()), todo, B, teacher.device)
+    log.info(
+        "shard %d/%d: trajectories [%d, %d), %d done, %d to compute, batch size %d, device %s",
+        shard,
+        S,
+        start,
+        stop,
+        int(done.sum()),
+        todo,
+        B,
+        teacher.device,
+    )
     computed: list[int] = []
     t_compute = time.perf_counter()
     bar = Progress(todo, f"trajectories shard {shard}/{S}", unit="traj", every_s=None if progress else float("inf"))
@@ -264,11 +344,12 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
         if not idx:
             continue
         # The whole batch runs even when some of it is done (a repaired chunk): its composition fixes the bits.
-        out = run_batch(teacher, [str(prompts[j - start]) for j in batch], [int(seeds[j - start]) for j in batch],
-                        attrs, abar)
+        out = run_batch(
+            teacher, [str(prompts[j - start]) for j in batch], [int(seeds[j - start]) for j in batch], attrs, abar
+        )
         for a, b, _ in _runs(idx):
             for name, arr in arrays.items():
-                arr[a:b] = out[name][a - b0:b - b0]
+                arr[a:b] = out[name][a - b0 : b - b0]
         for a, b, _ in _runs(idx):  # flags last: a batch counts only once all its rows are on disk
             group["done"][a:b] = 1
         computed += idx
@@ -277,17 +358,37 @@ def compute_shard(directory: str | Path, teacher_cfg: Mapping, traj_cfg: Mapping
     now = time.perf_counter()
     wall, compute_s = now - t_start, now - t_compute
     summary = {
-        "format": FORMAT, "key": attrs.get("key"), "store": str(path), "shard": shard, "num_shards": S,
-        "range": [start, stop], "trajectories": stop - start, "already_done": int(done.sum()),
-        "computed": len(computed), "computed_runs": [[a, b] for a, b, _ in _runs(computed)], "remaining": remaining,
-        "batch_size": B, "device": str(teacher.device), "threads": torch.get_num_threads(),
-        "wall_s": round(wall, 3), "compute_s": round(compute_s, 3),
+        "format": FORMAT,
+        "key": attrs.get("key"),
+        "store": str(path),
+        "shard": shard,
+        "num_shards": S,
+        "range": [start, stop],
+        "trajectories": stop - start,
+        "already_done": int(done.sum()),
+        "computed": len(computed),
+        "computed_runs": [[a, b] for a, b, _ in _runs(computed)],
+        "remaining": remaining,
+        "batch_size": B,
+        "device": str(teacher.device),
+        "threads": torch.get_num_threads(),
+        "wall_s": round(wall, 3),
+        "compute_s": round(compute_s, 3),
         "trajectories_per_s": round(len(computed) / compute_s, 4) if computed else None,
         **resource_fields(teacher.device),
-        "teacher_weights_sha256": attrs["teacher"]["weights_sha256"], "versions": library_versions(LIBRARIES),
+        "teacher_weights_sha256": attrs["teacher"]["weights_sha256"],
+        "versions": library_versions(LIBRARIES),
     }
-    log.info("shard %d/%d: computed %d trajectories in %.1f s (%.1f s with loading; %d remaining), peak RSS %.0f MB",
-             shard, S, len(computed), compute_s, wall, remaining, summary["peak_rss_mb"])
+    log.info(
+        "shard %d/%d: computed %d trajectories in %.1f s (%.1f s with loading; %d remaining), peak RSS %.0f MB",
+        shard,
+        S,
+        len(computed),
+        compute_s,
+        wall,
+        remaining,
+        summary["peak_rss_mb"],
+    )
     return summary
 
 
@@ -307,21 +408,54 @@ def gather(directory: str | Path, shard_summaries: Sequence[str | Path], out: st
     zarr.consolidate_metadata(path)
     attrs = report["attrs"]
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "key": attrs.get("key"), "store": STORE_NAME,
-        "num_trajectories": attrs["num_trajectories"], "teacher": attrs["teacher"], "num_steps": attrs["num_steps"],
-        "steps_per_slot": attrs["steps_per_slot"], "guidance": attrs["guidance"], "seed": attrs["seed"],
-        "prompts": attrs["prompts"], "arrays": {n: {"shape": list(group[n].shape), "dtype": "str" if n == "prompt" else str(group[n].dtype),
-                                                    "sha256": report["sha256"][n]} for n in report["sha256"]},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "key": attrs.get("key"),
+        "store": STORE_NAME,
+        "num_trajectories": attrs["num_trajectories"],
+        "teacher": attrs["teacher"],
+        "num_steps": attrs["num_steps"],
+        "steps_per_slot": attrs["steps_per_slot"],
+        "guidance": attrs["guidance"],
+        "seed": attrs["seed"],
+        "prompts": attrs["prompts"],
+        "arrays": {
+            n: {
+                "shape": list(group[n].shape),
+                "dtype": "str" if n == "prompt" else str(group[n].dtype),
+                "sha256": report["sha256"][n],
+            }
+            for n in report["sha256"]
+        },
         "bytes_on_disk": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-        "shards": [{k: s.get(k) for k in ("shard", "num_shards", "range", "computed", "already_done", "batch_size",
-                                          "device", "wall_s", "compute_s", "peak_rss_mb")} for s in summaries],
+        "shards": [
+            {
+                k: s.get(k)
+                for k in (
+                    "shard",
+                    "num_shards",
+                    "range",
+                    "computed",
+                    "already_done",
+                    "batch_size",
+                    "device",
+                    "wall_s",
+                    "compute_s",
+                    "peak_rss_mb",
+                )
+            }
+            for s in summaries
+        ],
         "versions": attrs["versions"],
     }
     manifest = write_summary(out, "trajectories-gather", manifest)
-    log.info("gathered %s: %d trajectories verified, %.1f MB", path, attrs["num_trajectories"],
-             manifest["bytes_on_disk"] / 1e6)
+    log.info(
+        "gathered %s: %d trajectories verified, %.1f MB",
+        path,
+        attrs["num_trajectories"],
+        manifest["bytes_on_disk"] / 1e6,
+    )
     return manifest
 
 
 # --- reader --------------------------------------------------------------------------------------
-

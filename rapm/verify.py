@@ -46,8 +46,13 @@ def _stores(results: Path, full: bool) -> list[Damage]:
         try:
             verify_store(directory, full=full)
         except TrajectoryStoreError as err:
-            out.append(Damage(str(directory), str(err).splitlines()[-1].strip(" -"),
-                              [manifest, *sorted(directory.glob("shards/*.json"))]))
+            out.append(
+                Damage(
+                    str(directory),
+                    str(err).splitlines()[-1].strip(" -"),
+                    [manifest, *sorted(directory.glob("shards/*.json"))],
+                )
+            )
     return out
 
 
@@ -69,9 +74,16 @@ def _samples(results: Path) -> list[Damage]:
                     image.load()
             except Exception:  # noqa: BLE001 - missing, truncated or not an image
                 bad.append(str(name))
-        if bad:  # Snakemake regenerates a missing intermediate only when a target needs it: remove the row's metrics too
-            out.append(Damage(str(shard), f"{len(bad)} of {len(files)} images missing or unreadable (first: {bad[0]})",
-                              [shard, results / "eval" / shard.parent.name / "metrics.json"]))
+        if (
+            bad
+        ):  # Snakemake regenerates a missing intermediate only when a target needs it: remove the row's metrics too
+            out.append(
+                Damage(
+                    str(shard),
+                    f"{len(bad)} of {len(files)} images missing or unreadable (first: {bad[0]})",
+                    [shard, results / "eval" / shard.parent.name / "metrics.json"],
+                )
+            )
     return out
 
 

@@ -24,8 +24,16 @@ STAGE_KEYS: dict[str, list[str]] = {
     # FID reference statistics: the FID keys only (a CLIP-only edit must not recompute them)
     "reference": ["profile", "data", "sampling.num_images", "evaluation.fid", "evaluation.reference"],
     # curves: FD and the reader's accuracy of snapshots, no CLIP score
-    "curves": ["profile", "data", "teacher", "sampling", "evaluation.fid", "evaluation.reference",
-               "evaluation.reader_accuracy", "curves"],
+    "curves": [
+        "profile",
+        "data",
+        "teacher",
+        "sampling",
+        "evaluation.fid",
+        "evaluation.reference",
+        "evaluation.reader_accuracy",
+        "curves",
+    ],
     "tables": ["profile", "data.source", "trajectories.guidance", "sampling", "evaluation", "variants", "run_variants"],
 }
 
@@ -47,17 +55,24 @@ def final_targets(config: Mapping, every: bool = False) -> list[str]:
         *table_files("every" if every else "run"),
         f"results/figures/{'every' if every else 'run'}/grid.png",
         f"results/figures/{'every' if every else 'run'}/losses.png",
-        *[f"results/figures/curves/{v}.png" for v in variant_names(config, every)  # variants with snapshots
-          if variant_msd(config, v) is None and variant_config(config, v)["train"]["snapshot_every"]],
+        *[
+            f"results/figures/curves/{v}.png"
+            for v in variant_names(config, every)  # variants with snapshots
+            if variant_msd(config, v) is None and variant_config(config, v)["train"]["snapshot_every"]
+        ],
     ]
 
 
 def table_files(table_set: str) -> list[str]:
-    return [f"results/tables/{table_set}/{name}.{ext}" for name in ("main", "ablations", "resources")
-            for ext in ("md", "csv", "tex")]
+    return [
+        f"results/tables/{table_set}/{name}.{ext}"
+        for name in ("main", "ablations", "resources")
+        for ext in ("md", "csv", "tex")
+    ]
 
 
 # --- variants ---------------------------------------------------------------------------------------
+
 
 def variant_names(config: Mapping, every: bool = False) -> list[str]:
     """The variants ``rule all`` runs: ``run_variants``, or every entry of ``variants`` (also when ``every``)."""
@@ -87,16 +102,21 @@ def variant_config(config: Mapping, name: str) -> dict:
     if base not in config["variants"]:
         raise ConfigError(f"unknown variant {name!r}; defined: {sorted(config['variants'])}")
     name, entry = base, config["variants"][base]
-    merged = {"teacher": config["teacher"],
-              "trajectories": deep_merge(config["trajectories"], entry.get("trajectories", {})),
-              "train": deep_merge(config.get("train", {}), entry.get("train", {}))}
+    merged = {
+        "teacher": config["teacher"],
+        "trajectories": deep_merge(config["trajectories"], entry.get("trajectories", {})),
+        "train": deep_merge(config.get("train", {}), entry.get("train", {})),
+    }
     if r:
         merged["train"]["seed"] = int(merged["train"].get("seed", 0)) + r
     try:
         return validate(merged, source=f"variants.{name}", partial=True)
     except ConfigError as err:
-        raise ConfigError(str(err).replace("  - train.", f"  - variants.{name}.train.")
-                          .replace("  - trajectories.", f"  - variants.{name}.trajectories.")) from err
+        raise ConfigError(
+            str(err)
+            .replace("  - train.", f"  - variants.{name}.train.")
+            .replace("  - trajectories.", f"  - variants.{name}.trajectories.")
+        ) from err
 
 
 def variant_msd(config: Mapping, name: str) -> dict | None:
@@ -120,8 +140,10 @@ def variant_outputs(config: Mapping, name: str) -> list[str]:
     msd = variant_msd(config, name)
     if msd is None:
         return [f"results/train/{name}/lora.safetensors"]
-    return [f"results/train/{name}/router.safetensors",
-            *[f"results/train/{name}/students/{k}/lora.safetensors" for k in range(msd["students"])]]
+    return [
+        f"results/train/{name}/router.safetensors",
+        *[f"results/train/{name}/students/{k}/lora.safetensors" for k in range(msd["students"])],
+    ]
 
 
 def trajectory_stores(config: Mapping, every: bool = False) -> dict[str, dict]:
@@ -129,12 +151,15 @@ def trajectory_stores(config: Mapping, every: bool = False) -> dict[str, dict]:
     stores = {}
     for name in variant_names(config, every):
         vc = variant_config(config, name)
-        stores.setdefault(trajectory_store_key({**config, **vc}),
-                          {"teacher": vc["teacher"], "trajectories": store_grid(vc["trajectories"])})
+        stores.setdefault(
+            trajectory_store_key({**config, **vc}),
+            {"teacher": vc["teacher"], "trajectories": store_grid(vc["trajectories"])},
+        )
     return stores
 
 
 # --- table rows -------------------------------------------------------------------------------------
+
 
 def rows(config: Mapping, every: bool = False) -> dict[str, Row]:
     """{row name: row} of every table row: the teacher (many steps), at each variant's N the teacher
@@ -152,19 +177,29 @@ def rows(config: Mapping, every: bool = False) -> dict[str, Row]:
         out.setdefault(f"teacher-{n}step", Row(f"teacher-{n}step", "teacher", n, guidance, resolution=res))
         # the student's starting point (method.md §8): the teacher at its N steps and guidance 1 (LoRA B = 0)
         out.setdefault(f"init-{n}step", Row(f"init-{n}step", "init", n, 1.0, resolution=res))
-        common = {"name": name, "steps": n, "guidance": 1.0, "variant": variant, "init": f"init-{n}step",
-                  "resolution": vc["trajectories"].get("resolution"),
-                  "replicate": replicate or None}  # replicate r: trained with train.seed + r
+        common = {
+            "name": name,
+            "steps": n,
+            "guidance": 1.0,
+            "variant": variant,
+            "init": f"init-{n}step",
+            "resolution": vc["trajectories"].get("resolution"),
+            "replicate": replicate or None,
+        }  # replicate r: trained with train.seed + r
         msd = variant_msd(config, name)
         if msd is None:
             students[name] = Row(kind="student", lora=f"results/train/{name}/lora.safetensors", **common)
         else:
-            students[name] = Row(kind="msd", router=f"results/train/{name}/router.safetensors",
-                                 loras=tuple(f"results/train/{name}/students/{k}/lora.safetensors"
-                                             for k in range(msd["students"])), **common)
+            students[name] = Row(
+                kind="msd",
+                router=f"results/train/{name}/router.safetensors",
+                loras=tuple(f"results/train/{name}/students/{k}/lora.safetensors" for k in range(msd["students"])),
+                **common,
+            )
     for ext in s.get("external", []):
-        students[ext["name"]] = Row(ext["name"], "external", ext["steps"], ext["guidance"], lora=ext["lora"],
-                                    resolution=res)
+        students[ext["name"]] = Row(
+            ext["name"], "external", ext["steps"], ext["guidance"], lora=ext["lora"], resolution=res
+        )
     clash = sorted(set(out) & set(students))
     if clash:
         raise ConfigError(f"row name(s) {clash} are reserved for the teacher rows; rename the variant or external LoRA")

@@ -42,39 +42,110 @@ def _config(*sets: str) -> list[str]:
 
 
 def _coco(local_path: str) -> list[str]:
-    return ["fetch-coco", "--config", CONFIG, "--set", "data.source=coco", "--set", f"data.coco.local_path={local_path}",
-            "--out-dir", "out", "--cache-dir", "cache"]
+    return [
+        "fetch-coco",
+        "--config",
+        CONFIG,
+        "--set",
+        "data.source=coco",
+        "--set",
+        f"data.coco.local_path={local_path}",
+        "--out-dir",
+        "out",
+        "--cache-dir",
+        "cache",
+    ]
 
 
 BAD_INPUTS = [
-    BadInput("a misspelt key in a config file",
-             lambda d: ["validate-config", CONFIG, str(_write(d / "mine.yaml", "prompts:\n  num_tain: 5\n"))],
-             "prompts.num_tain: unknown key (did you mean 'num_train'?)"),
+    BadInput(
+        "a misspelt key in a config file",
+        lambda d: ["validate-config", CONFIG, str(_write(d / "mine.yaml", "prompts:\n  num_tain: 5\n"))],
+        "prompts.num_tain: unknown key (did you mean 'num_train'?)",
+    ),
     BadInput("a misspelt key in `--set`", lambda d: _config("train.iteratons=5"), "--set train.iteratons=5"),
-    BadInput("a value of the wrong type", lambda d: _config("train.iterations=many"),
-             "train.iterations: 'many' is not of type 'integer'"),
-    BadInput("a value out of range", lambda d: _config("train.iterations=0"), "train.iterations: 0 is less than the minimum of 1"),
-    BadInput("NaN or infinity for a number", lambda d: _config("train.optim.student_lr=.nan"),
-             "train.optim.student_lr: nan is not a finite number"),
-    BadInput("an unknown variant in `run_variants`", lambda d: _config("run_variants=[rapm, nope]"),
-             "run_variants: names ['nope'], which are not in variants"),
-    BadInput("a captions file cut short", lambda d: _coco(str(_captions_cut_short(d))),
-             "captions_train2014.json: not valid UTF-8 JSON"),
-    BadInput("a captions archive with the wrong checksum", lambda d: _coco(str(_write(d / "a.zip", b"PK\x03\x04" + bytes(100)))),
-             "SHA-256 mismatch for"),
-    BadInput("a prompt file that is not there",
-             lambda d: ["trajectories", "init", "--config", CONFIG, "--dir", str(d / "t"), "--prompts", str(d / "train.csv"),
-                        "--manifest", str(d / "manifest.json"), "--out", str(d / "t" / "init.json")],
-             "train.csv: not found (the data stage, rule make_prompt_sets, writes it)"),
-    BadInput("a trajectory store that is not there (checked before the teacher loads)",
-             lambda d: ["train", "--config", CONFIG, "--trajectories", str(d / "nowhere"), "--out-dir", str(d / "o"),
-                        "--state-dir", str(d / "s")],
-             "nowhere/store.zarr: no trajectory store here"),
-    BadInput("a pickle in place of a LoRA (never unpickled: its payload would make a folder)",
-             lambda d: ["sample", "--config", CONFIG, "--row", str(_pickled_lora_row(d)), "--prompts",
-                        str(_write(d / "eval.csv", "prompt_id,image_id,caption\n0,1,a red circle\n")),
-                        "--shard", "0", "--out-dir", str(d / "o"), "--manifest", str(d / "o.csv")],
-             "evil.safetensors: diffusers could not load it as a LoRA"),
+    BadInput(
+        "a value of the wrong type",
+        lambda d: _config("train.iterations=many"),
+        "train.iterations: 'many' is not of type 'integer'",
+    ),
+    BadInput(
+        "a value out of range",
+        lambda d: _config("train.iterations=0"),
+        "train.iterations: 0 is less than the minimum of 1",
+    ),
+    BadInput(
+        "NaN or infinity for a number",
+        lambda d: _config("train.optim.student_lr=.nan"),
+        "train.optim.student_lr: nan is not a finite number",
+    ),
+    BadInput(
+        "an unknown variant in `run_variants`",
+        lambda d: _config("run_variants=[rapm, nope]"),
+        "run_variants: names ['nope'], which are not in variants",
+    ),
+    BadInput(
+        "a captions file cut short",
+        lambda d: _coco(str(_captions_cut_short(d))),
+        "captions_train2014.json: not valid UTF-8 JSON",
+    ),
+    BadInput(
+        "a captions archive with the wrong checksum",
+        lambda d: _coco(str(_write(d / "a.zip", b"PK\x03\x04" + bytes(100)))),
+        "SHA-256 mismatch for",
+    ),
+    BadInput(
+        "a prompt file that is not there",
+        lambda d: [
+            "trajectories",
+            "init",
+            "--config",
+            CONFIG,
+            "--dir",
+            str(d / "t"),
+            "--prompts",
+            str(d / "train.csv"),
+            "--manifest",
+            str(d / "manifest.json"),
+            "--out",
+            str(d / "t" / "init.json"),
+        ],
+        "train.csv: not found (the data stage, rule make_prompt_sets, writes it)",
+    ),
+    BadInput(
+        "a trajectory store that is not there (checked before the teacher loads)",
+        lambda d: [
+            "train",
+            "--config",
+            CONFIG,
+            "--trajectories",
+            str(d / "nowhere"),
+            "--out-dir",
+            str(d / "o"),
+            "--state-dir",
+            str(d / "s"),
+        ],
+        "nowhere/store.zarr: no trajectory store here",
+    ),
+    BadInput(
+        "a pickle in place of a LoRA (never unpickled: its payload would make a folder)",
+        lambda d: [
+            "sample",
+            "--config",
+            CONFIG,
+            "--row",
+            str(_pickled_lora_row(d)),
+            "--prompts",
+            str(_write(d / "eval.csv", "prompt_id,image_id,caption\n0,1,a red circle\n")),
+            "--shard",
+            "0",
+            "--out-dir",
+            str(d / "o"),
+            "--manifest",
+            str(d / "o.csv"),
+        ],
+        "evil.safetensors: diffusers could not load it as a LoRA",
+    ),
 ]
 
 
@@ -92,8 +163,17 @@ class _Payload:
 
 def _pickled_lora_row(d: Path) -> Path:
     lora = _write(d / "evil.safetensors", pickle.dumps(_Payload(d / "unpickled")))
-    row = {"row": {"name": "mine", "kind": "student", "variant": "rapm", "lora": str(lora), "steps": 4,
-                   "guidance": 1.0, "resolution": None}}
+    row = {
+        "row": {
+            "name": "mine",
+            "kind": "student",
+            "variant": "rapm",
+            "lora": str(lora),
+            "steps": 4,
+            "guidance": 1.0,
+            "resolution": None,
+        }
+    }
     return _write(d / "row.yaml", json.dumps(row))  # JSON is YAML
 
 
@@ -123,7 +203,12 @@ def run(case: BadInput, folder: Path) -> tuple[int, str]:
 def error_line(text: str, folder: Path) -> str:
     """The error as a user sees it: the ``rapm: ...`` line and the problem lines under it, paths shortened."""
     lines = [ln for ln in text.splitlines() if ln.startswith("rapm:") or ln.startswith("  - ")]
-    return "; ".join(ln.strip(" -") for ln in lines).replace(str(folder) + "/", "").replace(str(ROOT) + "/", "").replace("|", "\\|")
+    return (
+        "; ".join(ln.strip(" -") for ln in lines)
+        .replace(str(folder) + "/", "")
+        .replace(str(ROOT) + "/", "")
+        .replace("|", "\\|")
+    )
 
 
 def bad_input_rows() -> list[tuple[BadInput, int, str]]:
@@ -139,20 +224,31 @@ def render(rows: list[tuple[BadInput, int, str]]) -> str:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_faults import FAULTS
 
-    out = [START, "", "**Killed (SIGKILL) and rerun** (`tests/test_faults.py`; the CI profile's `rapm` row; each kill "
-           "is followed by a plain `snakemake` rerun, and after the last one every file under `results/` equals an "
-           "uninterrupted run's byte for byte, aside from JSON fields that time the run or count what a resumed "
-           "trajectory shard still had to compute):", "",
-           "| stage | killed |", "|---|---|"]
+    out = [
+        START,
+        "",
+        "**Killed (SIGKILL) and rerun** (`tests/test_faults.py`; the CI profile's `rapm` row; each kill "
+        "is followed by a plain `snakemake` rerun, and after the last one every file under `results/` equals an "
+        "uninterrupted run's byte for byte, aside from JSON fields that time the run or count what a resumed "
+        "trajectory shard still had to compute):",
+        "",
+        "| stage | killed |",
+        "|---|---|",
+    ]
     out += [f"| {what.split(':')[0]} | {what.split(':', 1)[1].strip()} |" for what, _ in FAULTS]
-    out += ["", "**Bad input** (`tests/test_reliability.py`; the command's exit code and the error it prints):", "",
-            "| bad input | exit | error |", "|---|---|---|"]
+    out += [
+        "",
+        "**Bad input** (`tests/test_reliability.py`; the command's exit code and the error it prints):",
+        "",
+        "| bad input | exit | error |",
+        "|---|---|---|",
+    ]
     out += [f"| {case.what} | {code} | `{line}` |" for case, code, line in rows]
     return "\n".join([*out, "", END])
 
 
 def readme_block(text: str) -> str:
-    return text[text.index(START):text.index(END) + len(END)]
+    return text[text.index(START) : text.index(END) + len(END)]
 
 
 if __name__ == "__main__":

@@ -19,8 +19,17 @@ from rapm.coco import CaptionsFormatError, FetchError, fetch_captions, load_capt
 
 def captions_doc(split: str, image_ids: list[int], per_image: int = 3) -> dict:
     """A small file in the real COCO captions schema (with the official top-level keys)."""
-    images = [{"license": 1, "file_name": f"COCO_{split}2014_{i:012d}.jpg", "height": 480, "width": 640,
-               "id": i, "date_captured": "2013-11-14 16:28:13"} for i in image_ids]
+    images = [
+        {
+            "license": 1,
+            "file_name": f"COCO_{split}2014_{i:012d}.jpg",
+            "height": 480,
+            "width": 640,
+            "id": i,
+            "date_captured": "2013-11-14 16:28:13",
+        }
+        for i in image_ids
+    ]
     anns = []
     for i in image_ids:
         for k in range(per_image):
@@ -109,17 +118,27 @@ def test_load_captions_sorts_normalises_and_is_silent(tmp_path, capsys):
 def test_load_captions_without_utf8_locale(tmp_path, monkeypatch):
     monkeypatch.setattr(coco.locale, "getpreferredencoding", lambda do_setlocale=True: "ISO-8859-1")
     path = tmp_path / "c.json"
-    write_json(path, {"images": [{"id": 1, "file_name": "x.jpg"}],
-                      "annotations": [{"id": 1, "image_id": 1, "caption": "crème brûlée"}]})
+    write_json(
+        path,
+        {
+            "images": [{"id": 1, "file_name": "x.jpg"}],
+            "annotations": [{"id": 1, "image_id": 1, "caption": "crème brûlée"}],
+        },
+    )
     assert load_captions(path)["caption"].tolist() == ["crème brûlée"]
 
 
-@pytest.mark.parametrize("doc, why", [
-    ({"images": []}, "missing list 'annotations'"),
-    ({"images": [{"id": 1, "file_name": "x"}], "annotations": [{"id": 1, "image_id": 2, "caption": "c"}]},
-     "image_id 2"),
-    ({"images": [{"id": 1, "file_name": "x"}], "annotations": [{"id": 1, "image_id": 1}]}, "'caption'"),
-])
+@pytest.mark.parametrize(
+    "doc, why",
+    [
+        ({"images": []}, "missing list 'annotations'"),
+        (
+            {"images": [{"id": 1, "file_name": "x"}], "annotations": [{"id": 1, "image_id": 2, "caption": "c"}]},
+            "image_id 2",
+        ),
+        ({"images": [{"id": 1, "file_name": "x"}], "annotations": [{"id": 1, "image_id": 1}]}, "'caption'"),
+    ],
+)
 def test_load_captions_rejects_other_schemas(tmp_path, doc, why):
     path = tmp_path / "bad.json"
     write_json(path, doc)
@@ -208,8 +227,10 @@ def test_fetch_archive_missing_member(tmp_path, originals):
 
 
 def test_fetch_archive_member_with_wrong_schema(tmp_path, originals):
-    members = {"annotations/captions_train2014.json": originals["captions_train2014.json"],
-               "annotations/captions_val2014.json": b'{"images": []}'}
+    members = {
+        "annotations/captions_train2014.json": originals["captions_train2014.json"],
+        "annotations/captions_val2014.json": b'{"images": []}',
+    }
     path = make_zip(tmp_path / "a.zip", members)
     out = tmp_path / "out"
     with pytest.raises(FetchError, match="captions_val2014.json.*missing list 'annotations'"):
@@ -249,16 +270,22 @@ def test_local_directory_missing_file(tmp_path, originals):
 
 def test_local_archive(tmp_path, archive, originals):
     out = tmp_path / "out"
-    fetch_captions(cfg_for(UNREACHABLE, coco.sha256_file(archive), local_path=str(archive)),
-                   out_dir=out, cache_dir=tmp_path / "cache")
+    fetch_captions(
+        cfg_for(UNREACHABLE, coco.sha256_file(archive), local_path=str(archive)),
+        out_dir=out,
+        cache_dir=tmp_path / "cache",
+    )
     assert_outputs_equal(out, originals)
     assert files_in(tmp_path / "cache") == []
 
 
 def test_local_archive_checksum_mismatch_keeps_users_file(tmp_path, archive):
     with pytest.raises(FetchError, match="expected 2222"):
-        fetch_captions(cfg_for(UNREACHABLE, "2" * 64, local_path=str(archive)),
-                       out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+        fetch_captions(
+            cfg_for(UNREACHABLE, "2" * 64, local_path=str(archive)),
+            out_dir=tmp_path / "out",
+            cache_dir=tmp_path / "cache",
+        )
     assert archive.is_file()
     assert files_in(tmp_path / "out") == []
 
@@ -333,8 +360,10 @@ def test_http_drop_then_resume_with_range(tmp_path, server, archive, originals):
     url = f"{server}/range/annotations_trainval2014.zip"
     out, cache = tmp_path / "out", tmp_path / "cache"
     fetch_captions(cfg_for(url, coco.sha256_file(archive)), out_dir=out, cache_dir=cache)
-    assert Handler.requests == [("/range/annotations_trainval2014.zip", None),
-                                ("/range/annotations_trainval2014.zip", f"bytes={size // 2}-")]
+    assert Handler.requests == [
+        ("/range/annotations_trainval2014.zip", None),
+        ("/range/annotations_trainval2014.zip", f"bytes={size // 2}-"),
+    ]
     assert (cache / "annotations_trainval2014.zip").read_bytes() == archive.read_bytes()
     assert_outputs_equal(out, originals)
 

@@ -41,9 +41,9 @@ def test_schema_is_strict_and_described():
             continue
         assert node.get("description"), f"{path} has no description"
         if node.get("type") == "object" and "properties" in node:
-            assert node.get("additionalProperties") is False or isinstance(
-                node.get("additionalProperties"), dict
-            ), f"{path} must set additionalProperties"
+            assert node.get("additionalProperties") is False or isinstance(node.get("additionalProperties"), dict), (
+                f"{path} must set additionalProperties"
+            )
 
 
 def test_every_schema_key_is_in_the_default_profile_with_a_comment():
@@ -229,8 +229,12 @@ def test_command_line_strings_are_read_by_the_schema_types():
     from rapm.config import apply_command_line
 
     cfg = load_config(["config/config.yaml"])
-    line = {"train": {"iterations": "100", "optim": {"student_lr": "1e-4"}, "snapshot_every": "null"},
-            "evaluation": {"clip": {"prefix": "1"}}, "run_variants": "[rapm, n1]", "sampling": {"shards": "two"}}
+    line = {
+        "train": {"iterations": "100", "optim": {"student_lr": "1e-4"}, "snapshot_every": "null"},
+        "evaluation": {"clip": {"prefix": "1"}},
+        "run_variants": "[rapm, n1]",
+        "sampling": {"shards": "two"},
+    }
     out = apply_command_line(cfg, line)
     assert out["train"]["iterations"] == 100 and out["train"]["optim"]["student_lr"] == 1e-4
     assert out["train"]["snapshot_every"] is None and out["run_variants"] == ["rapm", "n1"]
@@ -253,7 +257,9 @@ def test_version_and_help_without_rst_markup():
 
     out = subprocess.run([sys.executable, "-m", "rapm", "--version"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"rapm {__version__}"
-    help_text = subprocess.run([sys.executable, "-m", "rapm", "--help"], capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "rapm", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "``" not in help_text and "python -m rapm <stage>" in help_text
 
 

@@ -63,8 +63,11 @@ def _reference_features(unet, z, t, cond) -> dict[str, torch.Tensor]:
     blocks = [(f"down_{i}", b) for i, b in enumerate(unet.down_blocks)] + [("mid", unet.mid_block)]
     blocks += [(f"up_{i}", b) for i, b in enumerate(unet.up_blocks)]
     for name, block in blocks:
-        handles.append(block.register_forward_hook(
-            lambda m, a, o, name=name: out.__setitem__(name, o[0] if isinstance(o, tuple) else o)))
+        handles.append(
+            block.register_forward_hook(
+                lambda m, a, o, name=name: out.__setitem__(name, o[0] if isinstance(o, tuple) else o)
+            )
+        )
     with teacher_mode(unet):
         unet(z, t, **cond.unet_kwargs())
     for h in handles:
@@ -73,6 +76,7 @@ def _reference_features(unet, z, t, cond) -> dict[str, torch.Tensor]:
 
 
 # --- features ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "toy"])
 def test_features_are_the_teacher_block_outputs(kind):
@@ -131,10 +135,16 @@ def test_conditioning_reaches_the_backbone(kind):
     with torch.no_grad():
         mid = disc.features(z, t, cond)[-1]
         assert not torch.equal(disc.features(z, t + 50, cond)[-1], mid)
-        assert not torch.equal(disc.features(z, t, dataclasses.replace(cond, prompt_embeds=cond.prompt_embeds * 0.5))[-1], mid)
+        assert not torch.equal(
+            disc.features(z, t, dataclasses.replace(cond, prompt_embeds=cond.prompt_embeds * 0.5))[-1], mid
+        )
         if kind == "sdxl":
-            assert not torch.equal(disc.features(z, t, dataclasses.replace(cond, pooled_embeds=-cond.pooled_embeds))[-1], mid)
-            assert not torch.equal(disc.features(z, t, dataclasses.replace(cond, add_time_ids=cond.add_time_ids * 2))[-1], mid)
+            assert not torch.equal(
+                disc.features(z, t, dataclasses.replace(cond, pooled_embeds=-cond.pooled_embeds))[-1], mid
+            )
+            assert not torch.equal(
+                disc.features(z, t, dataclasses.replace(cond, add_time_ids=cond.add_time_ids * 2))[-1], mid
+            )
         # an int timestep and a batch-1 conditioning broadcast like the UNet's own arguments
         one = Conditioning(**{k: v[:1] for k, v in cond.tensors().items()})
         same = disc.features(z, torch.tensor([700, 700]), one.expand(2))
@@ -142,6 +152,7 @@ def test_conditioning_reaches_the_backbone(kind):
 
 
 # --- heads and parameters ------------------------------------------------------------------------
+
 
 def test_heads_are_separate_and_the_only_parameters():
     unet = _unet("sdxl")
@@ -194,6 +205,7 @@ def test_bad_configs_raise():
 
 
 # --- gradients -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_d_step_reaches_only_its_heads_and_leaves_the_backbone(kind):

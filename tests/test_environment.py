@@ -72,8 +72,13 @@ def test_environment_file_names_nothing_by_a_relative_path():
 
 def run_post_deploy(env_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
     """Run the script as Snakemake does: the environment's bin first on PATH, from ``cwd``; no index."""
-    environ = {**os.environ, "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "VIRTUAL_ENV": str(env_dir)}
+    environ = {
+        **os.environ,
+        "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "PIP_NO_INDEX": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "VIRTUAL_ENV": str(env_dir),
+    }
     environ.pop("PYTHONPATH", None)
     return subprocess.run(["sh", str(POST_DEPLOY)], cwd=cwd, env=environ, capture_output=True, text=True)
 
@@ -86,8 +91,9 @@ def test_post_deploy_installs_the_checkout_it_is_run_from(tmp_path):
     proc = run_post_deploy(env_dir, ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     code = "import importlib.metadata as m, rapm; print(rapm.__file__); print(m.distribution('rapm').locate_file(''))"
-    out = subprocess.run([str(env_dir / "bin" / "python"), "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert Path(out[0]).resolve() == ROOT / "rapm" / "__init__.py"
     # the distribution found first is the one in the environment (not this interpreter's own install)
     assert Path(out[1]).resolve().is_relative_to(env_dir.resolve()), out[1]

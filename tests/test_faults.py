@@ -42,8 +42,17 @@ FAULTS = [
 # The only content allowed to differ between a straight run and a killed-and-resumed one: fields that
 # record how long something took or how much memory it used, and a trajectory shard's record of what
 # its last invocation did (it found some batches already done and computed the rest).
-TIMING_KEYS = {"seconds", "wall_time_s", "wall_s", "compute_s", "seconds_per_iteration", "train_seconds_logged",
-               "trajectories_per_s", "peak_rss_mb", "peak_cuda_mb"}
+TIMING_KEYS = {
+    "seconds",
+    "wall_time_s",
+    "wall_s",
+    "compute_s",
+    "seconds_per_iteration",
+    "train_seconds_logged",
+    "trajectories_per_s",
+    "peak_rss_mb",
+    "peak_cuda_mb",
+}
 RESUME_KEYS = {"computed", "already_done", "computed_runs"}
 
 
@@ -81,8 +90,11 @@ def runs(tmp_path_factory):
     fault_log.touch()
     outcomes = []
     for what, spec in FAULTS:
-        env = {"RAPM_FAULT": spec, "RAPM_FAULT_LOG": str(fault_log),
-               "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            "RAPM_FAULT": spec,
+            "RAPM_FAULT_LOG": str(fault_log),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH", "")]),
+        }
         proc = snakemake(*args, cwd=dirs["faulty"], check=False, env=env)
         fired = fault_log.read_text().splitlines()
         outcomes.append((what, spec, proc.returncode, fired[-1] if fired else None, proc.stdout + proc.stderr))

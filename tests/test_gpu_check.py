@@ -51,7 +51,7 @@ def _parse(text: str) -> tuple[list[str], dict[str, dict[str, str]]]:
     split = lambda line: [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # noqa: E731
     columns = split(lines[start])
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = dict(zip(columns, split(line)))
@@ -107,7 +107,9 @@ def _counted_calls(teacher_dir, checkpointing: bool) -> dict[str, int]:
     from rapm.teacher import load_teacher
 
     teacher = load_teacher({"path": str(teacher_dir), "dtype": "float32", "device": "cpu"})
-    cfg = validate({"train": {"mixed_precision": "bf16", "gradient_checkpointing": checkpointing}}, partial=True)["train"]
+    cfg = validate({"train": {"mixed_precision": "bf16", "gradient_checkpointing": checkpointing}}, partial=True)[
+        "train"
+    ]
     n, m = (validate({"trajectories": {}}, partial=True)["trajectories"][k] for k in ("num_steps", "steps_per_slot"))
     unet = teacher.unet
     add_student_lora(unet, cfg["lora"])

@@ -14,11 +14,18 @@ from rapm.io import NonFiniteTensorError, atomic_path, save_safetensors, umask_m
 
 def tensors():
     g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(3, 2, generator=g), "a16": torch.randn(5, generator=g).half(),
-            "steps": torch.arange(7), "mask": torch.tensor([True, False, True]),
-            "bf": torch.randn(2, 3, generator=g).bfloat16(), "empty": torch.zeros(0), "scalar": torch.tensor(3.5, dtype=torch.float64),
-            "i16": torch.arange(4, dtype=torch.int16), "u8": torch.arange(3, dtype=torch.uint8),
-            "strided": torch.arange(12.0).reshape(3, 4).t()}
+    return {
+        "w": torch.randn(3, 2, generator=g),
+        "a16": torch.randn(5, generator=g).half(),
+        "steps": torch.arange(7),
+        "mask": torch.tensor([True, False, True]),
+        "bf": torch.randn(2, 3, generator=g).bfloat16(),
+        "empty": torch.zeros(0),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "i16": torch.arange(4, dtype=torch.int16),
+        "u8": torch.arange(3, dtype=torch.uint8),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+    }
 
 
 @pytest.fixture
@@ -30,7 +37,7 @@ def umask():
     os.umask(old)
 
 
-@pytest.mark.parametrize("metadata", [None, {"format": "pt"}, {"x": "é\n\"/\\\x01 ☃"}])
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}, {"x": 'é\n"/\\\x01 ☃'}])
 def test_bytes_equal_safetensors_own_writer_when_its_order_is_unambiguous(metadata, tmp_path):
     """With at most one metadata key safetensors' hash-map order does not matter: the files must be identical."""
     from safetensors.torch import save_file
@@ -58,8 +65,11 @@ def test_many_metadata_keys_give_the_same_bytes_in_any_order_and_load_everywhere
 def test_numpy_arrays(tmp_path):
     from safetensors.numpy import load_file
 
-    arrays = {"center": np.arange(5, dtype=np.float64), "medians": np.ones((2, 2), np.float32),
-              "ids": np.arange(3, dtype=np.int64)}
+    arrays = {
+        "center": np.arange(5, dtype=np.float64),
+        "medians": np.ones((2, 2), np.float32),
+        "ids": np.arange(3, dtype=np.int64),
+    }
     save_safetensors(arrays, tmp_path / "r.safetensors", {"rapm.router": "{}"})
     loaded = load_file(tmp_path / "r.safetensors")
     assert all(np.array_equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in arrays.items())
@@ -81,8 +91,14 @@ def test_non_finite_tensor_is_named_and_nothing_is_written(tmp_path):
     path = tmp_path / "x.safetensors"
     save_safetensors({"x": torch.ones(2)}, path)
     before = path.read_bytes()
-    bad = {"fine": torch.ones(3), "bad": torch.tensor([1.0, float("inf"), float("nan")]).half(), "ints": torch.arange(3)}
-    with pytest.raises(NonFiniteTensorError, match=r"tensor 'bad' \(float16, shape \(3,\)\) holds 1 NaN and 1 ±inf") as err:
+    bad = {
+        "fine": torch.ones(3),
+        "bad": torch.tensor([1.0, float("inf"), float("nan")]).half(),
+        "ints": torch.arange(3),
+    }
+    with pytest.raises(
+        NonFiniteTensorError, match=r"tensor 'bad' \(float16, shape \(3,\)\) holds 1 NaN and 1 ±inf"
+    ) as err:
         save_safetensors(bad, path, require_finite=True)
     assert err.value.name == "bad" and path.read_bytes() == before
     save_safetensors(bad, tmp_path / "unchecked.safetensors")  # the check is opt-in
@@ -90,8 +106,10 @@ def test_non_finite_tensor_is_named_and_nothing_is_written(tmp_path):
         save_safetensors({"x": [1.0]}, path)
     with pytest.raises(ValueError, match="bad keys"):
         save_safetensors({"x": torch.ones(1)}, path, {"n": 1})
-    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["unchecked.safetensors",
-                                                                                          "x.safetensors"]
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "unchecked.safetensors",
+        "x.safetensors",
+    ]
 
 
 def test_write_json_formats_and_replaces_atomically(tmp_path):
@@ -128,8 +146,14 @@ def test_write_summary_adds_the_common_fields_and_keeps_the_stages_own(tmp_path)
 
     out = tmp_path / "lora.safetensors"
     out.write_bytes(b"weights")
-    summary = write_summary(tmp_path / "summary.json", "train", {"iterations": 3, "sha256": {"x": "y"}},
-                            outputs=[out], device="cpu", libraries=("numpy",))
+    summary = write_summary(
+        tmp_path / "summary.json",
+        "train",
+        {"iterations": 3, "sha256": {"x": "y"}},
+        outputs=[out],
+        device="cpu",
+        libraries=("numpy",),
+    )
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["stage"] == "train" and summary["iterations"] == 3
     assert summary["versions"] == {"python": platform.python_version(), "numpy": np.__version__}

@@ -59,8 +59,10 @@ def _inputs(unet, batch: int = 2):
     kwargs = {"encoder_hidden_states": torch.randn(batch, 7, unet.config.cross_attention_dim, generator=gen)}
     if unet.config.addition_embed_type == "text_time":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=gen),
-                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=gen),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
+        }
     return z, t, kwargs
 
 
@@ -77,6 +79,7 @@ def lora_state_dict_params(unet):
 
 
 # --- one module: student and teacher ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "toy"])
 def test_student_starts_as_teacher_and_teacher_mode_is_the_base_model(kind):
@@ -166,6 +169,7 @@ def test_teacher_mode_refuses_plain_gradient_checkpointing():
 
 # --- gradients -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_student_backward_reaches_only_lora_and_a_step_leaves_the_backbone(kind):
     unet = _unet(kind)
@@ -202,6 +206,7 @@ def test_teacher_mode_backward_reaches_the_input_only():
 
 
 # --- merged weights (train.lora.merged) --------------------------------------------------------------
+
 
 def _cast(value, dtype):
     """Floating tensors of ``value`` (a tensor or nested dict) in ``dtype``."""
@@ -299,6 +304,7 @@ def test_merged_student_restores_on_error_and_use_merged_refuses_what_would_be_w
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+
 def test_lora_state_dict_matches_peft_and_round_trips():
     from peft import get_peft_model_state_dict
 
@@ -327,6 +333,7 @@ def test_lora_state_dict_matches_peft_and_round_trips():
 
 
 # --- export: what diffusers loads ----------------------------------------------------------------
+
 
 def _loaded_modules(unet) -> dict[str, object]:
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -440,6 +447,7 @@ def test_export_checks_config_and_metadata(tmp_path):
 
 # --- kohya-ss export (sd-scripts, AUTOMATIC1111, ComfyUI) --------------------------------------------
 
+
 @pytest.mark.parametrize("fixture", ["tiny_sd_dir", "tiny_sdxl_dir"])
 def test_kohya_export_matches_diffusers_converter_and_reloads_to_the_same_weights(fixture, request, tmp_path):
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
@@ -477,5 +485,7 @@ def test_kohya_export_matches_diffusers_converter_and_reloads_to_the_same_weight
     assert len(changed) == TINY_MODULES  # every adapted module's weight moved
     for k in base:
         torch.testing.assert_close(fused["kohya"][k], fused["ours"][k], rtol=1e-5, atol=1e-6, msg=k)
-    assert kohya_path.read_bytes() == (export_kohya(ours_path, tmp_path / "again.safetensors"),
-                                       (tmp_path / "again.safetensors").read_bytes())[1]
+    assert (
+        kohya_path.read_bytes()
+        == (export_kohya(ours_path, tmp_path / "again.safetensors"), (tmp_path / "again.safetensors").read_bytes())[1]
+    )

@@ -20,7 +20,7 @@ def test_run_names_follow_the_train_layout():
 
 def test_running_mean_is_the_mean_of_the_last_window_values():
     x = np.random.default_rng(0).normal(size=57)
-    ref = [x[max(0, i + 1 - 10):i + 1].mean() for i in range(len(x))]
+    ref = [x[max(0, i + 1 - 10) : i + 1].mean() for i in range(len(x))]
     np.testing.assert_allclose(running_mean(x, 10), ref, rtol=1e-12)
 
 
@@ -28,7 +28,11 @@ def _log(path, n, seed):
     rng = np.random.default_rng(seed)
     with path.open("w") as f:
         for step in range(n):  # D and G updates alternate, as the loss log records them
-            rec = {"d_rel": float(rng.random()), "d_abs": 2.0} if step % 2 == 0 else {"g_rel": float(rng.random()), "reg": 0.5}
+            rec = (
+                {"d_rel": float(rng.random()), "d_abs": 2.0}
+                if step % 2 == 0
+                else {"g_rel": float(rng.random()), "reg": 0.5}
+            )
             f.write(json.dumps({**rec, "step": step, "seconds": 0.1}) + "\n")
     return path
 

@@ -20,6 +20,7 @@ def _fixed_logits():
 
 # --- hand-checkable ------------------------------------------------------------------------------
 
+
 def test_d_hinge_by_hand():
     real = [torch.tensor([[2.0, 0.5]])]  # relu(1-2)=0, relu(1-0.5)=0.5 -> mean 0.25
     fake = [torch.tensor([[-2.0, 0.0]])]  # relu(1-2)=0, relu(1+0)=1 -> mean 0.5
@@ -59,12 +60,15 @@ def test_pseudo_huber_by_hand():
 def test_pseudo_huber_limits():
     """≈ ‖d‖²/(2c) for ‖d‖ ≪ c, ≈ ‖d‖ − c for ‖d‖ ≫ c."""
     d = torch.tensor([[3e-3, 4e-3]])  # norm 5e-3
-    assert pseudo_huber(d, torch.zeros_like(d), 1.0).item() == pytest.approx(25e-6 / 2 - 25e-6**2 / 8, rel=1e-5)  # no cancellation
+    assert pseudo_huber(d, torch.zeros_like(d), 1.0).item() == pytest.approx(
+        25e-6 / 2 - 25e-6**2 / 8, rel=1e-5
+    )  # no cancellation
     d = torch.tensor([[300.0, 400.0]])
     assert pseudo_huber(d, torch.zeros_like(d), 1e-3).item() == pytest.approx(500.0 - 1e-3, rel=1e-6)
 
 
 # --- pinned reference numbers (computed once with these seeds; a change in the maths fails here) ---
+
 
 def test_pinned_hinge_values():
     real, fake = _fixed_logits()
@@ -82,6 +86,7 @@ def test_pinned_pseudo_huber_values():
 
 
 # --- gradients -----------------------------------------------------------------------------------
+
 
 def test_hinge_gradients():
     """d/dlogit: −1/n for real logits inside the margin, +1/n for fake ones, 0 beyond; G: −1/n inside."""
@@ -111,6 +116,7 @@ def test_half_precision_inputs_give_float32():
 
 
 # --- bad input -----------------------------------------------------------------------------------
+
 
 def test_bad_inputs_raise():
     m = torch.zeros(1, 1, 2, 2)

@@ -62,8 +62,14 @@ def toy_renders():
     from rapm.toy.captions import reference_image
     from rapm.toy.scene import caption, split_scenes
 
-    toy = {"seed": 0, "image_size": 32, "num_train_images": 10, "num_val_images": 40, "max_objects": 2,
-           "holdout_pairs": ["red triangle"]}
+    toy = {
+        "seed": 0,
+        "image_size": 32,
+        "num_train_images": 10,
+        "num_val_images": 40,
+        "max_objects": 2,
+        "holdout_pairs": ["red triangle"],
+    }
     captions = [caption(s) for s in split_scenes(toy, "val", range(40))]
     return np.stack([reference_image(c, i, 32) for i, c in enumerate(captions)]), captions
 

@@ -71,8 +71,14 @@ def test_students_train_on_their_groups_only(tiny_sd_dir, tmp_path):
     assert sorted(info["groups"][0] + info["groups"][1]) == [0, 1, 2, 3] and info["sizes"] == [2, 2]
     saved = json.loads((tmp_path / "msd" / "groups.json").read_text())
     assert saved["groups"] == info["groups"]
-    train(make_cfg(tiny_sd_dir, iterations=4), store, tmp_path / "s0", tmp_path / "s0.state",
-          subset=info["groups"][0], name="msd/s0")
+    train(
+        make_cfg(tiny_sd_dir, iterations=4),
+        store,
+        tmp_path / "s0",
+        tmp_path / "s0.state",
+        subset=info["groups"][0],
+        name="msd/s0",
+    )
     log = [json.loads(x) for x in (tmp_path / "s0" / "losses.jsonl").read_text().splitlines()]
     assert all(set(r["trajectories"]) <= set(info["groups"][0]) for r in log)
     assert json.loads((tmp_path / "s0" / "summary.json").read_text())["name"] == "msd/s0"
@@ -94,8 +100,14 @@ def test_msd_sampling_with_one_teacher_equals_each_students_own_pipeline(tiny_sd
     info = partition_store(store, 2, "pca", 0, tmp_path / "msd")
     loras = []
     for k in range(2):
-        train(make_cfg(tiny_sd_dir, iterations=4, optim={"student_lr": 5e-2}), store, tmp_path / f"s{k}",
-              tmp_path / f"s{k}.state", subset=info["groups"][k], name=f"msd/s{k}")
+        train(
+            make_cfg(tiny_sd_dir, iterations=4, optim={"student_lr": 5e-2}),
+            store,
+            tmp_path / f"s{k}",
+            tmp_path / f"s{k}.state",
+            subset=info["groups"][k],
+            name=f"msd/s{k}",
+        )
         loras.append(str(tmp_path / f"s{k}" / "lora.safetensors"))
         # a few iterations move the images by about a pixel level; scale the updates up so that a
         # student's update left fused in the next student's pipeline changes its images visibly
@@ -104,12 +116,25 @@ def test_msd_sampling_with_one_teacher_equals_each_students_own_pipeline(tiny_sd
         tensors = {n: t * 30 if "lora_B" in n else t for n, t in load_file(loras[-1]).items()}
         save_file(tensors, loras[-1], metadata=meta)
     prompts = tmp_path / "eval.csv"
-    pd.DataFrame({"prompt_id": range(4), "image_id": range(4), "caption_id": range(4), "caption": PROMPTS[:4],
-                  "file_name": [f"x{i}.jpg" for i in range(4)]}).to_csv(prompts, index=False)
+    pd.DataFrame(
+        {
+            "prompt_id": range(4),
+            "image_id": range(4),
+            "caption_id": range(4),
+            "caption": PROMPTS[:4],
+            "file_name": [f"x{i}.jpg" for i in range(4)],
+        }
+    ).to_csv(prompts, index=False)
     teacher = {"path": str(tiny_sd_dir), "type": "auto", "dtype": "float32", "device": "cpu"}
     cfg = {"seed": 3, "num_images": None, "shards": 1, "batch_size": 1}
-    msd = {"name": "msd", "kind": "msd", "steps": 4, "guidance": 1.0, "loras": loras,
-           "router": str(tmp_path / "msd" / "router.safetensors")}
+    msd = {
+        "name": "msd",
+        "kind": "msd",
+        "steps": 4,
+        "guidance": 1.0,
+        "loras": loras,
+        "router": str(tmp_path / "msd" / "router.safetensors"),
+    }
     sample_shard(msd, teacher, cfg, prompts, 0, tmp_path / "msd-row", tmp_path / "msd-row.csv")
     images, table = read_row_images([tmp_path / "msd-row.csv"])
     assert sorted(set(table["group"])) == [0, 1]  # both students are used

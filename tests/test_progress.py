@@ -46,9 +46,26 @@ def test_progress_reports_at_most_every_interval_and_at_the_end(monkeypatch):
 
 def test_cli_errors_reach_the_terminal_and_the_log(tmp_path):
     log = tmp_path / "train.log"
-    proc = subprocess.run([sys.executable, "-m", "rapm", "--log", str(log), "train", "--config", str(tmp_path / "missing.yaml"),
-                           "--trajectories", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--state-dir", str(tmp_path / "s")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rapm",
+            "--log",
+            str(log),
+            "train",
+            "--config",
+            str(tmp_path / "missing.yaml"),
+            "--trajectories",
+            str(tmp_path),
+            "--out-dir",
+            str(tmp_path / "o"),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "rapm train:" in proc.stderr and "missing.yaml" in proc.stderr and str(log) in proc.stderr
     assert "missing.yaml" in log.read_text()

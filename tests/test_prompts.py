@@ -25,9 +25,15 @@ def write_split(path: Path, split: str, image_ids: list[int], shuffle_seed: int 
     """
     offset = 0 if split == "train" else 500_000
     images = [{"id": i, "file_name": f"COCO_{split}2014_{i:012d}.jpg"} for i in image_ids]
-    anns = [{"id": offset + i * 10 + k, "image_id": i,
-             "caption": f"{split.upper()} only: image {i}, \"caption\"\n{k} ünïcode"}
-            for i in image_ids for k in range(1 + i % 4)]
+    anns = [
+        {
+            "id": offset + i * 10 + k,
+            "image_id": i,
+            "caption": f'{split.upper()} only: image {i}, "caption"\n{k} ünïcode',
+        }
+        for i in image_ids
+        for k in range(1 + i % 4)
+    ]
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(images)
         random.Random(shuffle_seed + 1).shuffle(anns)
@@ -72,7 +78,9 @@ def test_selection_does_not_depend_on_json_order(tmp_path, captions_dir):
     shuffled = tmp_path / "shuffled"
     write_split(shuffled / "captions_train2014.json", "train", list(range(1, 61)), shuffle_seed=1)
     write_split(shuffled / "captions_val2014.json", "val", list(range(1001, 1041)), shuffle_seed=2)
-    assert (shuffled / "captions_train2014.json").read_bytes() != (captions_dir / "captions_train2014.json").read_bytes()
+    assert (shuffled / "captions_train2014.json").read_bytes() != (
+        captions_dir / "captions_train2014.json"
+    ).read_bytes()
     make_prompt_sets(cfg(), captions_dir, tmp_path / "a")
     make_prompt_sets(cfg(), shuffled, tmp_path / "b")
     for name in ("train.csv", "eval.csv"):
@@ -105,8 +113,10 @@ def test_csv_format_and_splits(tmp_path, captions_dir):
     assert manifest["sources"]["eval"]["images"] == 40
     assert manifest["outputs"]["eval.csv"]["rows"] == 15
     assert manifest["outputs"]["train.csv"]["sha256"] == hashlib.sha256(raw).hexdigest()
-    assert manifest["sources"]["train"]["sha256"] == hashlib.sha256(
-        (captions_dir / "captions_train2014.json").read_bytes()).hexdigest()
+    assert (
+        manifest["sources"]["train"]["sha256"]
+        == hashlib.sha256((captions_dir / "captions_train2014.json").read_bytes()).hexdigest()
+    )
 
 
 def test_sources_are_kept_apart_when_image_ids_collide(tmp_path):
@@ -131,10 +141,13 @@ def test_larger_set_extends_smaller_one(tmp_path, captions_dir):
     assert (tmp_path / "small" / "train.csv").read_bytes() == (tmp_path / "large" / "train.csv").read_bytes()
 
 
-@pytest.mark.parametrize("key, numbers, available, file", [
-    ("num_eval", dict(num_eval=41), 40, "captions_val2014.json"),
-    ("num_train", dict(num_train=61), 60, "captions_train2014.json"),
-])
+@pytest.mark.parametrize(
+    "key, numbers, available, file",
+    [
+        ("num_eval", dict(num_eval=41), 40, "captions_val2014.json"),
+        ("num_train", dict(num_train=61), 60, "captions_train2014.json"),
+    ],
+)
 def test_too_many_prompts_requested(tmp_path, captions_dir, key, numbers, available, file):
     out = tmp_path / "out"
     with pytest.raises(PromptSetError) as err:

@@ -14,8 +14,10 @@ from rapm.protocol import Protocol, fd_label
 from rapm.toy.captions import reference_image
 
 ROOT = Path(__file__).resolve().parents[1]
-CAPTIONS = ["a small red triangle at the top left on a white background",
-            "a large blue circle at the bottom on a gray background"]
+CAPTIONS = [
+    "a small red triangle at the top left on a white background",
+    "a large blue circle at the bottom on a gray background",
+]
 
 
 def protocol(*files: str, overrides=()) -> Protocol:

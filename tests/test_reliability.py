@@ -27,4 +27,6 @@ def test_every_bad_input_stops_with_an_error_that_names_it(rows):
 
 def test_readme_reliability_tables_are_generated(rows):
     block = R.render([(case, code, line) for case, code, line, _ in rows])
-    assert R.readme_block(R.DOC.read_text()) == block, "docs/reliability.md is stale: run `python tests/reliability.py --write`"
+    assert R.readme_block(R.DOC.read_text()) == block, (
+        "docs/reliability.md is stale: run `python tests/reliability.py --write`"
+    )

@@ -20,11 +20,25 @@ def every():
 
 
 def test_row_files_hold_exactly_the_keys_of_each_kind(every):
-    assert every["teacher"].to_dict() == {"name": "teacher", "kind": "teacher", "steps": 40, "guidance": 6.0,
-                                          "lora": None, "resolution": None}
+    assert every["teacher"].to_dict() == {
+        "name": "teacher",
+        "kind": "teacher",
+        "steps": 40,
+        "guidance": 6.0,
+        "lora": None,
+        "resolution": None,
+    }
     assert every["rapm-seed1"].to_dict() == {
-        "name": "rapm-seed1", "kind": "student", "steps": 4, "guidance": 1.0, "lora": "results/train/rapm-seed1/lora.safetensors",
-        "resolution": None, "variant": "rapm", "replicate": 1, "init": "init-4step"}
+        "name": "rapm-seed1",
+        "kind": "student",
+        "steps": 4,
+        "guidance": 1.0,
+        "lora": "results/train/rapm-seed1/lora.safetensors",
+        "resolution": None,
+        "variant": "rapm",
+        "replicate": 1,
+        "init": "init-4step",
+    }
     assert "replicate" not in every["rapm"] and every["rapm"]["init"] == "init-4step"
     msd = every["msd4"].to_dict()
     assert msd["lora"] is None and msd["router"] == "results/train/msd4/router.safetensors" and len(msd["loras"]) == 4

@@ -20,8 +20,15 @@ PROMPTS = ["a red circle", "a green triangle", "two yellow squares", "a blue squ
 @pytest.fixture(scope="module")
 def eval_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "eval.csv"
-    pd.DataFrame({"prompt_id": range(5), "image_id": range(100, 105), "caption_id": range(5), "caption": PROMPTS,
-                  "file_name": [f"COCO_val2014_{100 + i:012d}.jpg" for i in range(5)]}).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "prompt_id": range(5),
+            "image_id": range(100, 105),
+            "caption_id": range(5),
+            "caption": PROMPTS,
+            "file_name": [f"COCO_val2014_{100 + i:012d}.jpg" for i in range(5)],
+        }
+    ).to_csv(path, index=False)
     return path
 
 
@@ -82,12 +89,17 @@ def test_missing_image_is_reported(tiny_sd_dir, eval_csv, tmp_path):
 
 
 def _toy_cfg(min_images=None, num_images=None):
-    return {"profile": "t", "data": {"source": "toy", "toy": {"image_size": 32}},
-            "sampling": {"seed": 3, "num_images": num_images},
-            "evaluation": {"fid": {"features": "toyclip", "resolutions": [32], "inception_weights": None,
-                                   "min_images": min_images},
-                           "clip": {"model": "rapm-toyclip", "pretrained": None, "prefix": ""},
-                           "reference": {"images_dir": None}, "reader_accuracy": True}}
+    return {
+        "profile": "t",
+        "data": {"source": "toy", "toy": {"image_size": 32}},
+        "sampling": {"seed": 3, "num_images": num_images},
+        "evaluation": {
+            "fid": {"features": "toyclip", "resolutions": [32], "inception_weights": None, "min_images": min_images},
+            "clip": {"model": "rapm-toyclip", "pretrained": None, "prefix": ""},
+            "reference": {"images_dir": None},
+            "reader_accuracy": True,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +111,38 @@ def toy_rows(tmp_path_factory):
     from rapm.toy.scene import caption, split_scenes
 
     d = tmp_path_factory.mktemp("toyrow")
-    toy = {"seed": 0, "image_size": 32, "num_train_images": 10, "num_val_images": 12, "max_objects": 2,
-           "holdout_pairs": ["red triangle"]}
+    toy = {
+        "seed": 0,
+        "image_size": 32,
+        "num_train_images": 10,
+        "num_val_images": 12,
+        "max_objects": 2,
+        "holdout_pairs": ["red triangle"],
+    }
     caps = [caption(s) for s in split_scenes(toy, "val", range(12))]
     csv = d / "eval.csv"
-    pd.DataFrame({"prompt_id": range(12), "image_id": range(12), "caption_id": range(12), "caption": caps,
-                  "file_name": [f"x{i}.png" for i in range(12)]}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {
+            "prompt_id": range(12),
+            "image_id": range(12),
+            "caption_id": range(12),
+            "caption": caps,
+            "file_name": [f"x{i}.png" for i in range(12)],
+        }
+    ).to_csv(csv, index=False)
     (d / "images").mkdir()
     for i, c in enumerate(caps):
         Image.fromarray(reference_image(c, i, 32)).save(d / "images" / f"{i:06d}.png")
-    pd.DataFrame({"index": range(12), "prompt_id": range(12), "image_id": range(12), "caption": caps,
-                  "seed": range(12), "file": [f"images/{i:06d}.png" for i in range(12)]}).to_csv(d / "m.csv", index=False)
+    pd.DataFrame(
+        {
+            "index": range(12),
+            "prompt_id": range(12),
+            "image_id": range(12),
+            "caption": caps,
+            "seed": range(12),
+            "file": [f"images/{i:06d}.png" for i in range(12)],
+        }
+    ).to_csv(d / "m.csv", index=False)
     return d, csv
 
 
@@ -129,7 +162,9 @@ def test_evaluate_row_metrics_and_refusal(toy_rows, tmp_path):
         evaluate_row(_toy_cfg(min_images=13), row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m2.json")
     other = _toy_cfg()
     other["evaluation"]["clip"]["prefix"] = "A photo depicts "  # CLIP only: the reference statistics still apply
-    assert evaluate_row(other, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m3.json")["fid"] == result["fid"]
+    assert (
+        evaluate_row(other, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m3.json")["fid"] == result["fid"]
+    )
     other["evaluation"]["fid"]["resolutions"] = [16]
     with pytest.raises(MetricsError, match="reference statistics of another protocol"):
         evaluate_row(other, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m4.json")
@@ -156,14 +191,17 @@ def test_distance_to_the_teacher_from_the_same_noise_and_bootstrap_intervals(toy
         Image.fromarray(np.clip(img + 10, 0, 255).astype(np.uint8)).save(shifted / f)
     table.to_csv(shifted / "m.csv", index=False)
     row = {"name": "x", "kind": "student", "steps": 1, "guidance": 1.0, "lora": None, "init": "init-1step"}
-    same = evaluate_row(cfg, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "a.json",
-                        teacher_manifests=[d / "m.csv"])
-    off = evaluate_row(cfg, row, [shifted / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "b.json",
-                       teacher_manifests=[d / "m.csv"])
+    same = evaluate_row(
+        cfg, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "a.json", teacher_manifests=[d / "m.csv"]
+    )
+    off = evaluate_row(
+        cfg, row, [shifted / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "b.json", teacher_manifests=[d / "m.csv"]
+    )
     assert same["teacher_distance"]["rmse"] == 0.0 and same["teacher_distance"]["fd"] == pytest.approx(0.0, abs=1e-3)
     clipped = np.clip(np.stack([np.asarray(Image.open(d / f)) for f in table["file"]]).astype(np.int16) + 10, 0, 255)
-    expected = np.sqrt(((clipped - np.stack([np.asarray(Image.open(d / f)) for f in table["file"]])) ** 2)
-                       .reshape(12, -1).mean(axis=1)).mean()  # 10 levels except where white clips
+    expected = np.sqrt(
+        ((clipped - np.stack([np.asarray(Image.open(d / f)) for f in table["file"]])) ** 2).reshape(12, -1).mean(axis=1)
+    ).mean()  # 10 levels except where white clips
     assert off["teacher_distance"]["rmse"] == pytest.approx(expected, rel=1e-9) and 5 < expected <= 10
     lo, hi = off["intervals"]["teacher_rmse"]
     assert lo <= off["teacher_distance"]["rmse"] <= hi and off["intervals"]["resamples"] == 50

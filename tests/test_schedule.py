@@ -80,6 +80,7 @@ def smooth_eps(z, t):
 
 # --- schedule and grids --------------------------------------------------------------------------
 
+
 def test_alphas_cumprod_equal_diffusers_and_are_pinned(ac):
     sched = oracle()
     assert torch.equal(ac, sched.alphas_cumprod)
@@ -138,6 +139,7 @@ def test_non_divisor_step_counts_are_refused():
 
 # --- the sampler against diffusers' loop ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("num_steps", [1, 2, 4, 8])
 def test_ddim_sample_equals_diffusers_loop(num_steps, ac, unet_eps_fn):
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(num_steps))
@@ -190,6 +192,7 @@ def test_sampler_rejects_bad_input(ac):
 
 
 # --- one transfer, guidance, re-noising ----------------------------------------------------------
+
 
 def test_transfer_formula_and_per_sample_times(ac):
     g = torch.Generator().manual_seed(0)

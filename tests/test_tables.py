@@ -55,11 +55,25 @@ def test_seed_replicates_resample_seeds_and_keep_the_image_pairing():
 
 def _row(name, value, spread=0.01, kind="student", seed=0):
     reps = list(value + spread * np.random.default_rng(seed).normal(size=200))
-    return {"row": name, "kind": kind, "steps": 4, "guidance": 1.0, "images": 400, "init": "init-4step",
-            "fid": {"32": value}, "teacher_distance": {"rmse": 10 * value, "fd": value}, "clip_score": 20.0,
-            "accuracy": {"all": value}, "bootstrap_replicates": {"fid_32": reps, "accuracy_all": reps},
-            "intervals": {"level": 0.95, "resamples": 200, "fid_32": [min(reps), max(reps)],
-                          "accuracy_all": [min(reps), max(reps)]}}
+    return {
+        "row": name,
+        "kind": kind,
+        "steps": 4,
+        "guidance": 1.0,
+        "images": 400,
+        "init": "init-4step",
+        "fid": {"32": value},
+        "teacher_distance": {"rmse": 10 * value, "fd": value},
+        "clip_score": 20.0,
+        "accuracy": {"all": value},
+        "bootstrap_replicates": {"fid_32": reps, "accuracy_all": reps},
+        "intervals": {
+            "level": 0.95,
+            "resamples": 200,
+            "fid_32": [min(reps), max(reps)],
+            "accuracy_all": [min(reps), max(reps)],
+        },
+    }
 
 
 def test_combined_row_has_the_mean_the_sd_over_seeds_and_a_wider_interval():
@@ -86,8 +100,12 @@ def Value_of(m):
 def test_delta_between_seed_means_is_significant_only_beyond_the_seed_spread():
     get = lambda m: m["accuracy"]["all"]  # noqa: E731
     init = _row("init-4step", 0.40, kind="init", seed=9)
-    tight = combine_replicates([_row("a", 0.60, seed=1), _row("a-seed1", 0.61, seed=2), _row("a-seed2", 0.62, seed=3)], "a")
-    loose = combine_replicates([_row("b", 0.30, seed=4), _row("b-seed1", 0.58, seed=5), _row("b-seed2", 0.95, seed=6)], "b")
+    tight = combine_replicates(
+        [_row("a", 0.60, seed=1), _row("a-seed1", 0.61, seed=2), _row("a-seed2", 0.62, seed=3)], "a"
+    )
+    loose = combine_replicates(
+        [_row("b", 0.30, seed=4), _row("b-seed1", 0.58, seed=5), _row("b-seed2", 0.95, seed=6)], "b"
+    )
     assert _delta(tight, init, get, "accuracy_all").mark == "*"  # +0.21, seeds agree
     d = _delta(loose, tight, get, "accuracy_all")
     assert float(d) == pytest.approx(0.0, abs=0.01) and d.mark == ""  # same mean, seed spread 0.33: not significant
@@ -97,8 +115,13 @@ def test_delta_between_seed_means_is_significant_only_beyond_the_seed_spread():
 
 def test_tables_show_seeds_and_sd_columns():
     cfg = _cfg()
-    metrics = [_row("teacher", 0.9, kind="teacher"), _row("init-4step", 0.4, kind="init"),
-               _row("rapm", 0.5, seed=1), _row("rapm-seed1", 0.6, seed=2), _row("rapm-seed2", 0.7, seed=3)]
+    metrics = [
+        _row("teacher", 0.9, kind="teacher"),
+        _row("init-4step", 0.4, kind="init"),
+        _row("rapm", 0.5, seed=1),
+        _row("rapm-seed1", 0.6, seed=2),
+        _row("rapm-seed2", 0.7, seed=3),
+    ]
     for m in metrics:
         m["protocol"] = {"images": 400, "prompts": "eval.csv"}
     tables = build_tables(cfg, metrics, [], [])
@@ -117,6 +140,13 @@ def test_study_parts_build_each_variants_replicates_and_its_reference_rows():
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     cfg = _cfg()
-    assert list(study.study_rows(cfg, ["n1"])) == ["teacher", "teacher-1step", "init-1step", "n1", "n1-seed1", "n1-seed2"]
+    assert list(study.study_rows(cfg, ["n1"])) == [
+        "teacher",
+        "teacher-1step",
+        "init-1step",
+        "n1",
+        "n1-seed1",
+        "n1-seed2",
+    ]
     names = list(study.study_rows(cfg, ["absolute_only", "rapm"]))
     assert names.index("rapm") < names.index("absolute_only")  # the workflow's order: rapm is the Δ base

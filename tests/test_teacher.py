@@ -52,6 +52,7 @@ def capture_unet_inputs(unet):
 
 # --- tiny pipelines --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
 def test_tiny_pipelines_round_trip_as_safetensors(name, request):
     pipe, path = request.getfixturevalue(f"tiny_{name}"), request.getfixturevalue(f"tiny_{name}_dir")
@@ -70,8 +71,14 @@ def test_tiny_pipelines_round_trip_as_safetensors(name, request):
 def test_tiny_sdxl_unet_is_sdxl_shaped(tiny_sdxl):
     unet = tiny_sdxl.unet.config
     assert unet.addition_embed_type == "text_time"
-    assert unet.cross_attention_dim == tiny_sdxl.text_encoder.config.hidden_size + tiny_sdxl.text_encoder_2.config.hidden_size
-    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + tiny_sdxl.text_encoder_2.config.projection_dim
+    assert (
+        unet.cross_attention_dim
+        == tiny_sdxl.text_encoder.config.hidden_size + tiny_sdxl.text_encoder_2.config.hidden_size
+    )
+    assert (
+        unet.projection_class_embeddings_input_dim
+        == 6 * unet.addition_time_embed_dim + tiny_sdxl.text_encoder_2.config.projection_dim
+    )
 
 
 def test_tiny_builders_are_seeded():
@@ -85,6 +92,7 @@ def test_tiny_builders_are_seeded():
 
 
 # --- loading ---------------------------------------------------------------------------------------
+
 
 def test_load_teacher_sets_ddim_trailing_and_freezes(teacher):
     from diffusers import DDIMScheduler
@@ -125,7 +133,9 @@ def test_packaged_teacher_path(tiny_sd_dir, monkeypatch):
     monkeypatch.setattr(teacher_mod, "ASSET_ROOT", tiny_sd_dir.parent)
     loaded = load_teacher({"path": f"rapm:{tiny_sd_dir.name}", "device": "cpu"})
     assert loaded.type == "sd15" and loaded.location == str(tiny_sd_dir)
-    with pytest.raises(TeacherLoadError, match=r"no pipeline directory .*nosuchmodel.*python -m rapm toy train-teacher"):
+    with pytest.raises(
+        TeacherLoadError, match=r"no pipeline directory .*nosuchmodel.*python -m rapm toy train-teacher"
+    ):
         load_teacher({"path": "rapm:nosuchmodel"})
 
 
@@ -174,23 +184,29 @@ def test_bad_settings_fail_before_loading(tiny_sd_dir):
 
 # --- conditioning ----------------------------------------------------------------------------------
 
+
 def test_conditioning_is_what_the_pipeline_feeds_its_unet(teacher):
     cond, uncond = encode_prompts(teacher, PROMPTS), unconditional(teacher)
     calls, handle = capture_unet_inputs(teacher.unet)
     try:
         with torch.no_grad():
-            teacher.pipe(PROMPTS, num_inference_steps=1, guidance_scale=5.0, latents=latents(teacher, 2),
-                         output_type="latent")
+            teacher.pipe(
+                PROMPTS, num_inference_steps=1, guidance_scale=5.0, latents=latents(teacher, 2), output_type="latent"
+            )
     finally:
         handle.remove()
-    (_, fed), = calls
-    assert torch.equal(fed["encoder_hidden_states"], torch.cat([uncond.prompt_embeds.expand(2, -1, -1), cond.prompt_embeds]))
+    ((_, fed),) = calls
+    assert torch.equal(
+        fed["encoder_hidden_states"], torch.cat([uncond.prompt_embeds.expand(2, -1, -1), cond.prompt_embeds])
+    )
     if teacher.type == "sdxl":
         added = fed["added_cond_kwargs"]
         assert torch.equal(added["text_embeds"], torch.cat([uncond.pooled_embeds.expand(2, -1), cond.pooled_embeds]))
         assert torch.equal(added["time_ids"], torch.cat([cond.add_time_ids, cond.add_time_ids]))
         assert cond.add_time_ids.tolist() == [[16, 16, 0, 0, 16, 16]] * 2  # original size, crop (0, 0), target size
-        assert uncond.prompt_embeds.abs().sum() == 0 and uncond.pooled_embeds.abs().sum() == 0  # force_zeros_for_empty_prompt
+        assert (
+            uncond.prompt_embeds.abs().sum() == 0 and uncond.pooled_embeds.abs().sum() == 0
+        )  # force_zeros_for_empty_prompt
         assert encode_prompts(teacher, PROMPTS[:1], resolution=32).add_time_ids.tolist() == [[32, 32, 0, 0, 32, 32]]
     else:
         assert cond.pooled_embeds is None and uncond.prompt_embeds.abs().sum() > 0  # SD1.5: the encoded ""
@@ -209,6 +225,7 @@ def test_conditioning_helpers(sdxl_teacher):
 
 
 # --- the denoiser ----------------------------------------------------------------------------------
+
 
 def test_guided_eps_is_one_batched_forward(teacher):
     cond, uncond = encode_prompts(teacher, PROMPTS), unconditional(teacher)
@@ -232,6 +249,7 @@ def test_guided_eps_is_one_batched_forward(teacher):
 
 # --- sampling equals the pipeline ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("num_steps, guidance", [(4, 7.5), (2, 1.0), (1, 3.0)])
 def test_ddim_sample_equals_the_pipeline(teacher, num_steps, guidance):
     # Same prompt, initial latents, guidance and steps: our final state (latent and decoded image)
@@ -240,13 +258,16 @@ def test_ddim_sample_equals_the_pipeline(teacher, num_steps, guidance):
     z = latents(teacher, 1, seed=num_steps)
     cond = encode_prompts(teacher, [prompt])
     with torch.no_grad():
-        ours, _ = ddim_sample(lambda x, t: unet_eps(teacher, x, t, cond, guidance), z,
-                              coarse_timesteps(num_steps), teacher.alphas_cumprod)
+        ours, _ = ddim_sample(
+            lambda x, t: unet_eps(teacher, x, t, cond, guidance), z, coarse_timesteps(num_steps), teacher.alphas_cumprod
+        )
         image = decode_latents(teacher, ours)
-        ref_latent = teacher.pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance, latents=z.clone(),
-                                  output_type="latent").images
-        ref_image = teacher.pipe(prompt, num_inference_steps=num_steps, guidance_scale=guidance, latents=z.clone(),
-                                 output_type="pt").images
+        ref_latent = teacher.pipe(
+            prompt, num_inference_steps=num_steps, guidance_scale=guidance, latents=z.clone(), output_type="latent"
+        ).images
+        ref_image = teacher.pipe(
+            prompt, num_inference_steps=num_steps, guidance_scale=guidance, latents=z.clone(), output_type="pt"
+        ).images
     assert (ours - ref_latent).abs().max().item() < 1e-5
     assert image.shape == ref_image.shape == (1, 3, 16, 16)
     assert (image - ref_image).abs().max().item() < 1e-5
@@ -265,8 +286,9 @@ def test_sdxl_end_to_end_from_saved_directory(tiny_sdxl_dir):
         eps = unet_eps(teacher, z, 999, cond, guidance=5.0)
         assert eps.shape == z.shape and torch.isfinite(eps).all()
         keep = coarse_timesteps(2) + delta_timesteps(2, 2)
-        final, kept = ddim_sample(lambda x, t: unet_eps(teacher, x, t, cond, 5.0), z, fine_timesteps(2, 2),
-                                  teacher.alphas_cumprod, keep=keep)
+        final, kept = ddim_sample(
+            lambda x, t: unet_eps(teacher, x, t, cond, 5.0), z, fine_timesteps(2, 2), teacher.alphas_cumprod, keep=keep
+        )
         images = decode_latents(teacher, final)
     assert sorted(kept) == sorted(set(keep)) and torch.equal(kept[0], final)
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
@@ -282,6 +304,7 @@ IMAGE_SUM_SDXL = 642.9728
 
 # --- VAE -------------------------------------------------------------------------------------------
 
+
 def test_vae_encode_decode_scaling(tiny_sd_dir):
     teacher = load_teacher({"path": str(tiny_sd_dir), "device": "cpu"})  # a private copy: its VAE config is edited
     vae, sf = teacher.vae, teacher.vae.config.scaling_factor
@@ -295,7 +318,10 @@ def test_vae_encode_decode_scaling(tiny_sd_dir):
     sampled = encode_images(teacher, images, sample=True, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == lat.shape and not torch.equal(sampled, lat)
     # a VAE config with latents_mean/std (handled as in the SDXL pipeline): normalised latents, same images
-    mean, std = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1), torch.tensor([2.0, 1.0, 0.5, 1.5]).view(1, 4, 1, 1)
+    mean, std = (
+        torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1),
+        torch.tensor([2.0, 1.0, 0.5, 1.5]).view(1, 4, 1, 1),
+    )
     vae.register_to_config(latents_mean=mean.flatten().tolist(), latents_std=std.flatten().tolist())
     lat_norm = encode_images(teacher, images)
     assert torch.allclose(lat_norm, (raw - mean) * sf / std, atol=1e-6)
@@ -313,8 +339,10 @@ def _half(teacher):
 
 
 @pytest.mark.filterwarnings("ignore:`upcast_vae` is deprecated")  # raised inside the SDXL pipeline's own decode
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
 def test_sdxl_float16_decodes_in_float32_and_matches_the_pipeline(tiny_sdxl_dir, device):
     if device == "cuda":
         teacher = load_teacher({"path": str(tiny_sdxl_dir), "dtype": "float16", "device": "cuda"})
@@ -325,16 +353,19 @@ def test_sdxl_float16_decodes_in_float32_and_matches_the_pipeline(tiny_sdxl_dir,
     assert cond.prompt_embeds.dtype == torch.float16
     z = latents(teacher, 1).to(teacher.device)
     with torch.no_grad():
-        ours, _ = ddim_sample(lambda x, t: unet_eps(teacher, x, t, cond, 5.0), z, coarse_timesteps(4),
-                              teacher.alphas_cumprod)
+        ours, _ = ddim_sample(
+            lambda x, t: unet_eps(teacher, x, t, cond, 5.0), z, coarse_timesteps(4), teacher.alphas_cumprod
+        )
         assert ours.dtype == torch.float32  # states stay in float32; only the UNet runs in float16
         image = decode_latents(teacher, ours)
         assert teacher.vae.dtype == torch.float16  # upcast only for the decode, as the SDXL pipeline does
-        ref = teacher.pipe(PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=z.half(),
-                           output_type="latent").images
+        ref = teacher.pipe(
+            PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=z.half(), output_type="latent"
+        ).images
         ref_image = decode_latents(teacher, ref)
-        pipe_image = teacher.pipe(PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=z.half(),
-                                  output_type="pt").images
+        pipe_image = teacher.pipe(
+            PROMPTS[0], num_inference_steps=4, guidance_scale=5.0, latents=z.half(), output_type="pt"
+        ).images
     # the pipeline keeps its states in float16: relative agreement ~1e-3 on latents of size ~50
     assert (ours - ref.float()).abs().max().item() < 5e-3 * ref.abs().max().item()
     assert (ref_image - pipe_image.float()).abs().max().item() < 1e-3  # our decode = the pipeline's decode

@@ -12,18 +12,41 @@ from rapm.toy import tinysd
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TOY = {"seed": 0, "image_size": 32, "num_train_images": 100, "num_val_images": 20, "max_objects": 2,
-       "holdout_pairs": ["red triangle"]}
+TOY = {
+    "seed": 0,
+    "image_size": 32,
+    "num_train_images": 100,
+    "num_val_images": 20,
+    "max_objects": 2,
+    "holdout_pairs": ["red triangle"],
+}
 
 
 def tiny_budget(steps=3):
-    return {"data": {"toy": TOY}, "toy_teacher": {
-        "seed": 0, "device": "cpu", "num_threads": 1, "warmup_steps": 1, "lr_final_fraction": 0.1, "log_every": 1,
-        "checkpoint_every": 2,
-        "vae": {"steps": steps, "batch_size": 4, "lr": 1e-3, "kl_weight": 1e-6},
-        "diffusion": {"steps": steps, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "caption_dropout": 0.1,
-                      "snr_gamma": 5.0, "ema_decay": 0.9, "grad_clip": 1.0},
-        "eval": {"num_prompts": 4, "steps": 4, "guidance": 6.0, "seed": 0, "batch_size": 4, "grid_images": 4}}}
+    return {
+        "data": {"toy": TOY},
+        "toy_teacher": {
+            "seed": 0,
+            "device": "cpu",
+            "num_threads": 1,
+            "warmup_steps": 1,
+            "lr_final_fraction": 0.1,
+            "log_every": 1,
+            "checkpoint_every": 2,
+            "vae": {"steps": steps, "batch_size": 4, "lr": 1e-3, "kl_weight": 1e-6},
+            "diffusion": {
+                "steps": steps,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "weight_decay": 0.0,
+                "caption_dropout": 0.1,
+                "snr_gamma": 5.0,
+                "ema_decay": 0.9,
+                "grad_clip": 1.0,
+            },
+            "eval": {"num_prompts": 4, "steps": 4, "guidance": 6.0, "seed": 0, "batch_size": 4, "grid_images": 4},
+        },
+    }
 
 
 def test_train_teacher_writes_a_loadable_pipeline_and_resumes(tmp_path):
@@ -42,8 +65,10 @@ def test_train_teacher_writes_a_loadable_pipeline_and_resumes(tmp_path):
     again = tinysd.load_pipeline(tmp_path / "out").unet.state_dict()
     assert all(torch.equal(unet_before[k], again[k]) for k in unet_before)
     # the second run loaded the VAE from the state directory; that local path is not written out
-    assert not any("_name_or_path" in json.loads((tmp_path / "out" / c / "config.json").read_text())
-                   for c in ("vae", "unet", "text_encoder"))
+    assert not any(
+        "_name_or_path" in json.loads((tmp_path / "out" / c / "config.json").read_text())
+        for c in ("vae", "unet", "text_encoder")
+    )
 
 
 def test_training_is_deterministic_given_the_seed(tmp_path):
@@ -51,7 +76,10 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
 
     train_teacher(tiny_budget(2), tmp_path / "a", tmp_path / "a.state")
     train_teacher(tiny_budget(2), tmp_path / "b", tmp_path / "b.state")
-    a, b = tinysd.load_pipeline(tmp_path / "a").unet.state_dict(), tinysd.load_pipeline(tmp_path / "b").unet.state_dict()
+    a, b = (
+        tinysd.load_pipeline(tmp_path / "a").unet.state_dict(),
+        tinysd.load_pipeline(tmp_path / "b").unet.state_dict(),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -65,8 +93,14 @@ def test_shipped_teacher_loads_offline_through_the_teacher_path_and_is_small():
     assert tinysd.dir_size(tinysd.ASSET_DIR) < 25e6
     record = json.loads((tinysd.ASSET_DIR / "training.json").read_text())
     assert record["command"].startswith("python -m rapm toy train-teacher") and "wall_time_s" in record
-    images = sample_prompts(teacher.pipe, ["a large red circle at the center on a white background"] * 2,
-                            steps=10, guidance=6.0, seed=0, batch_size=2)
+    images = sample_prompts(
+        teacher.pipe,
+        ["a large red circle at the center on a white background"] * 2,
+        steps=10,
+        guidance=6.0,
+        seed=0,
+        batch_size=2,
+    )
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
 
 
@@ -104,10 +138,14 @@ def test_text_encoder_from_toy_clip_equals_open_clips_text_tower():
     model, _, oc_tokenizer = load_toy_clip()
     tokenizer = tinysd.build_tokenizer()
     encoder = tinysd.text_encoder_from_open_clip(model, tokenizer).eval()
-    captions = ["a small red circle at the top left and a large blue square at the center on a gray background",
-                "a large green triangle at the bottom on a white background", ""]
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    captions = [
+        "a small red circle at the top left and a large blue square at the center on a gray background",
+        "a large green triangle at the bottom on a white background",
+        "",
+    ]
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     oc_ids = oc_tokenizer(captions)
     with torch.no_grad():
         ours = encoder(ids).last_hidden_state
@@ -117,7 +155,7 @@ def test_text_encoder_from_toy_clip_equals_open_clips_text_tower():
     for b, n in enumerate(ends.tolist()):
         assert torch.equal(ids[b, :n], oc_ids[b, :n])
         torch.testing.assert_close(ours[b, :n], theirs[b, :n], atol=1e-5, rtol=1e-5)
-    assert (theirs[0, :ends[0]].std(0) > 0.01).all()  # real, varied states, not a trivial match
+    assert (theirs[0, : ends[0]].std(0) > 0.01).all()  # real, varied states, not a trivial match
 
 
 def test_text_encoder_from_open_clip_refuses_another_shape():
@@ -158,9 +196,13 @@ def test_foreground_mask_marks_exactly_the_object_pixels():
     from rapm.toy.scene import Scene, ToyObject
     from rapm.toy.train_teacher import foreground_mask
 
-    scenes = [Scene((ToyObject("red", "circle", "large", "center"),), "white"),
-              Scene((ToyObject("blue", "square", "small", "top left"), ToyObject("green", "triangle", "large", "bottom")),
-                    "black")]
+    scenes = [
+        Scene((ToyObject("red", "circle", "large", "center"),), "white"),
+        Scene(
+            (ToyObject("blue", "square", "small", "top left"), ToyObject("green", "triangle", "large", "bottom")),
+            "black",
+        ),
+    ]
     images = np.stack([render(s, 32, 0) for s in scenes])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     mask = foreground_mask(x, scenes)
@@ -176,6 +218,8 @@ def test_caption_without_colours_leaves_out_exactly_the_chosen_colour_words():
     scene = Scene((ToyObject("red", "circle", "small", "top"), ToyObject("blue", "square", "large", "left")), "gray")
     assert caption_without_colours(scene, [False, False]) == caption(scene)
     assert caption_without_colours(scene, [True, False]) == (
-        "a small circle at the top and a large blue square at the left on a gray background")
+        "a small circle at the top and a large blue square at the left on a gray background"
+    )
     assert caption_without_colours(scene, [True, True]) == (
-        "a small circle at the top and a large square at the left on a gray background")
+        "a small circle at the top and a large square at the left on a gray background"
+    )

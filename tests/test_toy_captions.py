@@ -14,8 +14,14 @@ from rapm.toy.render import render
 from rapm.toy.scene import caption, parse_caption, scene_for
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = {"seed": 3, "image_size": 32, "num_train_images": 120, "num_val_images": 40, "max_objects": 2,
-       "holdout_pairs": ["red triangle", "green circle"]}
+TOY = {
+    "seed": 3,
+    "image_size": 32,
+    "num_train_images": 120,
+    "num_val_images": 40,
+    "max_objects": 2,
+    "holdout_pairs": ["red triangle", "green circle"],
+}
 
 
 def _coco(path: Path):
@@ -56,7 +62,9 @@ def test_captions_files_are_byte_identical_for_one_config(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert len(list((tmp_path / "a").iterdir())) == 2
     write_captions(dict(TOY, seed=4), tmp_path / "c")
-    assert (tmp_path / "c" / "captions_val2014.json").read_bytes() != (tmp_path / "a" / "captions_val2014.json").read_bytes()
+    assert (tmp_path / "c" / "captions_val2014.json").read_bytes() != (
+        tmp_path / "a" / "captions_val2014.json"
+    ).read_bytes()
 
 
 def test_reference_image_renders_the_caption_with_the_image_id_as_seed(tmp_path):
@@ -89,8 +97,18 @@ def test_cli_writes_the_captions(tmp_path):
 def test_cli_reports_a_bad_holdout_pair(tmp_path, capsys):
     from rapm.cli import main
 
-    config = {"data": {"source": "toy", "toy": {"seed": 0, "image_size": 32, "num_train_images": 5,
-                                                 "num_val_images": 5, "holdout_pairs": ["red circle", "teal square"]}}}
+    config = {
+        "data": {
+            "source": "toy",
+            "toy": {
+                "seed": 0,
+                "image_size": 32,
+                "num_train_images": 5,
+                "num_val_images": 5,
+                "holdout_pairs": ["red circle", "teal square"],
+            },
+        }
+    }
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     assert main(["toy", "captions", "--config", str(config_path), "--out-dir", str(tmp_path / "out")]) == 2

@@ -11,8 +11,14 @@ import torch
 from rapm.toy import clip as tc
 from rapm.toy.scene import Scene, ToyObject, caption
 
-TOY = {"seed": 0, "image_size": 32, "num_train_images": 100, "num_val_images": 100, "max_objects": 2,
-       "holdout_pairs": ["red triangle", "green circle", "blue square", "yellow triangle"]}
+TOY = {
+    "seed": 0,
+    "image_size": 32,
+    "num_train_images": 100,
+    "num_val_images": 100,
+    "max_objects": 2,
+    "holdout_pairs": ["red triangle", "green circle", "blue square", "yellow triangle"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +103,14 @@ def test_retrieval_and_attribute_discrimination_on_val(shipped, val64):
 def test_perturb_changes_exactly_one_attribute():
     rng = np.random.default_rng(0)
     one = Scene((ToyObject("red", "circle", "small", "top left"),), "gray")
-    two = Scene((ToyObject("red", "circle", "small", "top left"), ToyObject("blue", "square", "large", "center")),
-                "black")
+    two = Scene(
+        (ToyObject("red", "circle", "small", "top left"), ToyObject("blue", "square", "large", "center")), "black"
+    )
     assert tc.perturb(one, "swap", rng) is None
     swapped = tc.perturb(two, "swap", rng)
-    assert caption(swapped) == ("a small blue circle at the top left and a large red square at the center "
-                                "on a black background")
+    assert caption(swapped) == (
+        "a small blue circle at the top left and a large red square at the center on a black background"
+    )
     for kind in ("colour", "shape", "size", "position"):
         for _ in range(20):
             p = tc.perturb(two, kind, rng)
@@ -125,8 +133,17 @@ def test_perturb_changes_exactly_one_attribute():
 def test_training_is_seeded_and_resumes(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    cfg = {"seed": 3, "steps": 2, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.1,
-           "hard_negatives": 1, "include_holdout_pairs": False, "eval_images": 8}
+    cfg = {
+        "seed": 3,
+        "steps": 2,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "weight_decay": 0.1,
+        "hard_negatives": 1,
+        "include_holdout_pairs": False,
+        "eval_images": 8,
+    }
     summary = tc.train_toy_clip(cfg, TOY, tmp_path / "a", log_every=1, checkpoint_every=1)
     assert summary["metrics"]["val"]["n"] == 8 and not (tmp_path / "a" / "train_state.safetensors").exists()
     assert [json.loads(l)["step"] for l in open(tmp_path / "a" / "train_log.jsonl")] == [1, 2]

@@ -62,8 +62,9 @@ def test_every_attribute_value_is_read(clean):
     found = read_scenes(images[:300])
     for attr, values in (("colour", COLOURS), ("shape", SHAPES)):
         for value in values:
-            expected = [(i, o.position) for i, s in enumerate(scenes[:300]) for o in s.objects
-                        if getattr(o, attr) == value]
+            expected = [
+                (i, o.position) for i, s in enumerate(scenes[:300]) for o in s.objects if getattr(o, attr) == value
+            ]
             hits = [any(f.position == p and getattr(f, attr) == value for f in found[i].objects) for i, p in expected]
             assert expected and np.mean(hits) >= 0.98, (attr, value, np.mean(hits))
 
@@ -78,11 +79,19 @@ def test_score_detects_a_wrong_caption(clean):
 
 
 def test_score_pins_down_the_wrong_attribute():
-    scene = Scene((ToyObject("red", "circle", "small", "top left"), ToyObject("blue", "square", "large", "center")),
-                  "gray")
+    scene = Scene(
+        (ToyObject("red", "circle", "small", "top left"), ToyObject("blue", "square", "large", "center")), "gray"
+    )
     image = render(scene, 32, seed=3)
-    assert score(image, scene) == {"colour": 1.0, "shape": 1.0, "size": 1.0, "position": 1.0,
-                                   "background": 1.0, "count": 1.0, "all": 1.0}
+    assert score(image, scene) == {
+        "colour": 1.0,
+        "shape": 1.0,
+        "size": 1.0,
+        "position": 1.0,
+        "background": 1.0,
+        "count": 1.0,
+        "all": 1.0,
+    }
     first, second = scene.objects
     for attr, value in (("colour", "orange"), ("shape", "triangle"), ("size", "large"), ("position", "bottom")):
         wrong = Scene((dataclasses.replace(first, **{attr: value}), second), "gray")
@@ -92,7 +101,9 @@ def test_score_pins_down_the_wrong_attribute():
     assert score(image, Scene(scene.objects, "white"))["background"] == 0.0
     fewer = score(image, Scene((second,), "gray"))
     assert fewer["colour"] == 1.0 and fewer["count"] == 0.0 and fewer["all"] == 0.0  # an extra object
-    assert score(image, Scene((first, second, ToyObject("green", "circle", "small", "bottom")), "gray"))["shape"] == 2 / 3
+    assert (
+        score(image, Scene((first, second, ToyObject("green", "circle", "small", "bottom")), "gray"))["shape"] == 2 / 3
+    )
 
 
 def test_images_without_objects():

@@ -24,8 +24,14 @@ from rapm.toy.scene import (
 )
 
 HOLDOUT = ["red triangle", "green circle", "blue square", "yellow triangle"]
-CFG = {"seed": 7, "image_size": 32, "num_train_images": 3000, "num_val_images": 1000, "max_objects": 2,
-       "holdout_pairs": HOLDOUT}
+CFG = {
+    "seed": 7,
+    "image_size": 32,
+    "num_train_images": 3000,
+    "num_val_images": 1000,
+    "max_objects": 2,
+    "holdout_pairs": HOLDOUT,
+}
 
 
 def test_palette_is_well_separated_and_never_a_background():
@@ -95,31 +101,37 @@ def test_without_holdout_pairs_the_splits_are_unconstrained():
 
 
 def test_caption_example_and_parser_round_trip():
-    scene = Scene((ToyObject("blue", "square", "large", "center"), ToyObject("red", "circle", "small", "top left")),
-                  "gray")
+    scene = Scene(
+        (ToyObject("blue", "square", "large", "center"), ToyObject("red", "circle", "small", "top left")), "gray"
+    )
     text = "a small red circle at the top left and a large blue square at the center on a gray background"
     assert caption(scene) == text
     assert parse_caption(text) == scene
     # any object order parses to the same (canonical) scene
-    assert parse_caption("a large blue square at the center and a small red circle at the top left"
-                         " on a gray background") == scene
+    assert (
+        parse_caption("a large blue square at the center and a small red circle at the top left on a gray background")
+        == scene
+    )
     for split in ("train", "val"):
         for s in split_scenes(CFG, split, range(2000)):
             assert parse_caption(caption(s)) == s
             assert caption(parse_caption(caption(s))) == caption(s)
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "a red circle at the top on a gray background",  # no size
-    "a small red circle at the top on a gray backdrop",
-    "a small red circle at the top on a pink background",
-    "a small red circle at the middle on a gray background",
-    "a small red circle at the top and on a gray background",
-    "a small red circle at the top and a large blue square at the top on a black background",  # same cell
-    "A small red circle at the top on a gray background",
-    "a small red circle at the top on a gray background.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "a red circle at the top on a gray background",  # no size
+        "a small red circle at the top on a gray backdrop",
+        "a small red circle at the top on a pink background",
+        "a small red circle at the middle on a gray background",
+        "a small red circle at the top and on a gray background",
+        "a small red circle at the top and a large blue square at the top on a black background",  # same cell
+        "A small red circle at the top on a gray background",
+        "a small red circle at the top on a gray background.",
+    ],
+)
 def test_parser_rejects_anything_else_and_names_the_text(text):
     with pytest.raises(ValueError) as err:
         parse_caption(text)
@@ -134,13 +146,16 @@ def test_render_is_deterministic_and_seed_only_jitters():
     assert not np.array_equal(a, render(scene, 32, seed=6))
     assert render(scene, 64, seed=5).shape == (64, 64, 3)
     scenes = split_scenes(CFG, "val", range(6))
-    assert np.array_equal(render_batch(scenes, 32, range(6)), np.stack([render(s, 32, i) for i, s in enumerate(scenes)]))
+    assert np.array_equal(
+        render_batch(scenes, 32, range(6)), np.stack([render(s, 32, i) for i, s in enumerate(scenes)])
+    )
 
 
 def test_render_reference_numbers():
     """Pinned pixels: a change of geometry, palette or anti-aliasing must fail here."""
-    scene = Scene((ToyObject("red", "circle", "small", "top left"), ToyObject("blue", "triangle", "large", "center")),
-                  "white")
+    scene = Scene(
+        (ToyObject("red", "circle", "small", "top left"), ToyObject("blue", "triangle", "large", "center")), "white"
+    )
     img = render(scene, 32, seed=0).astype(np.int64)
     assert img.sum() == 752455
     assert tuple(img[5, 5]) == COLOURS["red"] and tuple(img[0, 31]) == BACKGROUNDS["white"]

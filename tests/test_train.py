@@ -33,17 +33,30 @@ TRAJ = {"num_steps": 4, "steps_per_slot": 2, "guidance": 7.5, "num_trajectories"
 
 
 def make_cfg(teacher_dir, **train):
-    base = {"iterations": 8, "checkpoint_every": 2, "validate_every": 0, "validation_images": 2, "log_every": 4,
-            "optim": {"student_lr": 1e-3, "disc_lr": 1e-3}, "export_dtype": "float32"}
+    base = {
+        "iterations": 8,
+        "checkpoint_every": 2,
+        "validate_every": 0,
+        "validation_images": 2,
+        "log_every": 4,
+        "optim": {"student_lr": 1e-3, "disc_lr": 1e-3},
+        "export_dtype": "float32",
+    }
     for key, value in train.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return validate({"profile": "test",
-                     "teacher": {"path": str(teacher_dir), "type": "auto", "dtype": "float32", "device": "cpu"},
-                     "trajectories": TRAJ, "train": base}, partial=True)
+    return validate(
+        {
+            "profile": "test",
+            "teacher": {"path": str(teacher_dir), "type": "auto", "dtype": "float32", "device": "cpu"},
+            "trajectories": TRAJ,
+            "train": base,
+        },
+        partial=True,
+    )
 
 
 def build_store(directory: Path, teacher_dir) -> Path:
-    rows = "".join(f"{i},{100 + i},{1000 + i},\"{p}\",COCO_train2014_{100 + i:012d}.jpg\n" for i, p in enumerate(PROMPTS))
+    rows = "".join(f'{i},{100 + i},{1000 + i},"{p}",COCO_train2014_{100 + i:012d}.jpg\n' for i, p in enumerate(PROMPTS))
     data = ("prompt_id,image_id,caption_id,caption,file_name\n" + rows).encode()
     directory.mkdir(parents=True)
     (directory / "train.csv").write_bytes(data)
@@ -51,7 +64,9 @@ def build_store(directory: Path, teacher_dir) -> Path:
     (directory / "manifest.json").write_text(json.dumps(manifest))
     cfg = make_cfg(teacher_dir)
     store = directory / "store"
-    T.init_store(store, cfg["teacher"], cfg["trajectories"], directory / "train.csv", directory / "manifest.json", key="t")
+    T.init_store(
+        store, cfg["teacher"], cfg["trajectories"], directory / "train.csv", directory / "manifest.json", key="t"
+    )
     summary = T.compute_shard(store, cfg["teacher"], cfg["trajectories"], 0, progress=False)
     (store / "shards").mkdir()
     (store / "shards" / "0-of-1.json").write_text(json.dumps(summary))
@@ -87,6 +102,7 @@ def lora_grads(tr: Trainer) -> dict[str, torch.Tensor]:
 
 # --- pure pieces ------------------------------------------------------------------------------------
 
+
 def test_slot_weight_schedules():
     assert slot_weights("uniform", 4) == [1.0, 1.0, 1.0, 1.0]
     assert slot_weights("increasing", 4) == pytest.approx([0.4, 0.8, 1.2, 1.6])
@@ -118,6 +134,7 @@ def test_iteration_randomness_depends_only_on_seed_and_iteration():
 
 
 # --- gradients ---------------------------------------------------------------------------------------
+
 
 def test_student_step_changes_only_lora_and_d_step_only_heads(tiny_sd_dir, sd_store, tmp_path):
     tr = trainer(tiny_sd_dir, sd_store, tmp_path)
@@ -153,6 +170,7 @@ def test_relative_only_and_absolute_only_zero_the_other_term(tiny_sd_dir, sd_sto
 
 # --- detach semantics --------------------------------------------------------------------------------
 
+
 def _last_slot_grads(tr: Trainer) -> dict[str, torch.Tensor]:
     batch = load_batch(tr.dataset, [1], "cpu")
     noise = tr.rapm.draw_noise(0, 1, 1, batch.coarse.shape[2:])
@@ -174,8 +192,9 @@ def test_detach_rollout_cuts_the_gradient_through_earlier_slots(tiny_sd_dir, sd_
     detached state z_1; without it, gradient also flows through z_1 into the earlier slots' LoRA use."""
     grads = {}
     for detach in (True, False):
-        tr = trainer(tiny_sd_dir, sd_store, tmp_path / str(detach), detach_rollout=detach,
-                     losses={"slot_weights": [0, 0, 0, 1]})
+        tr = trainer(
+            tiny_sd_dir, sd_store, tmp_path / str(detach), detach_rollout=detach, losses={"slot_weights": [0, 0, 0, 1]}
+        )
         _prime_lora(tr)
         grads[detach], batch, noise = _last_slot_grads(tr)
         if detach:  # the oracle: roll out without grad to z_1, then one step with grad and the same loss
@@ -188,8 +207,11 @@ def test_detach_rollout_cuts_the_gradient_through_earlier_slots(tiny_sd_dir, sd_
             fake = r.student_step(z, r.coarse_t[3], r.coarse_t[4], batch.cond)
             x, tau = r._noised(fake, 3, "fake", noise)
             feats = r._features(x, tau, batch.cond)
-            loss = sum(generator_slot_loss(r._logits(feats, "rel"), r._logits(feats, "abs"), weight=1.0,
-                                           lambda_rel=1.0, lambda_abs=1.0).values())
+            loss = sum(
+                generator_slot_loss(
+                    r._logits(feats, "rel"), r._logits(feats, "abs"), weight=1.0, lambda_rel=1.0, lambda_abs=1.0
+                ).values()
+            )
             loss.backward()
             oracle = lora_grads(tr)
             assert grads[True].keys() == oracle.keys()
@@ -202,7 +224,9 @@ def test_detach_rollout_cuts_the_gradient_through_earlier_slots(tiny_sd_dir, sd_
 def test_relative_target_is_detached_unless_detach_target_is_off(tiny_sd_dir, sd_store, tmp_path):
     grads = {}
     for detach in (True, False):
-        tr = trainer(tiny_sd_dir, sd_store, tmp_path / str(detach), detach_target=detach, losses={"regression_rel": 1.0})
+        tr = trainer(
+            tiny_sd_dir, sd_store, tmp_path / str(detach), detach_target=detach, losses={"regression_rel": 1.0}
+        )
         _prime_lora(tr)
         batch = load_batch(tr.dataset, [2], "cpu")
         target = tr.rapm.relative_target(batch, 1)
@@ -230,8 +254,9 @@ def test_regression_terms_are_separate_and_the_targets_one_call(tiny_sd_dir, sd_
         tr.step = 1
         record = tr.run_iteration()
         assert record["g_unet_calls"] == calls and record["reg"] > 0
-    only_abs = trainer(tiny_sd_dir, sd_store, tmp_path / "a", losses={"regression_abs": 1.0, "lambda_rel": 0.0,
-                                                                     "lambda_abs": 0.0})
+    only_abs = trainer(
+        tiny_sd_dir, sd_store, tmp_path / "a", losses={"regression_abs": 1.0, "lambda_rel": 0.0, "lambda_abs": 0.0}
+    )
     _prime_lora(only_abs)
     batch = load_batch(only_abs.dataset, [1], "cpu")
     noise = only_abs.rapm.draw_noise(0, 1, 1, batch.coarse.shape[2:])
@@ -256,10 +281,14 @@ def _per_slot_discriminator_loss(r, batch, noise):
     with torch.no_grad():
         for k in range(r.num_steps):
             fake = r.student_step(z, r.coarse_t[k], r.coarse_t[k + 1], batch.cond)
-            inputs = [r._noised(fake, k, "fake", noise), r._noised(r.relative_target(batch, k, grad=False), k, "rel", noise),
-                      r._noised(batch.coarse[:, k + 1], k, "abs", noise)]
-            feats = r._features(torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]),
-                                Conditioning.cat([batch.cond] * 3))
+            inputs = [
+                r._noised(fake, k, "fake", noise),
+                r._noised(r.relative_target(batch, k, grad=False), k, "rel", noise),
+                r._noised(batch.coarse[:, k + 1], k, "abs", noise),
+            ]
+            feats = r._features(
+                torch.cat([x for x, _ in inputs]), torch.cat([t for _, t in inputs]), Conditioning.cat([batch.cond] * 3)
+            )
             z = fake
             chunks = list(zip(*[f.split(B) for f in feats]))
             for row, head in ((1, "rel"), (2, "abs")):
@@ -304,6 +333,7 @@ def test_shuffle_prompts_sabotage_pairs_each_trajectory_with_the_next_prompt(tin
 
 # --- the job -------------------------------------------------------------------------------------------
 
+
 def test_train_writes_outputs_and_a_usable_summary(tiny_sd_dir, sd_store, tmp_path):
     summary = train(make_cfg(tiny_sd_dir), sd_store, tmp_path / "out", tmp_path / "state")
     out = tmp_path / "out"
@@ -311,7 +341,9 @@ def test_train_writes_outputs_and_a_usable_summary(tiny_sd_dir, sd_store, tmp_pa
         assert (out / name).is_file(), name
     lines = [json.loads(x) for x in (out / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(8))
-    assert all({"d_rel", "d_abs"} <= r.keys() for r in lines[0::2]) and all({"g_rel", "g_abs"} <= r.keys() for r in lines[1::2])
+    assert all({"d_rel", "d_abs"} <= r.keys() for r in lines[0::2]) and all(
+        {"g_rel", "g_abs"} <= r.keys() for r in lines[1::2]
+    )
     assert summary["lora_modules"] == 79 and summary["iterations"] == 8
     assert summary["unet_evaluations_per_update"]["g"]["unet_calls"] == 8.0
     assert summary["peak_rss_mb"] > 0 and summary["config"]["train"]["iterations"] == 8
@@ -344,10 +376,17 @@ def test_threads_given_win_over_train_num_threads(tiny_sd_dir, sd_store, tmp_pat
 def test_checkpoint_of_another_config_is_refused(tiny_sd_dir, sd_store, tmp_path):
     train(make_cfg(tiny_sd_dir, iterations=2), sd_store, tmp_path / "out", tmp_path / "state")
     with pytest.raises(TrainingError, match="different configuration"):
-        train(make_cfg(tiny_sd_dir, iterations=2, losses={"lambda_rel": 0.5}), sd_store, tmp_path / "out", tmp_path / "state")
+        train(
+            make_cfg(tiny_sd_dir, iterations=2, losses={"lambda_rel": 0.5}),
+            sd_store,
+            tmp_path / "out",
+            tmp_path / "state",
+        )
 
 
-def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tiny_sd_dir, sd_store, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(
+    tiny_sd_dir, sd_store, tmp_path, monkeypatch
+):
     from rapm import objective
 
     state = tmp_path / "state"
@@ -371,8 +410,13 @@ def test_two_runs_give_byte_identical_loras_with_the_umask_mode_and_their_sha256
     try:
         for name, mask, prompts in (("a", 0o022, sd_store.parent / "train.csv"), ("b", 0o027, None)):
             os.umask(mask)
-            summary = train(make_cfg(tiny_sd_dir, iterations=2, export_dtype="float16"), sd_store, tmp_path / name,
-                            tmp_path / f"{name}.state", prompts=prompts)
+            summary = train(
+                make_cfg(tiny_sd_dir, iterations=2, export_dtype="float16"),
+                sd_store,
+                tmp_path / name,
+                tmp_path / f"{name}.state",
+                prompts=prompts,
+            )
             lora = tmp_path / name / "lora.safetensors"
             for path in (lora, tmp_path / name / "summary.json", tmp_path / f"{name}.state" / CHECKPOINT):
                 assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
@@ -386,8 +430,11 @@ def test_two_runs_give_byte_identical_loras_with_the_umask_mode_and_their_sha256
 def test_weights_beyond_the_export_dtype_stop_before_anything_is_finished(tiny_sd_dir, sd_store, tmp_path):
     """student_lr 1e6: the float32 LoRA is finite, its float16 export is not; nothing is written as finished."""
     cfg = make_cfg(tiny_sd_dir, iterations=2, export_dtype="float16", optim={"student_lr": 1e6})
-    with pytest.raises(TrainingError, match=r"the LoRA after 2 iterations is not finite in train\.export_dtype float16: "
-                                            r"tensor 'unet\..*\.lora_B\.weight' \(float16.*±inf"):
+    with pytest.raises(
+        TrainingError,
+        match=r"the LoRA after 2 iterations is not finite in train\.export_dtype float16: "
+        r"tensor 'unet\..*\.lora_B\.weight' \(float16.*±inf",
+    ):
         train(cfg, sd_store, tmp_path / "out", tmp_path / "state")
     assert not (tmp_path / "out" / "lora.safetensors").exists() and not (tmp_path / "out" / "summary.json").exists()
 
@@ -406,8 +453,11 @@ def test_non_finite_weights_after_an_update_stop_naming_tensor_and_iteration(tin
 
     handle = register_optimizer_step_post_hook(poison)
     try:
-        with pytest.raises(TrainingError, match=r"non-finite discriminator weights after the update of iteration 2: "
-                                                r"tensor 'heads\.[^']+' holds 1 NaN and 0 ±inf"):
+        with pytest.raises(
+            TrainingError,
+            match=r"non-finite discriminator weights after the update of iteration 2: "
+            r"tensor 'heads\.[^']+' holds 1 NaN and 0 ±inf",
+        ):
             train(make_cfg(tiny_sd_dir, iterations=4), sd_store, tmp_path / "out", tmp_path / "state")
     finally:
         handle.remove()
@@ -437,7 +487,9 @@ def test_a_store_of_another_prompt_set_is_refused(tiny_sd_dir, sd_store, tmp_pat
 
     where = re.escape(str(sd_store / "store.zarr"))
     cfg = {**make_cfg(tiny_sd_dir), "prompts": {"seed": 0, "num_train": 24, "num_eval": 4}}  # num_trajectories: null
-    with pytest.raises(TrajectoryStoreError, match=rf"{where} .*attribute 'num_trajectories' differs \(store: 4, requested: 24\)"):
+    with pytest.raises(
+        TrajectoryStoreError, match=rf"{where} .*attribute 'num_trajectories' differs \(store: 4, requested: 24\)"
+    ):
         Trainer(cfg, sd_store, tmp_path / "state")
     edited = tmp_path / "train.csv"
     edited.write_bytes((sd_store.parent / "train.csv").read_bytes().replace(b"green", b"purple"))
@@ -445,8 +497,24 @@ def test_a_store_of_another_prompt_set_is_refused(tiny_sd_dir, sd_store, tmp_pat
         Trainer(make_cfg(tiny_sd_dir), sd_store, tmp_path / "state", prompts=edited)
     cfg_path = tmp_path / "cfg.yaml"
     write_yaml(make_cfg(tiny_sd_dir), cfg_path)
-    assert main(["train", "--config", str(cfg_path), "--trajectories", str(sd_store), "--out-dir", str(tmp_path / "out"),
-                 "--state-dir", str(tmp_path / "state"), "--prompts", str(edited)]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg_path),
+                "--trajectories",
+                str(sd_store),
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--prompts",
+                str(edited),
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -471,10 +539,22 @@ def test_sigkill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_sd
     (tmp_path / "killer.py").write_text(KILLER)
 
     def run(name, kill_at):
-        args = ["train", "--config", str(cfg_path), "--trajectories", str(sd_store), "--out-dir", str(tmp_path / name),
-                "--state-dir", str(tmp_path / f"{name}.state"), "--threads", "1"]
-        return subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(kill_at), *args],
-                              capture_output=True, text=True, cwd=ROOT)
+        args = [
+            "train",
+            "--config",
+            str(cfg_path),
+            "--trajectories",
+            str(sd_store),
+            "--out-dir",
+            str(tmp_path / name),
+            "--state-dir",
+            str(tmp_path / f"{name}.state"),
+            "--threads",
+            "1",
+        ]
+        return subprocess.run(
+            [sys.executable, str(tmp_path / "killer.py"), str(kill_at), *args], capture_output=True, text=True, cwd=ROOT
+        )
 
     assert run("straight", -1).returncode == 0
     killed = run("resumed", 6)  # after the checkpoint at 4, mid-way to the next one
@@ -488,7 +568,9 @@ def test_sigkill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_sd
     a, b = load_file(tmp_path / "straight" / "lora.safetensors"), load_file(tmp_path / "resumed" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # byte-identical files across processes (safetensors' own writer orders metadata per process)
-    assert (tmp_path / "straight" / "lora.safetensors").read_bytes() == (tmp_path / "resumed" / "lora.safetensors").read_bytes()
+    assert (tmp_path / "straight" / "lora.safetensors").read_bytes() == (
+        tmp_path / "resumed" / "lora.safetensors"
+    ).read_bytes()
     sha = [json.loads((tmp_path / n / "summary.json").read_text())["sha256"] for n in ("straight", "resumed")]
     assert sha[0] == sha[1]
     sa = load_file(tmp_path / "straight.state" / CHECKPOINT)
@@ -501,6 +583,7 @@ def test_sigkill_and_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_sd
 
 
 # --- output users can use ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_exported_lora_loads_in_diffusers_and_reproduces_rapm_sampler(kind, request, tmp_path):
@@ -522,12 +605,28 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_rapm_sampler(kind, requ
     pipe.fuse_lora()
     prompts = [tr.dataset[0]["prompt"], tr.dataset[1]["prompt"]]
     extra = {"height": tr.teacher.resolution, "width": tr.teacher.resolution} if kind == "sdxl" else {}
-    latents = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, latents=batch.coarse[:, 0].clone(),
-                   output_type="latent", **extra).images
+    latents = pipe(
+        prompts,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        latents=batch.coarse[:, 0].clone(),
+        output_type="latent",
+        **extra,
+    ).images
     torch.testing.assert_close(latents, ours, rtol=1e-4, atol=1e-4)
     # and the LoRA is not a no-op: the plain teacher's 4 steps differ
-    plain = load_teacher(cfg["teacher"]).pipe(prompts, num_inference_steps=4, guidance_scale=1.0,
-                                              latents=batch.coarse[:, 0].clone(), output_type="latent", **extra).images
+    plain = (
+        load_teacher(cfg["teacher"])
+        .pipe(
+            prompts,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            latents=batch.coarse[:, 0].clone(),
+            output_type="latent",
+            **extra,
+        )
+        .images
+    )
     assert float((plain - ours).abs().max()) > 1e-3
 
 

@@ -31,10 +31,25 @@ from rapm.workflow import trajectory_store_key
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["a red circle above a blue square", "a green triangle", "two yellow squares", "NA",
-           "a small blue circle on the left", "a big red triangle, and a green square"]
-CFG = dict(num_steps=4, steps_per_slot=2, guidance=7.5, num_trajectories=None, seed=11, resolution=None,
-           shards=1, batch_size=2, trajectories_per_chunk=1)
+PROMPTS = [
+    "a red circle above a blue square",
+    "a green triangle",
+    "two yellow squares",
+    "NA",
+    "a small blue circle on the left",
+    "a big red triangle, and a green square",
+]
+CFG = dict(
+    num_steps=4,
+    steps_per_slot=2,
+    guidance=7.5,
+    num_trajectories=None,
+    seed=11,
+    resolution=None,
+    shards=1,
+    batch_size=2,
+    trajectories_per_chunk=1,
+)
 STATE_ARRAYS = ("coarse", "delta", "prompt_embeds", "pooled_embeds", "add_time_ids")
 
 
@@ -42,7 +57,7 @@ STATE_ARRAYS = ("coarse", "delta", "prompt_embeds", "pooled_embeds", "add_time_i
 def prompt_files(tmp_path_factory):
     """train.csv (the data stage's columns) and a manifest.json holding its SHA-256, as the data stage writes."""
     d = tmp_path_factory.mktemp("prompts")
-    rows = "".join(f"{i},{100 + i},{1000 + i},\"{p}\",COCO_train2014_{100 + i:012d}.jpg\n" for i, p in enumerate(PROMPTS))
+    rows = "".join(f'{i},{100 + i},{1000 + i},"{p}",COCO_train2014_{100 + i:012d}.jpg\n' for i, p in enumerate(PROMPTS))
     data = ("prompt_id,image_id,caption_id,caption,file_name\n" + rows).encode()
     (d / "train.csv").write_bytes(data)
     manifest = {"outputs": {"train.csv": {"rows": len(PROMPTS), "sha256": hashlib.sha256(data).hexdigest()}}}
@@ -97,6 +112,7 @@ def sd_store(sd_teacher, prompt_files, tmp_path_factory):
 
 # --- contents --------------------------------------------------------------------------------------
 
+
 def test_store_layout_and_attributes(sd_store, sd_teacher, prompt_files):
     directory, manifest = sd_store
     a = arrays(directory)
@@ -140,8 +156,9 @@ def test_states_are_the_fine_runs_coarse_and_delta_states(sd_store, sd_teacher):
     cond = encode_prompts(sd_teacher, PROMPTS[:2])
     z = torch.cat([T.initial_noise(11 + j, (4, 8, 8)) for j in range(2)])
     with torch.no_grad():
-        _, kept = ddim_sample(lambda x, t: unet_eps(sd_teacher, x, t, cond, 7.5), z, fine, sd_teacher.alphas_cumprod,
-                              keep=fine)
+        _, kept = ddim_sample(
+            lambda x, t: unet_eps(sd_teacher, x, t, cond, 7.5), z, fine, sd_teacher.alphas_cumprod, keep=fine
+        )
     for n, t in enumerate(coarse_timesteps(4)):
         assert torch.equal(torch.from_numpy(a["coarse"][:2, n]), kept[t]), t
     for n, t in enumerate(delta_timesteps(4, 2)):
@@ -163,9 +180,16 @@ def test_final_state_equals_the_diffusers_pipeline(request, kind, prompt_files, 
     b2, b1 = arrays(tmp_path / "b2"), arrays(tmp_path / "b1")
     for j in (0, 3):
         with torch.no_grad():
-            out = {kind_: teacher.pipe(PROMPTS[j], num_inference_steps=8, guidance_scale=7.5, output_type=kind_,
-                                       generator=torch.Generator().manual_seed(11 + j)).images
-                   for kind_ in ("latent", "pt")}
+            out = {
+                kind_: teacher.pipe(
+                    PROMPTS[j],
+                    num_inference_steps=8,
+                    guidance_scale=7.5,
+                    output_type=kind_,
+                    generator=torch.Generator().manual_seed(11 + j),
+                ).images
+                for kind_ in ("latent", "pt")
+            }
         final = torch.from_numpy(b2["coarse"][j, -1])[None]
         assert (final - out["latent"]).abs().max().item() < 1e-4
         assert (decode_latents(teacher, final) - out["pt"]).abs().max().item() < 1e-4
@@ -186,6 +210,7 @@ def test_sdxl_conditioning_is_stored(sdxl_teacher, prompt_files, tmp_path):
 
 
 # --- determinism ----------------------------------------------------------------------------------
+
 
 def test_shard_count_does_not_change_a_bit(sd_store, sd_teacher, prompt_files, tmp_path):
     one, _ = sd_store
@@ -233,6 +258,7 @@ def test_shards_are_aligned_to_batches_and_chunks():
 
 # --- resume ----------------------------------------------------------------------------------------
 
+
 def test_resume_after_a_limit_computes_only_the_rest(sd_store, sd_teacher, prompt_files, tmp_path):
     cfg, tc = {**CFG, "batch_size": 1}, teacher_cfg(sd_teacher)
     T.init_store(tmp_path, tc, cfg, *prompt_files, teacher=sd_teacher)
@@ -241,7 +267,12 @@ def test_resume_after_a_limit_computes_only_the_rest(sd_store, sd_teacher, promp
     assert arrays(tmp_path)["done"].tolist() == [1, 1, 0, 0, 0, 0]
     assert T.init_store(tmp_path, tc, cfg, *prompt_files, teacher=sd_teacher)["action"] == "kept"  # a rerun of init
     second = T.compute_shard(tmp_path, tc, cfg, 0, teacher=sd_teacher, progress=False)
-    assert (second["already_done"], second["computed"], second["computed_runs"], second["remaining"]) == (2, 4, [[2, 6]], 0)
+    assert (second["already_done"], second["computed"], second["computed_runs"], second["remaining"]) == (
+        2,
+        4,
+        [[2, 6]],
+        0,
+    )
     assert second["wall_s"] > 0 and second["peak_rss_mb"] > 0
     T.gather(tmp_path, [], tmp_path / "manifest.json")
     uninterrupted = tmp_path / "ref"
@@ -308,12 +339,28 @@ def test_cli_limit_exits_75_without_summary_then_resumes(sd_teacher, prompt_file
     config = tmp_path / "trajectories.yaml"
     config.write_text(yaml.safe_dump({"teacher": teacher_cfg(sd_teacher), "trajectories": {**CFG, "shards": 2}}))
     d, base = tmp_path / "k", ["--config", str(config), "--dir", str(tmp_path / "k")]
-    assert main(["trajectories", "init", *base, "--prompts", str(prompt_files[0]), "--manifest", str(prompt_files[1]),
-                 "--out", str(d / "init.json")]) == 0
+    assert (
+        main(
+            [
+                "trajectories",
+                "init",
+                *base,
+                "--prompts",
+                str(prompt_files[0]),
+                "--manifest",
+                str(prompt_files[1]),
+                "--out",
+                str(d / "init.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((d / "init.json").read_text())["action"] == "created"
     summary = d / "shards" / "1-of-2.json"
-    assert main(["trajectories", "compute", *base, "--shard", "1", "--summary", str(summary),
-                 "--max-trajectories", "1"]) == 75
+    assert (
+        main(["trajectories", "compute", *base, "--shard", "1", "--summary", str(summary), "--max-trajectories", "1"])
+        == 75
+    )
     assert not summary.exists()
     assert main(["trajectories", "compute", *base, "--shard", "1", "--summary", str(summary)]) == 0
     assert json.loads(summary.read_text())["computed_runs"] == [[4, 6]]  # 2 left of batch [2, 4) done first
@@ -324,16 +371,19 @@ def test_cli_limit_exits_75_without_summary_then_resumes(sd_teacher, prompt_file
 
 # --- refusing the wrong store ----------------------------------------------------------------------
 
+
 def test_reader_refuses_other_teacher_or_grid(sd_store, sd_teacher, sdxl_teacher):
     directory, _ = sd_store
     full = {"teacher": teacher_cfg(sd_teacher), "trajectories": CFG}
     ds = TS.TrajectoryDataset.from_config(directory, full, teacher=sd_teacher)
     assert len(ds) == 6 and ds.coarse_timesteps == [999, 749, 499, 249, 0]
-    for section, key, value, attr in [("trajectories", "guidance", 5.0, "guidance"),
-                                      ("trajectories", "steps_per_slot", 10, "steps_per_slot"),
-                                      ("trajectories", "num_steps", 2, "num_steps"),
-                                      ("teacher", "dtype", "bfloat16", "teacher.dtype"),
-                                      ("teacher", "path", "rapm:tinysd", "teacher.path")]:
+    for section, key, value, attr in [
+        ("trajectories", "guidance", 5.0, "guidance"),
+        ("trajectories", "steps_per_slot", 10, "steps_per_slot"),
+        ("trajectories", "num_steps", 2, "num_steps"),
+        ("teacher", "dtype", "bfloat16", "teacher.dtype"),
+        ("teacher", "path", "rapm:tinysd", "teacher.path"),
+    ]:
         bad = copy.deepcopy(full)
         bad[section][key] = value
         with pytest.raises(TS.TrajectoryStoreError, match=f"attribute '{attr}' differs") as err:
@@ -351,13 +401,19 @@ def test_reader_refuses_another_prompt_set_or_trajectory_count(sd_store, sd_teac
     full = {"teacher": teacher_cfg(sd_teacher), "trajectories": CFG}  # num_trajectories: null, all 6 prompts
     assert len(TS.TrajectoryDataset.from_config(directory, full, prompts=prompt_files[0])) == 6
     assert len(TS.TrajectoryDataset.from_config(directory, {**full, "prompts": {"num_train": 6}})) == 6
-    with pytest.raises(TS.TrajectoryStoreError, match=rf"{where} .*attribute 'num_trajectories' differs "
-                                                     r"\(store: 6, requested: 24\)"):
+    with pytest.raises(
+        TS.TrajectoryStoreError,
+        match=rf"{where} .*attribute 'num_trajectories' differs "
+        r"\(store: 6, requested: 24\)",
+    ):
         TS.TrajectoryDataset.from_config(directory, {**full, "prompts": {"seed": 0, "num_train": 24, "num_eval": 2}})
     edited = tmp_path / "train.csv"
     edited.write_bytes(prompt_files[0].read_bytes().replace(b"green", b"brown"))
-    with pytest.raises(TS.TrajectoryStoreError, match=rf"{where} .*attribute 'prompts\.train_csv_sha256' differs "
-                                                     r"\(store: '[0-9a-f]{64}', requested: '[0-9a-f]{64}'\)"):
+    with pytest.raises(
+        TS.TrajectoryStoreError,
+        match=rf"{where} .*attribute 'prompts\.train_csv_sha256' differs "
+        r"\(store: '[0-9a-f]{64}', requested: '[0-9a-f]{64}'\)",
+    ):
         TS.TrajectoryDataset.from_config(directory, full, prompts=edited)
     fewer = tmp_path / "fewer.csv"  # one prompt dropped: both the hash and the count differ
     fewer.write_bytes(b"".join(prompt_files[0].read_bytes().splitlines(keepends=True)[:-1]))
@@ -365,8 +421,9 @@ def test_reader_refuses_another_prompt_set_or_trajectory_count(sd_store, sd_teac
         TS.TrajectoryDataset.from_config(directory, full, prompts=fewer)
     # an explicit num_trajectories is compared as before (a prefix of the same train.csv is the same prompt set)
     with pytest.raises(TS.TrajectoryStoreError, match=r"'num_trajectories' differs \(store: 6, requested: 4\)"):
-        TS.TrajectoryDataset.from_config(directory, {**full, "trajectories": {**CFG, "num_trajectories": 4}},
-                                        prompts=prompt_files[0])
+        TS.TrajectoryDataset.from_config(
+            directory, {**full, "trajectories": {**CFG, "num_trajectories": 4}}, prompts=prompt_files[0]
+        )
 
 
 BUILD = """
@@ -393,8 +450,21 @@ def test_two_identical_precomputes_give_byte_identical_stores(sd_store, sd_teach
 
     one, _ = sd_store
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    done = subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / "again"), sd_teacher.source, *map(str, prompt_files),
-                           json.dumps(CFG)], capture_output=True, text=True, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BUILD,
+            str(tmp_path / "again"),
+            sd_teacher.source,
+            *map(str, prompt_files),
+            json.dumps(CFG),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = TS.store_path(one), TS.store_path(tmp_path / "again")
     files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
@@ -410,8 +480,13 @@ def test_compute_refuses_a_store_made_for_other_settings(sd_teacher, prompt_file
     with pytest.raises(TS.TrajectoryStoreError, match="attribute 'guidance' differs"):
         T.compute_shard(tmp_path, tc, {**CFG, "guidance": 3.0}, 0, teacher=sd_teacher, progress=False)
     # init on the same directory with other settings starts over; with the same ones it keeps the store
-    assert T.init_store(tmp_path, tc, {**CFG, "guidance": 3.0}, *prompt_files, teacher=sd_teacher)["differs"] == ["guidance"]
-    assert T.init_store(tmp_path, tc, {**CFG, "guidance": 3.0, "shards": 4}, *prompt_files, teacher=sd_teacher)["action"] == "kept"
+    assert T.init_store(tmp_path, tc, {**CFG, "guidance": 3.0}, *prompt_files, teacher=sd_teacher)["differs"] == [
+        "guidance"
+    ]
+    assert (
+        T.init_store(tmp_path, tc, {**CFG, "guidance": 3.0, "shards": 4}, *prompt_files, teacher=sd_teacher)["action"]
+        == "kept"
+    )
 
 
 def test_prompts_must_match_their_manifest(sd_teacher, prompt_files, tmp_path):
@@ -420,11 +495,13 @@ def test_prompts_must_match_their_manifest(sd_teacher, prompt_files, tmp_path):
     with pytest.raises(TS.TrajectoryStoreError, match="differs from"):
         T.init_store(tmp_path / "s", teacher_cfg(sd_teacher), CFG, csv, prompt_files[1], teacher=sd_teacher)
     with pytest.raises(TS.TrajectoryStoreError, match="num_trajectories = 7"):
-        T.init_store(tmp_path / "s", teacher_cfg(sd_teacher), {**CFG, "num_trajectories": 7}, *prompt_files,
-                     teacher=sd_teacher)
+        T.init_store(
+            tmp_path / "s", teacher_cfg(sd_teacher), {**CFG, "num_trajectories": 7}, *prompt_files, teacher=sd_teacher
+        )
 
 
 # --- damage ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def damaged(sd_store, tmp_path):
@@ -478,6 +555,7 @@ def test_ungathered_store_is_refused(sd_teacher, prompt_files, tmp_path):
 
 # --- reader ------------------------------------------------------------------------------------------
 
+
 def test_dataset_random_access_and_dataloader(sd_store):
     directory, _ = sd_store
     ds, a = TS.TrajectoryDataset(directory), arrays(directory)
@@ -495,6 +573,7 @@ def test_dataset_random_access_and_dataloader(sd_store):
 
 # --- workflow ----------------------------------------------------------------------------------------
 
+
 def test_store_key_depends_on_content_settings_only():
     from rapm.config import load_config
 
@@ -505,8 +584,13 @@ def test_store_key_depends_on_content_settings_only():
     same["teacher"]["device"] = "cpu"
     same["prompts"]["num_eval"] = 5
     assert trajectory_store_key(same) == key
-    for section, name, value in [("trajectories", "guidance", 1.5), ("trajectories", "steps_per_slot", 25),
-                                 ("teacher", "path", "other"), ("prompts", "seed", 3), ("trajectories", "seed", 1)]:
+    for section, name, value in [
+        ("trajectories", "guidance", 1.5),
+        ("trajectories", "steps_per_slot", 25),
+        ("teacher", "path", "other"),
+        ("prompts", "seed", 3),
+        ("trajectories", "seed", 1),
+    ]:
         other = copy.deepcopy(cfg)
         other[section][name] = value
         assert trajectory_store_key(other) != key, name
@@ -517,12 +601,31 @@ def test_snakemake_dry_run_scatters_and_gathers(tmp_path):
     data = yaml.safe_load((ROOT / ".test" / "config" / "config.yaml").read_text())
     data["trajectories"]["shards"] = 3
     cfg.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "all", "--directory", str(tmp_path), "-s",
-                           str(ROOT / "Snakefile"), "--configfile", str(cfg)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "all",
+            "--directory",
+            str(tmp_path),
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--configfile",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
-            if len(line.split()) == 2 and line.split()[1].isdigit()}
+    jobs = {
+        line.split()[0]: int(line.split()[1])
+        for line in out.splitlines()
+        if len(line.split()) == 2 and line.split()[1].isdigit()
+    }
     assert (jobs["init_trajectories"], jobs["precompute_trajectories"], jobs["gather_trajectories"]) == (1, 3, 1)
     from rapm.config import load_config
 
@@ -538,8 +641,10 @@ def test_a_coarser_student_reads_a_sub_grid_equal_to_its_own_store(sd_store, sd_
     own = tmp_path / "n2"
     build(own, sd_teacher, prompt_files, num_steps=2, steps_per_slot=4)
     direct = TS.TrajectoryDataset(own)
-    cfg = {"teacher": teacher_cfg(sd_teacher),
-           "trajectories": {**CFG, "num_steps": 2, "steps_per_slot": 4, "store_steps": 4}}
+    cfg = {
+        "teacher": teacher_cfg(sd_teacher),
+        "trajectories": {**CFG, "num_steps": 2, "steps_per_slot": 4, "store_steps": 4},
+    }
     view = TS.TrajectoryDataset.from_config(sd_store[0], cfg, sd_teacher)
     assert view.coarse_timesteps == direct.coarse_timesteps == coarse_timesteps(2)
     assert view.delta_timesteps == direct.delta_timesteps
@@ -549,11 +654,19 @@ def test_a_coarser_student_reads_a_sub_grid_equal_to_its_own_store(sd_store, sd_
         for name in ("coarse", "delta", "prompt_embeds"):
             assert torch.equal(a[name], b[name]), (j, name)
     assert TS.store_grid(cfg["trajectories"])["steps_per_slot"] == 2
-    base = {"data": {"source": "toy"}, "prompts": {"seed": 0, "num_train": 6},
-            "teacher": {**cfg["teacher"], "revision": None, "variant": None}}
-    assert trajectory_store_key({**base, "trajectories": cfg["trajectories"]}) == trajectory_store_key({**base, "trajectories": CFG})
+    base = {
+        "data": {"source": "toy"},
+        "prompts": {"seed": 0, "num_train": 6},
+        "teacher": {**cfg["teacher"], "revision": None, "variant": None},
+    }
+    assert trajectory_store_key({**base, "trajectories": cfg["trajectories"]}) == trajectory_store_key(
+        {**base, "trajectories": CFG}
+    )
     with pytest.raises(ValueError, match="store_steps 3 must be a multiple of num_steps 2"):
         TS.store_grid({**cfg["trajectories"], "store_steps": 3})
     with pytest.raises(TS.TrajectoryStoreError, match="steps_per_slot"):  # a store of another fine grid
-        TS.TrajectoryDataset.from_config(sd_store[0], {**cfg, "trajectories": {**cfg["trajectories"], "steps_per_slot": 3,
-                                                                            "store_steps": 2}}, sd_teacher)
+        TS.TrajectoryDataset.from_config(
+            sd_store[0],
+            {**cfg, "trajectories": {**cfg["trajectories"], "steps_per_slot": 3, "store_steps": 2}},
+            sd_teacher,
+        )

@@ -55,9 +55,21 @@ def test_only_trajectory_changes_get_their_own_store(cfg):
 def test_rows_cover_teachers_students_msd_and_external(cfg):
     cfg["sampling"]["external"] = [{"name": "pcm", "lora": "pcm.safetensors", "steps": 4, "guidance": 1.0}]
     r = rows(cfg)
-    assert list(r) == ["teacher", "teacher-4step", "init-4step", "teacher-1step", "init-1step", "rapm", "pure_adversarial",
-                       "broken", "n1", "pcm"]
-    assert r["init-4step"]["guidance"] == 1.0 and r["init-4step"]["kind"] == "init" and r["rapm"]["init"] == "init-4step"
+    assert list(r) == [
+        "teacher",
+        "teacher-4step",
+        "init-4step",
+        "teacher-1step",
+        "init-1step",
+        "rapm",
+        "pure_adversarial",
+        "broken",
+        "n1",
+        "pcm",
+    ]
+    assert (
+        r["init-4step"]["guidance"] == 1.0 and r["init-4step"]["kind"] == "init" and r["rapm"]["init"] == "init-4step"
+    )
     assert r["teacher"]["steps"] == 40 and r["teacher"]["guidance"] == cfg["trajectories"]["guidance"]
     assert r["rapm"]["guidance"] == 1.0 and r["rapm"]["lora"] == "results/train/rapm/lora.safetensors"
     every = rows(cfg, every=True)

@@ -19,7 +19,9 @@ def _results(tmp_path):
     train = r / "train" / "rapm"
     train.mkdir(parents=True)
     (train / "lora.safetensors").write_bytes(b"weights")
-    (train / "summary.json").write_text(json.dumps({"sha256": {"lora.safetensors": sha256_file(train / "lora.safetensors")}}))
+    (train / "summary.json").write_text(
+        json.dumps({"sha256": {"lora.safetensors": sha256_file(train / "lora.safetensors")}})
+    )
     (r / "eval" / "rapm").mkdir(parents=True)
     (r / "eval" / "rapm" / "metrics.json").write_text("{}")
     return r

@@ -22,8 +22,9 @@ CONFIGS = sorted((ROOT / "config").glob("*.yaml")) + [ROOT / ".test" / "config" 
 
 def snakemake(*args, cwd=ROOT, check=True, env=None):
     """Run Snakemake in ``cwd``; ``env``: variables added to this process's environment."""
-    proc = subprocess.run([*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True,
-                          env=None if env is None else {**os.environ, **env})
+    proc = subprocess.run(
+        [*SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, env=None if env is None else {**os.environ, **env}
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -48,22 +49,34 @@ def test_lint_is_clean():
 def test_snakefmt_clean():
     proc = subprocess.run(
         [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_ruff_clean():
     """``ruff check`` with the rules of pyproject.toml's [tool.ruff] (pyflakes, import order) passes on the repo."""
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format_clean():
+    """``ruff format --check`` (pyproject.toml's [tool.ruff], line length 120): every Python file is formatted."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_dry_run_builds_dag(config, tmp_path):
-    proc = snakemake("-n", "all", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"),
-                     "--configfile", str(config))
+    proc = snakemake(
+        "-n", "all", "--directory", str(tmp_path), "-s", str(ROOT / "Snakefile"), "--configfile", str(config)
+    )
     assert "make_prompt_sets" in proc.stdout
     source = yaml.safe_load(config.read_text())["data"]["source"]
     expected = {"coco": "fetch_coco_captions", "toy": "make_toy_captions"}[source]
@@ -80,8 +93,15 @@ def test_bad_config_fails_before_any_job(tmp_path):
 def test_nested_config_values_get_their_schema_types(tmp_path):
     """--config 'train={iterations: 100}' (Snakemake passes 100 as a string) sets the integer 100."""
     wd = copy_workflow(tmp_path / "wd")
-    snakemake("results/config/variants/rapm.yaml", "--cores", "1", "--config",
-              "train={iterations: 100, lora: {rank: 4}, optim: {student_lr: 1e-4}}", "run_variants=[rapm]", cwd=wd)
+    snakemake(
+        "results/config/variants/rapm.yaml",
+        "--cores",
+        "1",
+        "--config",
+        "train={iterations: 100, lora: {rank: 4}, optim: {student_lr: 1e-4}}",
+        "run_variants=[rapm]",
+        cwd=wd,
+    )
     train = yaml.safe_load((wd / "results/config/variants/rapm.yaml").read_text())["train"]
     assert (train["iterations"], train["lora"]["rank"], train["optim"]["student_lr"]) == (100, 4, 1e-4)
     assert train["optim"]["disc_lr"] == 1e-3  # the rest of the section is kept
@@ -94,7 +114,15 @@ def test_nested_config_values_get_their_schema_types(tmp_path):
 def copy_workflow(dest: Path) -> Path:
     """A copy of the workflow files (not the package), as a user's checkout would hold them."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ["Snakefile", "workflow", "config", "profiles", ".test", "environment.yml", "environment.post-deploy.sh"]:
+    for name in [
+        "Snakefile",
+        "workflow",
+        "config",
+        "profiles",
+        ".test",
+        "environment.yml",
+        "environment.post-deploy.sh",
+    ]:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dest / name)
@@ -142,8 +170,13 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     verify = [sys.executable, "-m", "rapm", "verify"]
     assert subprocess.run(verify, cwd=wd, capture_output=True, text=True).returncode == 1
     assert subprocess.run([*verify, "--repair"], cwd=wd, capture_output=True, text=True).returncode == 1
-    assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {"sample_images": 1, "evaluate": 1, "tables": 1,
-                                                               "comparison_grid": 1, "all": 1}
+    assert planned_jobs("all", "--configfile", cfg, cwd=wd) == {
+        "sample_images": 1,
+        "evaluate": 1,
+        "tables": 1,
+        "comparison_grid": 1,
+        "all": 1,
+    }
     snakemake("all", "--cores", "1", "--resources", "gpu=1", "--configfile", cfg, cwd=wd)
     assert png.is_file() and subprocess.run(verify, cwd=wd).returncode == 0
 
@@ -170,15 +203,38 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     assert not {"train_rapm", "precompute_trajectories", "reference_stats"} & set(jobs), jobs
 
     # Editing one variant's training reruns its training, sampling, evaluation and the tables only.
-    jobs = plan(lambda d: d.setdefault("variants", {}).update(
-        rapm={"description": "RAPM", "train": {"optim": {"student_lr": 5e-4}}}))
-    assert jobs == {"stage_config": 1, "named_config": 1, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
-                    "tables": 1, "comparison_grid": 1, "curve": 1, "loss_curves": 1, "all": 1}, jobs
+    jobs = plan(
+        lambda d: d.setdefault("variants", {}).update(
+            rapm={"description": "RAPM", "train": {"optim": {"student_lr": 5e-4}}}
+        )
+    )
+    assert jobs == {
+        "stage_config": 1,
+        "named_config": 1,
+        "train_rapm": 1,
+        "sample_images": 2,
+        "evaluate": 1,
+        "tables": 1,
+        "comparison_grid": 1,
+        "curve": 1,
+        "loss_curves": 1,
+        "all": 1,
+    }, jobs
 
     # Adding a variant adds only its jobs (training on the shared store, sampling, evaluation) and the tables.
     jobs = plan(lambda d: d.update(run_variants=["rapm", "rank4"]))
-    assert jobs == {"stage_config": 1, "named_config": 2, "train_rapm": 1, "sample_images": 2, "evaluate": 1,
-                    "tables": 1, "comparison_grid": 1, "curve": 1, "loss_curves": 1, "all": 1}, jobs
+    assert jobs == {
+        "stage_config": 1,
+        "named_config": 2,
+        "train_rapm": 1,
+        "sample_images": 2,
+        "evaluate": 1,
+        "tables": 1,
+        "comparison_grid": 1,
+        "curve": 1,
+        "loss_curves": 1,
+        "all": 1,
+    }, jobs
 
     # Editing the prompt selection reruns the data stage and everything after it.
     jobs = plan(lambda d: d["prompts"].update(seed=7))
@@ -191,13 +247,21 @@ def test_two_jobs_side_by_side_give_the_same_bits_as_one_at_a_time(tmp_path):
     cfg = ".test/config/config.yaml"
     target = ["results/eval/rapm/metrics.json", "results/eval/init-4step/metrics.json"]
     runs = {}
-    for name, extra in (("one", ["--cores", "1", "--resources", "gpu=1"]), ("two", ["--cores", "2", "--resources", "gpu=2"])):
+    for name, extra in (
+        ("one", ["--cores", "1", "--resources", "gpu=1"]),
+        ("two", ["--cores", "2", "--resources", "gpu=2"]),
+    ):
         wd = copy_workflow(tmp_path / name)
         snakemake(*target, *extra, "--configfile", cfg, cwd=wd)
         runs[name] = wd
-    files = ["results/train/rapm/lora.safetensors", *sorted(
-        str(p.relative_to(runs["one"])) for p in (runs["one"] / "results/trajectories").rglob("*")
-        if p.is_file() and "/c/" in p.as_posix())]
+    files = [
+        "results/train/rapm/lora.safetensors",
+        *sorted(
+            str(p.relative_to(runs["one"]))
+            for p in (runs["one"] / "results/trajectories").rglob("*")
+            if p.is_file() and "/c/" in p.as_posix()
+        ),
+    ]
     assert len(files) > 5
     for f in files:
         assert (runs["one"] / f).read_bytes() == (runs["two"] / f).read_bytes(), f
@@ -209,11 +273,14 @@ def test_two_jobs_side_by_side_give_the_same_bits_as_one_at_a_time(tmp_path):
 
 def _captions(image_ids, prefix):
     return {
-        "info": {}, "licenses": [],
-        "images": [{"id": i, "file_name": f"{prefix}_{i:012d}.jpg", "width": 640, "height": 480}
-                   for i in image_ids],
-        "annotations": [{"id": 10 * i + k, "image_id": i, "caption": f"{prefix} image {i} caption {k}"}
-                        for i in image_ids for k in range(2)],
+        "info": {},
+        "licenses": [],
+        "images": [{"id": i, "file_name": f"{prefix}_{i:012d}.jpg", "width": 640, "height": 480} for i in image_ids],
+        "annotations": [
+            {"id": 10 * i + k, "image_id": i, "caption": f"{prefix} image {i} caption {k}"}
+            for i in image_ids
+            for k in range(2)
+        ],
     }
 
 
@@ -290,8 +357,12 @@ def _printed_commands() -> list[tuple[str, str]]:
         for cmd in re.findall(r"`(snakemake [^`]*)`", text):
             if cmd != "snakemake --cores 1 --resources gpu=1 all":  # the README's example of the wrong order
                 out.append((where, cmd))
-    for path in [*(ROOT / "config").glob("*.yaml"), *(ROOT / "profiles").rglob("*.yaml"), ROOT / ".test/config/config.yaml",
-                 ROOT / "Snakefile"]:
+    for path in [
+        *(ROOT / "config").glob("*.yaml"),
+        *(ROOT / "profiles").rglob("*.yaml"),
+        ROOT / ".test/config/config.yaml",
+        ROOT / "Snakefile",
+    ]:
         for m in re.finditer(r"^#.*?(snakemake [^(\n]*)", path.read_text(), flags=re.M):
             out.append((str(path.relative_to(ROOT)), m.group(1).split("`")[0].split("  ")[0].strip()))
     return out

@@ -46,8 +46,9 @@ def captions_document(toy_cfg: Mapping, split: str) -> dict:
             "rapm_toy": {key: cfg[key] for key in sorted(cfg)},
         },
         "licenses": [LICENSE],
-        "images": [{"id": i, "file_name": file_name(split, i), "width": size, "height": size, "license": 0}
-                   for i in range(n)],
+        "images": [
+            {"id": i, "file_name": file_name(split, i), "width": size, "height": size, "license": 0} for i in range(n)
+        ],
         "annotations": [{"id": i, "image_id": i, "caption": scene_caption(s)} for i, s in enumerate(scenes)],
     }
 

@@ -71,6 +71,7 @@ ATTRIBUTES = ("colour", "shape", "size", "position", "background", "swap")  # ki
 
 # --- model config, loading ----------------------------------------------------------------
 
+
 def write_model_config(out_dir: str | os.PathLike) -> Path:
     """Write ``rapm-toyclip.json`` (the open_clip model config) into ``out_dir``."""
     path = Path(out_dir) / f"{MODEL_NAME}.json"
@@ -116,6 +117,7 @@ def _shipped() -> tuple:
 
 # --- features and scores ------------------------------------------------------------------
 
+
 def to_model_input(images, model) -> torch.Tensor:
     """uint8/float images, (N,H,W,3) or (N,3,H,W), values in [0,255] -> normalised float (N,3,S,S).
 
@@ -142,8 +144,10 @@ def to_model_input(images, model) -> torch.Tensor:
 def encode_images(images, model=None, batch_size: int = 512) -> torch.Tensor:
     """L2-normalised image embeddings (N, D) as a float32 CPU tensor."""
     model = model if model is not None else _shipped()[0]
-    out = [model.encode_image(to_model_input(images[i:i + batch_size], model), normalize=True).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    out = [
+        model.encode_image(to_model_input(images[i : i + batch_size], model), normalize=True).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else torch.zeros(0, model.visual.output_dim)
 
 
@@ -153,8 +157,10 @@ def encode_texts(texts: Sequence[str], model=None, tokenizer=None, batch_size: i
     if model is None:
         model, _, tokenizer = _shipped()
     device = next(model.parameters()).device
-    out = [model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device), normalize=True).float().cpu()
-           for i in range(0, len(texts), batch_size)]
+    out = [
+        model.encode_text(tokenizer(list(texts[i : i + batch_size])).to(device), normalize=True).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -192,6 +198,7 @@ def clip_score(images, captions: Sequence[str], model=None, tokenizer=None) -> f
 
 
 # --- one-attribute edits (hard negatives and the attribute-discrimination check) ----------
+
 
 def perturb(scene: Scene, kind: str, rng: np.random.Generator, forbidden_pairs=()) -> Scene | None:
     """``scene`` with exactly one attribute changed (``kind`` in ATTRIBUTES); None if impossible.
@@ -242,11 +249,13 @@ def hard_negative(scene: Scene, rng: np.random.Generator, forbidden_pairs=()) ->
 
 # --- data ---------------------------------------------------------------------------------
 
+
 def training_sample(seed: int, k: int, toy: Mapping, holdout: tuple, negatives: int):
     """Sample ``k``: (scene, render seed, hard-negative scenes); a function of (seed, k) only."""
     rng = np.random.default_rng([int(seed), 0x70C11B, int(k)])
-    scene = sample_scene(rng, max_objects=int(toy["max_objects"]),
-                         holdout_pairs=[" ".join(p) for p in holdout], split="train")
+    scene = sample_scene(
+        rng, max_objects=int(toy["max_objects"]), holdout_pairs=[" ".join(p) for p in holdout], split="train"
+    )
     render_seed = int(rng.integers(2**31))
     return scene, render_seed, [hard_negative(scene, rng, holdout) for _ in range(negatives)]
 
@@ -259,6 +268,7 @@ def val_batch(toy_cfg: Mapping, n: int) -> tuple[np.ndarray, list[str], list[Sce
 
 
 # --- evaluation ---------------------------------------------------------------------------
+
 
 def evaluate(model, tokenizer, images: np.ndarray, scenes: Sequence[Scene], seed: int = 0) -> dict:
     """Retrieval top-1 within the batch and one-attribute discrimination accuracy.
@@ -276,8 +286,13 @@ def evaluate(model, tokenizer, images: np.ndarray, scenes: Sequence[Scene], seed
     t2i = float(np.mean(caps_arr[sim.argmax(dim=0).numpy()] == caps_arr))
     pos = sim.diag()
     rng = np.random.default_rng([seed, 0xA77])
-    out = {"n": len(caps), "i2t_top1": i2t, "t2i_top1": t2i, "clip_score_matched": float(100 * pos.mean()),
-           "clip_score_shuffled": float(100 * sim.roll(1, dims=1).diag().mean())}
+    out = {
+        "n": len(caps),
+        "i2t_top1": i2t,
+        "t2i_top1": t2i,
+        "clip_score_matched": float(100 * pos.mean()),
+        "clip_score_shuffled": float(100 * sim.roll(1, dims=1).diag().mean()),
+    }
     wins = []
     for kind in ATTRIBUTES:
         idx, neg = [], []
@@ -296,6 +311,7 @@ def evaluate(model, tokenizer, images: np.ndarray, scenes: Sequence[Scene], seed
 
 
 # --- training -----------------------------------------------------------------------------
+
 
 def _lr(step: int, cfg: Mapping) -> float:
     """Linear warm-up then cosine decay to 0."""
@@ -317,8 +333,14 @@ def _save_weights(model, seen_tokens: torch.Tensor, path: Path, metadata: dict) 
     save_safetensors(state, path, {k: json.dumps(v) for k, v in metadata.items()})
 
 
-def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLike, threads: int = 1,
-                   log_every: int = 10, checkpoint_every: int = 50) -> dict:
+def train_toy_clip(
+    clip_cfg: Mapping,
+    toy_cfg: Mapping,
+    out_dir: str | os.PathLike,
+    threads: int = 1,
+    log_every: int = 10,
+    checkpoint_every: int = 50,
+) -> dict:
     """Train the toy CLIP into ``out_dir``; rerunning the same command resumes from its checkpoint.
 
     Writes ``rapm-toyclip.json``, ``rapm-toyclip.safetensors`` (config in its metadata),
@@ -341,8 +363,12 @@ def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLi
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "class_" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "class_" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": other, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": other, "weight_decay": 0.0}],
+        lr=cfg["lr"],
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     seen = torch.zeros(MODEL_CFG["text_cfg"]["vocab_size"], dtype=torch.bool)
     start = 0
@@ -386,10 +412,14 @@ def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLi
             model.logit_scale.clamp_(0, math.log(100))
 
         if (step + 1) % log_every == 0 or step + 1 == cfg["steps"]:
-            rec = {"step": step + 1, "loss": round(loss.item(), 5), "lr": _lr(step, cfg),
-                   "logit_scale": round(scale.item(), 3),
-                   "batch_i2t_top1": float((logits[:, :bsz].argmax(1) == labels).float().mean()),
-                   "elapsed_s": round(time.time() - t_start, 1)}
+            rec = {
+                "step": step + 1,
+                "loss": round(loss.item(), 5),
+                "lr": _lr(step, cfg),
+                "logit_scale": round(scale.item(), 3),
+                "batch_i2t_top1": float((logits[:, :bsz].argmax(1) == labels).float().mean()),
+                "elapsed_s": round(time.time() - t_start, 1),
+            }
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['batch_i2t_top1']:.2f}")
@@ -401,21 +431,32 @@ def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLi
 
     # 6. Save fp16 weights, then measure everything on the saved file through open_clip's loader.
     weights = out / WEIGHTS_NAME
-    meta = {"model_name": MODEL_NAME, "model_cfg": MODEL_CFG, "toy_clip": cfg,
-            "toy": {k: toy[k] for k in sorted(toy)}}
+    meta = {"model_name": MODEL_NAME, "model_cfg": MODEL_CFG, "toy_clip": cfg, "toy": {k: toy[k] for k in sorted(toy)}}
     _save_weights(model, seen.nonzero().flatten(), weights, meta)
     train_s = time.time() - t_start
     loaded, _, tok = load_toy_clip("cpu", weights)
     val_images, _, val_scenes = val_batch(toy, int(cfg["eval_images"]))
     metrics = {"val": evaluate(loaded, tok, val_images, val_scenes, seed=int(cfg["seed"]))}
     # held-out train-distribution scenes: sample ids past everything training drew
-    extra = [training_sample(cfg["seed"], cfg["steps"] * bsz + i, toy, holdout, 0) for i in range(int(cfg["eval_images"]))]
-    metrics["train_distribution"] = evaluate(loaded, tok, render_batch([e[0] for e in extra], size, [e[1] for e in extra]),
-                                             [e[0] for e in extra], seed=int(cfg["seed"]))
+    extra = [
+        training_sample(cfg["seed"], cfg["steps"] * bsz + i, toy, holdout, 0) for i in range(int(cfg["eval_images"]))
+    ]
+    metrics["train_distribution"] = evaluate(
+        loaded,
+        tok,
+        render_batch([e[0] for e in extra], size, [e[1] for e in extra]),
+        [e[0] for e in extra],
+        seed=int(cfg["seed"]),
+    )
     summary = {
-        "model_name": MODEL_NAME, "weights": weights.name, "weights_bytes": weights.stat().st_size,
-        "parameters": sum(p.numel() for p in model.parameters()), "toy_clip": cfg,
-        "toy": meta["toy"], "threads": threads, "train_wall_s": round(train_s, 1),
+        "model_name": MODEL_NAME,
+        "weights": weights.name,
+        "weights_bytes": weights.stat().st_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "toy_clip": cfg,
+        "toy": meta["toy"],
+        "threads": threads,
+        "train_wall_s": round(train_s, 1),
         "total_wall_s": round(time.time() - t_start, 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "versions": library_versions(("torch", "open_clip", "numpy")),
@@ -423,6 +464,10 @@ def train_toy_clip(clip_cfg: Mapping, toy_cfg: Mapping, out_dir: str | os.PathLi
     }
     write_json(out / "summary.json", summary, sort_keys=False)
     state_path.unlink(missing_ok=True)
-    log.info("toy CLIP: val i2t top-1 %.3f, attribute discrimination %.3f; wrote %s",
-             metrics["val"]["i2t_top1"], metrics["val"]["attr_all"], weights)
+    log.info(
+        "toy CLIP: val i2t top-1 %.3f, attribute discrimination %.3f; wrote %s",
+        metrics["val"]["i2t_top1"],
+        metrics["val"]["attr_all"],
+        weights,
+    )
     return summary

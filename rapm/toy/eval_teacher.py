@@ -24,19 +24,28 @@ from rapm.io import write_json
 log = logging.getLogger(__name__)
 
 
-def sample_prompts(pipe, prompts: Sequence[str], *, steps: int, guidance: float, seed: int,
-                   batch_size: int, device: torch.device | str = "cpu") -> np.ndarray:
+def sample_prompts(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    steps: int,
+    guidance: float,
+    seed: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
     """uint8 (N, H, W, 3) images of ``prompts``; image i uses ``torch.Generator().manual_seed(seed + i)``."""
     from tqdm import tqdm
 
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", mininterval=5):
-        chunk = list(prompts[start:start + batch_size])
+        chunk = list(prompts[start : start + batch_size])
         gens = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
         shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
         latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                      output_type="np").images
+        images = pipe(
+            chunk, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="np"
+        ).images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
@@ -55,12 +64,21 @@ def eval_teacher(cfg: Mapping, teacher: str | Path, out_dir: str | Path, device:
     dev = resolve_device(device or str(tcfg["device"]))
     n = int(ecfg["num_prompts"])
     if n > int(toy_cfg["num_val_images"]):
-        raise ValueError(f"toy_teacher.eval.num_prompts={n} exceeds data.toy.num_val_images={toy_cfg['num_val_images']}")
+        raise ValueError(
+            f"toy_teacher.eval.num_prompts={n} exceeds data.toy.num_val_images={toy_cfg['num_val_images']}"
+        )
     scenes = split_scenes(toy_cfg, "val", range(n))
     prompts = [caption(s) for s in scenes]
     pipe = load_pipeline(teacher, dev)
-    images = sample_prompts(pipe, prompts, steps=int(ecfg["steps"]), guidance=float(ecfg["guidance"]),
-                            seed=int(ecfg["seed"]), batch_size=int(ecfg["batch_size"]), device=dev)
+    images = sample_prompts(
+        pipe,
+        prompts,
+        steps=int(ecfg["steps"]),
+        guidance=float(ecfg["guidance"]),
+        seed=int(ecfg["seed"]),
+        batch_size=int(ecfg["batch_size"]),
+        device=dev,
+    )
     acc = accuracy(images, scenes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,14 +88,27 @@ def eval_teacher(cfg: Mapping, teacher: str | Path, out_dir: str | Path, device:
     result = {
         "teacher": str(teacher),
         "accuracy": acc,
-        "protocol": {"split": "val", "image_ids": f"0..{n - 1}", "holdout_pairs": list(toy_cfg["holdout_pairs"]),
-                     "sampler": "DDIM, timestep_spacing=trailing (the teacher's saved scheduler)",
-                     "steps": int(ecfg["steps"]), "guidance": float(ecfg["guidance"]),
-                     "seed": int(ecfg["seed"]), "image_seed": "seed + i", "reader": "rapm.toy.reader.accuracy"},
+        "protocol": {
+            "split": "val",
+            "image_ids": f"0..{n - 1}",
+            "holdout_pairs": list(toy_cfg["holdout_pairs"]),
+            "sampler": "DDIM, timestep_spacing=trailing (the teacher's saved scheduler)",
+            "steps": int(ecfg["steps"]),
+            "guidance": float(ecfg["guidance"]),
+            "seed": int(ecfg["seed"]),
+            "image_seed": "seed + i",
+            "reader": "rapm.toy.reader.accuracy",
+        },
         "device": str(dev),
         "wall_time_s": round(time.time() - t0, 1),
     }
     write_json(out_dir / "metrics.json", result, sort_keys=False)
-    print(" ".join(f"{key} {acc[key]:.3f}" for key in ("colour", "shape", "size", "position", "background", "all")
-                   if key in acc) + f" (n={n}, {ecfg['steps']} DDIM steps, guidance {ecfg['guidance']})")
+    print(
+        " ".join(
+            f"{key} {acc[key]:.3f}"
+            for key in ("colour", "shape", "size", "position", "background", "all")
+            if key in acc
+        )
+        + f" (n={n}, {ecfg['steps']} DDIM steps, guidance {ecfg['guidance']})"
+    )
     return result

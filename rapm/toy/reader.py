@@ -114,7 +114,7 @@ def _read_chunk(images: np.ndarray) -> list[Scene]:
         keep = np.flatnonzero(area >= min_area)
         keep = keep[keep > 0]
         if keep.size:  # else only specks below the minimum area: no object in this chunk
-            comp_cell = (np.clip((cy[keep] / cell).astype(int), 0, 2) * 3 + np.clip((cx[keep] / cell).astype(int), 0, 2))
+            comp_cell = np.clip((cy[keep] / cell).astype(int), 0, 2) * 3 + np.clip((cx[keep] / cell).astype(int), 0, 2)
             groups, obj_of_keep = np.unique(comp_img[keep] * 9 + comp_cell, return_inverse=True)
             n_obj = len(groups)
             # colour of an object: that of its heaviest component
@@ -129,8 +129,9 @@ def _read_chunk(images: np.ndarray) -> list[Scene]:
             obj_of_label[keep] = obj_of_keep + 1
             objmap = obj_of_label[labels]
             # a pixel joins the nearest object; the huge step between images keeps them apart
-            dist, nearest = ndimage.distance_transform_edt(objmap == 0, sampling=(4.0 * size, 1.0, 1.0),
-                                                           return_indices=True)
+            dist, nearest = ndimage.distance_transform_edt(
+                objmap == 0, sampling=(4.0 * size, 1.0, 1.0), return_indices=True
+            )
             region = np.where(dist <= GROW * cell, objmap[tuple(nearest)], 0).ravel()
             inside = region > 0
             rid = region[inside]
@@ -142,10 +143,10 @@ def _read_chunk(images: np.ndarray) -> list[Scene]:
             mx = np.bincount(rid, a * px, minlength=n_obj + 1)[1:] / m0s
             dx, dy = px - mx[rid - 1], py - my[rid - 1]
             # blur-invariant moments (an isotropic blur adds nothing to mu_03 or to Re C_40)
-            m03 = np.bincount(rid, a * dy ** 3, minlength=n_obj + 1)[1:]
-            c40 = np.bincount(rid, a * (dx ** 4 - 6 * dx ** 2 * dy ** 2 + dy ** 4), minlength=n_obj + 1)[1:]
-            t3 = m03 / m0s ** 2.5
-            q4 = c40 / m0s ** 3
+            m03 = np.bincount(rid, a * dy**3, minlength=n_obj + 1)[1:]
+            c40 = np.bincount(rid, a * (dx**4 - 6 * dx**2 * dy**2 + dy**4), minlength=n_obj + 1)[1:]
+            t3 = m03 / m0s**2.5
+            q4 = c40 / m0s**3
 
             small_large = np.sqrt(SIZE_FRACTION["small"] * SIZE_FRACTION["large"]) * cell
             for i in range(n_obj):
@@ -159,9 +160,17 @@ def _read_chunk(images: np.ndarray) -> list[Scene]:
                 centre_y = my[i] - _SHAPE_SHIFT[shape] * extent
                 row = min(max(int(centre_y // cell), 0), 2)
                 col = min(max(int(mx[i] // cell), 0), 2)
-                found[obj_img[i]].append((float(m0[i]), ToyObject(
-                    _COLOUR_NAMES[obj_colour[i]], shape, "large" if extent > small_large else "small",
-                    POSITIONS[3 * row + col])))
+                found[obj_img[i]].append(
+                    (
+                        float(m0[i]),
+                        ToyObject(
+                            _COLOUR_NAMES[obj_colour[i]],
+                            shape,
+                            "large" if extent > small_large else "small",
+                            POSITIONS[3 * row + col],
+                        ),
+                    )
+                )
 
     out = []
     for i in range(b):
@@ -177,7 +186,7 @@ def read_scenes(images) -> list[Scene]:
     images = _as_batch(images)
     out: list[Scene] = []
     for start in range(0, len(images), CHUNK):
-        out.extend(_read_chunk(images[start:start + CHUNK]))
+        out.extend(_read_chunk(images[start : start + CHUNK]))
     return out
 
 
@@ -215,8 +224,10 @@ def compare(found: Scene, expected: Scene) -> dict[str, float]:
     n = len(expected.objects)
     if n == 0:
         raise ValueError("cannot score against an empty scene")
-    match = np.array([[[getattr(e, a) == getattr(f, a) for a in ATTRIBUTES] for f in found.objects]
-                      for e in expected.objects], dtype=bool).reshape(n, len(found.objects), len(ATTRIBUTES))
+    match = np.array(
+        [[[getattr(e, a) == getattr(f, a) for a in ATTRIBUTES] for f in found.objects] for e in expected.objects],
+        dtype=bool,
+    ).reshape(n, len(found.objects), len(ATTRIBUTES))
     correct = np.zeros((n, len(ATTRIBUTES)), dtype=bool)
     if found.objects:
         rows, cols = _best_assignment(match @ _WEIGHTS)

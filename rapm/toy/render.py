@@ -91,8 +91,9 @@ def render_batch(scenes: Sequence[Scene], size: int, seeds: Sequence[int]) -> np
     return out
 
 
-def save_grid(images: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike, ncol: int, pad: int = 2,
-              pad_value: int = 64) -> None:
+def save_grid(
+    images: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike, ncol: int, pad: int = 2, pad_value: int = 64
+) -> None:
     """Tile uint8 (B, H, W, 3) images row-major into ``ncol`` columns and write a PNG atomically.
 
     The padding is dark gray (not a background colour), so tiles with a white or black
@@ -112,6 +113,6 @@ def save_grid(images: np.ndarray | Sequence[np.ndarray], path: str | os.PathLike
     for i in range(b):
         r, c = divmod(i, ncol)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y:y + h, x:x + w] = images[i]
+        grid[y : y + h, x : x + w] = images[i]
     with atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")

@@ -33,9 +33,15 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: tuple[str, ...] = ("small", "large")
 # Cells of the 3x3 grid in reading order (row-major); index = 3 * row + column.
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
@@ -111,15 +117,17 @@ def check_holdout_pairs(pairs: Iterable[str]) -> tuple[tuple[str, str], ...]:
         if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
             raise ConfigError(
                 f"data.toy.holdout_pairs: bad entry {entry!r}; expected 'colour shape' with colour in "
-                f"{{{', '.join(COLOURS)}}} and shape in {{{', '.join(SHAPES)}}}")
+                f"{{{', '.join(COLOURS)}}} and shape in {{{', '.join(SHAPES)}}}"
+            )
         out.append((parts[0], parts[1]))
     if len(set(out)) == len(COLOURS) * len(SHAPES):
         raise ConfigError("data.toy.holdout_pairs: every colour-shape pair is held out; the train split would be empty")
     return tuple(out)
 
 
-def sample_scene(rng: np.random.Generator, *, max_objects: int = 2, holdout_pairs: Iterable[str] = (),
-                 split: str = "train") -> Scene:
+def sample_scene(
+    rng: np.random.Generator, *, max_objects: int = 2, holdout_pairs: Iterable[str] = (), split: str = "train"
+) -> Scene:
     """Draw one scene: 1..max_objects objects in distinct cells, uniform attributes.
 
     ``split="train"``: no object is a held-out "colour shape" pair (rejection per object).
@@ -176,8 +184,12 @@ def split_scenes(toy_cfg: Mapping, split: str, image_ids: Iterable[int]) -> list
     cfg = toy_settings(toy_cfg)
     seed, index = int(cfg["seed"]), SPLITS.index(split)
     max_objects, held = int(cfg["max_objects"]), tuple(cfg["holdout_pairs"])
-    return [sample_scene(np.random.default_rng([seed, index, int(i)]), max_objects=max_objects,
-                         holdout_pairs=held, split=split) for i in image_ids]
+    return [
+        sample_scene(
+            np.random.default_rng([seed, index, int(i)]), max_objects=max_objects, holdout_pairs=held, split=split
+        )
+        for i in image_ids
+    ]
 
 
 def caption(scene: Scene) -> str:
@@ -194,7 +206,8 @@ def _alternation(names: Iterable[str]) -> str:
 
 _OBJECT_RE = re.compile(
     rf"a (?P<size>{_alternation(SIZES)}) (?P<colour>{_alternation(COLOURS)}) (?P<shape>{_alternation(SHAPES)})"
-    rf" at the (?P<position>{_alternation(POSITIONS)})")
+    rf" at the (?P<position>{_alternation(POSITIONS)})"
+)
 
 
 def parse_caption(text: str) -> Scene:

@@ -103,8 +103,9 @@ def build_text_encoder(tokenizer=None):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = tokenizer or build_tokenizer()
-    config = CLIPTextConfig(**TEXT_CONFIG, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id)
+    config = CLIPTextConfig(
+        **TEXT_CONFIG, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     return CLIPTextModel(config)
 
 
@@ -120,20 +121,31 @@ def text_encoder_from_open_clip(clip_model, tokenizer=None):
     """
     sd = clip_model.state_dict()
     width, n_layers = TEXT_CONFIG["hidden_size"], TEXT_CONFIG["num_hidden_layers"]
-    shapes = {"token_embedding.weight": (TEXT_CONFIG["vocab_size"], width),
-              "positional_embedding": (TEXT_CONFIG["max_position_embeddings"], width)}
+    shapes = {
+        "token_embedding.weight": (TEXT_CONFIG["vocab_size"], width),
+        "positional_embedding": (TEXT_CONFIG["max_position_embeddings"], width),
+    }
     for key, shape in shapes.items():
         if key not in sd or tuple(sd[key].shape) != shape:
-            raise ValueError(f"open_clip model: {key} is {tuple(sd[key].shape) if key in sd else 'missing'}, "
-                             f"expected {shape} (TinySD's TEXT_CONFIG)")
-    out = {"text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
-           "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
-           "text_model.final_layer_norm.weight": sd["ln_final.weight"],
-           "text_model.final_layer_norm.bias": sd["ln_final.bias"]}
+            raise ValueError(
+                f"open_clip model: {key} is {tuple(sd[key].shape) if key in sd else 'missing'}, "
+                f"expected {shape} (TinySD's TEXT_CONFIG)"
+            )
+    out = {
+        "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
+        "text_model.final_layer_norm.weight": sd["ln_final.weight"],
+        "text_model.final_layer_norm.bias": sd["ln_final.bias"],
+    }
     for i in range(n_layers):
         src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-        for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
-                     ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        for a, b in (
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
             for kind in ("weight", "bias"):
                 out[f"{dst}{b}.{kind}"] = sd[f"{src}{a}.{kind}"]
         for kind in ("weight", "bias"):
@@ -141,7 +153,8 @@ def text_encoder_from_open_clip(clip_model, tokenizer=None):
                 out[f"{dst}self_attn.{name}.{kind}"] = part
     model = build_text_encoder(tokenizer)
     missing, unexpected = model.load_state_dict(
-        {k.removeprefix("text_model."): v.detach().clone().float() for k, v in out.items()}, strict=False)
+        {k.removeprefix("text_model."): v.detach().clone().float() for k, v in out.items()}, strict=False
+    )
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"open_clip -> CLIPTextModel: missing {missing}, unexpected {unexpected}")
@@ -191,8 +204,9 @@ def save_pipeline(pipe, path: str | Path, dtype: torch.dtype = torch.float16) ->
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    out = build_pipeline(*(copy.deepcopy(getattr(pipe, n)).to(dtype) for n in ("vae", "unet", "text_encoder")),
-                         tokenizer=pipe.tokenizer)
+    out = build_pipeline(
+        *(copy.deepcopy(getattr(pipe, n)).to(dtype) for n in ("vae", "unet", "text_encoder")), tokenizer=pipe.tokenizer
+    )
     out.save_pretrained(path, safe_serialization=True)
     from rapm.io import apply_umask_mode
 

@@ -47,14 +47,19 @@ PHASE_VAE, PHASE_DIFFUSION = 0, 1
 
 # --- data -----------------------------------------------------------------------------------------
 
+
 def train_batch(toy_cfg: Mapping, seed: int, phase: int, step: int, batch_size: int):
     """Scenes, captions and renders (float (B, 3, H, W) in [-1, 1]) of batch ``step`` of ``phase``."""
     from rapm.toy.render import render_batch
     from rapm.toy.scene import caption, sample_scene
 
     rng = np.random.default_rng([seed, phase, step])
-    scenes = [sample_scene(rng, max_objects=int(toy_cfg["max_objects"]), holdout_pairs=toy_cfg["holdout_pairs"],
-                           split="train") for _ in range(batch_size)]
+    scenes = [
+        sample_scene(
+            rng, max_objects=int(toy_cfg["max_objects"]), holdout_pairs=toy_cfg["holdout_pairs"], split="train"
+        )
+        for _ in range(batch_size)
+    ]
     images = render_batch(scenes, int(toy_cfg["image_size"]), rng.integers(0, 2**31 - 1, size=batch_size).tolist())
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     return scenes, [caption(s) for s in scenes], x, rng
@@ -68,8 +73,10 @@ def caption_without_colours(scene, drop) -> str:
     alone, not inferred from the colour (the train split never shows a held-out pair such as
     "blue square", so "blue and not a triangle" would otherwise predict "circle").
     """
-    parts = [f"a {o.size} {o.shape} at the {o.position}" if d else f"a {o.size} {o.colour} {o.shape} at the {o.position}"
-             for o, d in zip(scene.objects, drop)]
+    parts = [
+        f"a {o.size} {o.shape} at the {o.position}" if d else f"a {o.size} {o.colour} {o.shape} at the {o.position}"
+        for o, d in zip(scene.objects, drop)
+    ]
     return f"{' and '.join(parts)} on a {scene.background} background"
 
 
@@ -89,11 +96,14 @@ def foreground_mask(x: torch.Tensor, scenes) -> torch.Tensor:
 
 # --- state ----------------------------------------------------------------------------------------
 
+
 def _save_state(path: Path, modules: dict, optimizer: torch.optim.Optimizer, step: int, losses: list) -> None:
     """The resumable state as safetensors (state dicts, AdamW state; step and losses in the metadata), atomically."""
     from rapm.io import save_safetensors
 
-    tensors = {f"{name}.{k}": v.detach().cpu().clone().contiguous() for name, sd in modules.items() for k, v in sd.items()}
+    tensors = {
+        f"{name}.{k}": v.detach().cpu().clone().contiguous() for name, sd in modules.items() for k, v in sd.items()
+    }
     tensors.update(optimizer_tensors("optimizer", optimizer))
     save_safetensors(tensors, path, {"step": str(step), "losses": json.dumps(losses)})
 
@@ -103,13 +113,14 @@ def _load_state(path: Path, optimizer: torch.optim.Optimizer, device) -> tuple[d
     optimiser in place; None when there is none."""
     from safetensors import safe_open
 
-
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    load_optimizer_tensors("optimizer", optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optimizer.")})
+    load_optimizer_tensors(
+        "optimizer", optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optimizer.")}
+    )
     modules: dict[str, dict] = {}
     for key, value in tensors.items():
         name, rest = key.split(".", 1)
@@ -133,6 +144,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 # --- phase 1: VAE -----------------------------------------------------------------------------------
+
 
 def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.device) -> tuple[object, dict]:
     """Train (or resume, or load the finished) VAE; returns it with its scaling factor set, and stats."""
@@ -160,7 +172,9 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="VAE", mininterval=5, file=sys.stderr)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = float(vcfg["lr"]) * _lr_factor(step, steps, int(tcfg["warmup_steps"]), float(tcfg["lr_final_fraction"]))
+            g["lr"] = float(vcfg["lr"]) * _lr_factor(
+                step, steps, int(tcfg["warmup_steps"]), float(tcfg["lr_final_fraction"])
+            )
         scenes, _, x, _ = train_batch(toy_cfg, seed, PHASE_VAE, step, bs)
         x = x.to(device)
         post = vae.encode(x).latent_dist
@@ -173,7 +187,7 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
         opt.step()
         losses.append([mse.item(), kl.item()])
         if (step + 1) % int(tcfg["log_every"]) == 0:
-            m = np.mean(losses[-int(tcfg["log_every"]):], axis=0)
+            m = np.mean(losses[-int(tcfg["log_every"]) :], axis=0)
             bar.set_postfix(mse=f"{m[0]:.5f}", kl=f"{m[1]:.1f}")
             log.info("VAE step %d/%d: mse %.5f kl %.1f", step + 1, steps, m[0], m[1])
         if (step + 1) % int(tcfg["checkpoint_every"]) == 0 and step + 1 < steps:
@@ -191,15 +205,20 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
             scenes += sc
     std = torch.cat(zs).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    tail = np.mean(losses[-int(tcfg["log_every"]):], axis=0)
+    tail = np.mean(losses[-int(tcfg["log_every"]) :], axis=0)
     try:
         recon_acc = accuracy(np.concatenate(recs), scenes)
     except Exception as err:  # a diagnostic only: never lose a trained VAE to it
         log.warning("VAE: reading the reconstructions failed: %r", err)
         recon_acc = {"error": repr(err)}
-    stats = {"steps": steps, "latent_std": std, "scaling_factor": 1.0 / std,
-             "final_mse": float(tail[0]), "final_kl": float(tail[1]),
-             "reconstruction_reader_accuracy": recon_acc}
+    stats = {
+        "steps": steps,
+        "latent_std": std,
+        "scaling_factor": 1.0 / std,
+        "final_mse": float(tail[0]),
+        "final_kl": float(tail[1]),
+        "reconstruction_reader_accuracy": recon_acc,
+    }
     log.info("VAE done: latent std %.4f, reconstructions read as %s", std, stats["reconstruction_reader_accuracy"])
     vae.save_pretrained(final_dir, safe_serialization=True)
     write_json(final_dir / "stats.json", stats, sort_keys=False)
@@ -208,6 +227,7 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
 
 
 # --- phase 2: UNet + text encoder -------------------------------------------------------------------
+
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
     """w(t) = min(SNR(t), gamma) / SNR(t) for epsilon prediction; 1 when gamma is None."""
@@ -268,10 +288,13 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
         scenes, captions, x, rng = train_batch(toy_cfg, seed, PHASE_DIFFUSION, step, bs)
         captions = ["" if u < drop else c for u, c in zip(rng.random(bs), captions)]
         if colour_drop > 0:
-            captions = [c and caption_without_colours(s, rng.random(len(s.objects)) < colour_drop)
-                        for s, c in zip(scenes, captions)]
-        ids = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+            captions = [
+                c and caption_without_colours(s, rng.random(len(s.objects)) < colour_drop)
+                for s, c in zip(scenes, captions)
+            ]
+        ids = tokenizer(
+            captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         # 2. z_0 = scale * sample of q(z|x); t ~ U{0..999}; eps ~ N(0, I); z_t = sqrt(abar_t) z_0 + sqrt(1-abar_t) eps
         with torch.no_grad():
@@ -292,21 +315,26 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
         _ema_update(ema, models, min(float(dcfg["ema_decay"]), (1 + step) / (10 + step)))
         losses.append(loss.item())
         if (step + 1) % int(tcfg["log_every"]) == 0:
-            m = float(np.mean(losses[-int(tcfg["log_every"]):]))
+            m = float(np.mean(losses[-int(tcfg["log_every"]) :]))
             bar.set_postfix(loss=f"{m:.4f}", lr=f"{lr:.2e}")
             log.info("diffusion step %d/%d: loss %.4f lr %.2e", step + 1, steps, m, lr)
         if (step + 1) % int(tcfg["checkpoint_every"]) == 0 or step + 1 == steps:
             _save_state(ckpt_path, {"model": models.state_dict(), "ema": ema.state_dict()}, opt, step + 1, losses)
-    tail = losses[-int(tcfg["log_every"]):] if losses else [float("nan")]
-    stats = {"steps": steps, "final_loss": float(np.mean(tail)),
-             "loss_curve": [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)]}
+    tail = losses[-int(tcfg["log_every"]) :] if losses else [float("nan")]
+    stats = {
+        "steps": steps,
+        "final_loss": float(np.mean(tail)),
+        "loss_curve": [float(np.mean(losses[i : i + 100])) for i in range(0, len(losses), 100)],
+    }
     return ema[0].eval(), ema[1].eval(), tokenizer, stats
 
 
 # --- entry point ------------------------------------------------------------------------------------
 
-def train_teacher(cfg: Mapping, out_dir: str | Path, state_dir: str | Path | None = None,
-                  command: str | None = None) -> dict:
+
+def train_teacher(
+    cfg: Mapping, out_dir: str | Path, state_dir: str | Path | None = None, command: str | None = None
+) -> dict:
     """Train TinySD from ``cfg`` (sections data.toy and toy_teacher) and save the pipeline to ``out_dir``.
 
     ``state_dir`` (default ``<out_dir>.state``) keeps the resumable state; run again to resume.
