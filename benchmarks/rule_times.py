@@ -1,9 +1,9 @@
-"""Per-rule time table of a workflow run, from Snakemake's ``benchmark:`` files (``benchmarks/**/*.tsv``).
+"""Per-rule time table of a workflow run, from Snakemake's ``benchmark:`` files (``logs/benchmarks/**/*.tsv``).
 
     python benchmarks/rule_times.py [--root .]
 
-Each rule writes one TSV per job under ``benchmarks/<stage>/...`` (mirroring ``results/``); the first
-path component after ``benchmarks/`` names the stage. Prints, per stage folder: jobs, summed wall
+Each rule writes one TSV per job under ``logs/benchmarks/<stage>/...`` (mirroring ``results/``); the first
+path component after ``logs/benchmarks/`` names the stage. Prints, per stage folder: jobs, summed wall
 seconds (``s`` column), the longest job, and the share of the summed time. The sum over jobs is CPU
 occupancy, not the run's wall time when jobs run side by side (``snakemake all`` runs two at once).
 """
@@ -19,12 +19,12 @@ import pandas as pd
 
 def rule_times(root: Path) -> pd.DataFrame:
     rows = []
-    for tsv in sorted((root / "benchmarks").rglob("*.tsv")):
-        parts = tsv.relative_to(root / "benchmarks").parts
+    for tsv in sorted((root / "logs" / "benchmarks").rglob("*.tsv")):
+        parts = tsv.relative_to(root / "logs" / "benchmarks").parts
         seconds = float(pd.read_csv(tsv, sep="\t")["s"].iloc[0])
         rows.append({"stage": parts[0], "job": "/".join(parts[1:]), "s": seconds})
     if not rows:
-        raise SystemExit(f"no benchmark TSVs under {root / 'benchmarks'}: run the workflow first")
+        raise SystemExit(f"no benchmark TSVs under {root / 'logs' / 'benchmarks'}: run the workflow first")
     df = pd.DataFrame(rows)
     table = df.groupby("stage").agg(jobs=("s", "size"), seconds=("s", "sum"), longest=("s", "max"))
     table["share"] = table["seconds"] / table["seconds"].sum()

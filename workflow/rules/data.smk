@@ -11,7 +11,7 @@ rule fetch_coco_captions:
     log:
         "logs/data/fetch_coco_captions.log",
     benchmark:
-        "benchmarks/data/fetch_coco_captions.tsv"
+        "logs/benchmarks/data/fetch_coco_captions.tsv"
     localrule: True  # on a cluster it runs on the login node: compute nodes often have no internet
     conda:
         "../../environment.yml"
@@ -35,7 +35,7 @@ rule make_toy_captions:
     log:
         "logs/data/make_toy_captions.log",
     benchmark:
-        "benchmarks/data/make_toy_captions.tsv"
+        "logs/benchmarks/data/make_toy_captions.tsv"
     conda:
         "../../environment.yml"
     params:
@@ -64,7 +64,7 @@ rule make_prompt_sets:
     log:
         "logs/prompts/make_prompt_sets.log",
     benchmark:
-        "benchmarks/prompts/make_prompt_sets.tsv"
+        "logs/benchmarks/prompts/make_prompt_sets.tsv"
     conda:
         "../../environment.yml"
     params:

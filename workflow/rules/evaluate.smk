@@ -14,7 +14,7 @@ rule sample_images:
     log:
         "logs/samples/{row}/shard-{shard}-of-{shards}.log",
     benchmark:
-        "benchmarks/samples/{row}/shard-{shard}-of-{shards}.tsv"
+        "logs/benchmarks/samples/{row}/shard-{shard}-of-{shards}.tsv"
     conda:
         "../../environment.yml"
     threads: 2
@@ -38,7 +38,7 @@ rule reference_stats:
     log:
         "logs/eval/reference/{protocol}.log",
     benchmark:
-        "benchmarks/eval/reference/{protocol}.tsv"
+        "logs/benchmarks/eval/reference/{protocol}.tsv"
     conda:
         "../../environment.yml"
     threads: 2
@@ -64,7 +64,7 @@ rule evaluate:
     log:
         "logs/eval/{row}.log",
     benchmark:
-        "benchmarks/eval/{row}.tsv"
+        "logs/benchmarks/eval/{row}.tsv"
     conda:
         "../../environment.yml"
     threads: 2

@@ -34,7 +34,7 @@ rule tables:
     log:
         "logs/tables/{table_set}.log",
     benchmark:
-        "benchmarks/tables/{table_set}.tsv"
+        "logs/benchmarks/tables/{table_set}.tsv"
     conda:
         "../../environment.yml"
     params:
@@ -58,7 +58,7 @@ rule comparison_grid:
     log:
         "logs/figures/{table_set}/grid.log",
     benchmark:
-        "benchmarks/figures/{table_set}/grid.tsv"
+        "logs/benchmarks/figures/{table_set}/grid.tsv"
     localrule: True
     conda:
         "../../environment.yml"
@@ -79,7 +79,7 @@ rule loss_curves:
     log:
         "logs/figures/{table_set}/losses.log",
     benchmark:
-        "benchmarks/figures/{table_set}/losses.tsv"
+        "logs/benchmarks/figures/{table_set}/losses.tsv"
     localrule: True
     conda:
         "../../environment.yml"
@@ -105,7 +105,7 @@ rule curve:
     log:
         "logs/figures/curves/{variant}.log",
     benchmark:
-        "benchmarks/figures/curves/{variant}.tsv"
+        "logs/benchmarks/figures/curves/{variant}.tsv"
     conda:
         "../../environment.yml"
     threads: 2

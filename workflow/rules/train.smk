@@ -22,7 +22,7 @@ rule train_rapm:
     log:
         "logs/train/{variant}.log",
     benchmark:
-        "benchmarks/train/{variant}.tsv"
+        "logs/benchmarks/train/{variant}.tsv"
     conda:
         "../../environment.yml"
     threads: 2
@@ -47,7 +47,7 @@ rule export_kohya:
     log:
         "logs/train/{variant}/kohya.log",
     benchmark:
-        "benchmarks/train/{variant}/kohya.tsv"
+        "logs/benchmarks/train/{variant}/kohya.tsv"
     conda:
         "../../environment.yml"
     shell:
@@ -65,7 +65,7 @@ rule msd_partition:
     log:
         "logs/train/{variant}/partition.log",
     benchmark:
-        "benchmarks/train/{variant}/partition.tsv"
+        "logs/benchmarks/train/{variant}/partition.tsv"
     conda:
         "../../environment.yml"
     params:
@@ -93,7 +93,7 @@ rule train_msd_student:
     log:
         "logs/train/{variant}/students/{k}.log",
     benchmark:
-        "benchmarks/train/{variant}/students/{k}.tsv"
+        "logs/benchmarks/train/{variant}/students/{k}.tsv"
     wildcard_constraints:
         k=r"\d+",
     conda:

@@ -16,7 +16,7 @@ rule init_trajectories:
     log:
         "logs/trajectories/{key}/init.log",
     benchmark:
-        "benchmarks/trajectories/{key}/init.tsv"
+        "logs/benchmarks/trajectories/{key}/init.tsv"
     conda:
         "../../environment.yml"
     params:
@@ -36,7 +36,7 @@ rule precompute_trajectories:
     log:
         "logs/trajectories/{key}/shards/{shard}-of-{shards}.log",
     benchmark:
-        "benchmarks/trajectories/{key}/shards/{shard}-of-{shards}.tsv"
+        "logs/benchmarks/trajectories/{key}/shards/{shard}-of-{shards}.tsv"
     conda:
         "../../environment.yml"
     threads: 2
@@ -59,7 +59,7 @@ rule gather_trajectories:
     log:
         "logs/trajectories/{key}/gather.log",
     benchmark:
-        "benchmarks/trajectories/{key}/gather.tsv"
+        "logs/benchmarks/trajectories/{key}/gather.tsv"
     conda:
         "../../environment.yml"
     params:
