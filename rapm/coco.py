@@ -17,6 +17,7 @@ into a tidy, sorted DataFrame; it does not care whether the file came from COCO 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -36,6 +37,7 @@ from typing import Any
 import pandas as pd
 
 import rapm
+from rapm.cliargs import add_config_args, stage_config
 from rapm.download import CHUNK_BYTES, FetchError, download
 from rapm.errors import RapmError
 from rapm.io import atomic_path, sha256_file, write_summary
@@ -322,3 +324,22 @@ def fetch_captions(coco_cfg: Mapping[str, Any], out_dir: str | Path, cache_dir: 
     summary = write_summary(out_dir / "summary.json", "fetch-coco", summary, libraries=("rapm", "pandas"))
     log.info("wrote %s to %s", ", ".join(CAPTION_FILES), out_dir)
     return summary
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm fetch-coco`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--out-dir", required=True, help="where captions_{train,val}2014.json are written")
+    p.add_argument(
+        "--cache-dir", required=True, help="where the archive is downloaded (kept across runs so a download resumes)"
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data.coco")
+
+    fetch_captions(cfg["data"]["coco"], out_dir=args.out_dir, cache_dir=args.cache_dir)
+    return 0

@@ -12,12 +12,14 @@ pass every bound; YAML reads ``.nan``/``.inf``), and a ``run_variants`` entry th
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import functools
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -360,3 +362,19 @@ def write_yaml(data: Mapping, path: str | Path) -> None:
     from rapm.io import write_text
 
     write_text(path, yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False))
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm validate-config`` (registered in :mod:`rapm.cli`)."""
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    p.add_argument("--partial", action="store_true", help="accept a config with only some sections")
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.files, args.overrides, partial=args.partial)
+    sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False))
+    return 0

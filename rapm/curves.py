@@ -12,6 +12,7 @@ with their image count and are not the table's numbers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from rapm.cliargs import add_config_args, set_threads, stage_config
 from rapm.io import write_json
 from rapm.protocol import Protocol, fd_label
 from rapm.rows import Row
@@ -116,3 +118,35 @@ def plot_curve(result: Mapping[str, Any], path: str | Path) -> None:
 
 def read_snapshots(path: str | Path) -> list[dict]:
     return json.loads(Path(path).read_text())["snapshots"]
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm curve`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--row", required=True, help="the variant's row file (results/config/rows/<variant>.yaml)")
+    p.add_argument("--snapshots", required=True, help="snapshots.json written by `rapm train`")
+    p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
+    p.add_argument("--out-json", required=True)
+    p.add_argument("--out-png", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def command(args: argparse.Namespace) -> int:
+    from rapm.rows import Row
+
+    cfg = stage_config(args, "data", "teacher", "sampling", "evaluation.fid", "evaluation.reference", "curves")
+    set_threads(args.threads)
+
+    snapshot_curve(
+        cfg,
+        Row.from_file(args.row),
+        read_snapshots(args.snapshots),
+        args.prompts,
+        int(cfg["curves"]["images"]),
+        args.out_json,
+        args.out_png,
+    )
+    return 0

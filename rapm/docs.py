@@ -6,6 +6,8 @@ from the schema; ``--check`` (run by the tests) fails when the file is out of da
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -57,3 +59,24 @@ def sync_table(path: str | Path, write: bool) -> bool:
         write_text(path, new)
         return True
     return new == text
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm docs`` (registered in :mod:`rapm.cli`)."""
+    p.add_argument("--file", default="docs/configuration.md", help="the Markdown file holding the table's markers")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true")
+    mode.add_argument("--check", action="store_true")
+
+
+def command(args: argparse.Namespace) -> int:
+
+    ok = sync_table(args.file, write=args.write)
+    if not ok:
+        print(
+            f"{args.file}: the configuration table is out of date; run `python -m rapm docs --write`", file=sys.stderr
+        )
+    return 0 if ok else 1

@@ -24,6 +24,7 @@ their difference, which the tables use to mark a difference as significant).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from rapm.cliargs import add_config_args, set_threads, stage_config
 from rapm.manifests import num_images
 from rapm.metrics import (
     MetricsError,
@@ -231,3 +233,58 @@ def validate_metrics(result: Mapping[str, Any]) -> None:
         raise MetricsError(
             f"metrics record does not match its schema: {err.message} at {list(err.absolute_path)}"
         ) from err
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def reference_stats_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm reference-stats`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def reference_stats_command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data", "sampling.num_images", "evaluation.fid", "evaluation.reference")
+    set_threads(args.threads)
+
+    compute_reference_stats(cfg, args.prompts, args.out)
+    return 0
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm evaluate`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--row", required=True, help="the row's config file (results/config/rows/<row>.yaml)")
+    p.add_argument("--manifests", nargs="+", required=True, help="the row's shard manifests")
+    p.add_argument(
+        "--teacher-manifests",
+        nargs="*",
+        default=[],
+        help="the teacher row's shard manifests (same noise): distance to the teacher's images",
+    )
+    p.add_argument("--reference", required=True, help="reference statistics (.npz) of the protocol")
+    p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
+    p.add_argument("--out", required=True, help="metrics JSON to write")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def command(args: argparse.Namespace) -> int:
+    from rapm.rows import Row
+
+    cfg = stage_config(args, "data", "sampling", "evaluation")
+    set_threads(args.threads)
+
+    row = Row.from_file(args.row)
+    evaluate_row(
+        cfg,
+        row,
+        args.manifests,
+        args.reference,
+        args.prompts,
+        args.out,
+        teacher_manifests=args.teacher_manifests or None,
+    )
+    return 0

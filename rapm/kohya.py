@@ -6,6 +6,7 @@ per-module ``alpha`` and ``ss_network_*`` metadata. Safetensors in and out: noth
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Mapping
@@ -64,3 +65,27 @@ def export_kohya(lora: str | os.PathLike, out: str | os.PathLike) -> int:
     )
     save_safetensors(kohya, Path(out), metadata)
     return sum(1 for k in kohya if k.endswith(".alpha"))
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm export-kohya`` (registered in :mod:`rapm.cli`)."""
+    p.add_argument("lora", help="lora.safetensors written by `rapm train`")
+    p.add_argument("out", help="the kohya-ss file to write, e.g. results/train/rapm/lora_kohya.safetensors")
+
+
+def command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rapm.errors import RapmError
+
+    if not Path(args.lora).is_file():
+        raise RapmError(f"{args.lora}: LoRA file not found")
+    try:
+        n = export_kohya(args.lora, args.out)
+    except Exception as err:  # not a safetensors file, or not a rapm LoRA (names the key)
+        raise RapmError(f"{args.lora}: not a LoRA written by `rapm train`: {err}") from err
+    print(f"{args.out}: {n} LoRA modules in kohya-ss form")
+    return 0

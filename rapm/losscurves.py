@@ -8,6 +8,7 @@ discriminators separate real from fake (hinge below 2) and whether the student's
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -86,3 +87,21 @@ def plot_loss_curves(losses: Sequence[str | Path], out: str | Path, window: int 
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
     return last
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm loss-curves`` (registered in :mod:`rapm.cli`)."""
+    p.add_argument("--losses", nargs="+", required=True, help="losses.jsonl files written by `rapm train`")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--window", type=int, default=25, help="iterations in each running mean")
+
+
+def command(args: argparse.Namespace) -> int:
+
+    last = plot_loss_curves(args.losses, args.out, window=args.window)
+    for name, terms in last.items():
+        print(f"{name}: " + ", ".join(f"{t} {v:.3f}" for t, v in terms.items()))
+    return 0

@@ -18,6 +18,7 @@ teacher pipeline in turn (:func:`each_student`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from rapm.cliargs import add_config_args, stage_config
 from rapm.errors import RapmError
 from rapm.rows import Row
 
@@ -191,3 +193,23 @@ def each_student(teacher, row: Row, groups: list[int], todo: list[int], start: i
             restore_base(teacher, base)
         fuse_row_lora(teacher, sub_row)
         yield sub_row, indices
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm msd-partition`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--trajectories", required=True, help="trajectory directory results/trajectories/<key> (gathered)")
+    p.add_argument("--students", type=int, required=True, help="K")
+    p.add_argument("--partition", default="pca", choices=["pca", "kmeans"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True, help="where router.safetensors and groups.json go")
+
+
+def command(args: argparse.Namespace) -> int:
+    stage_config(args, "teacher", "trajectories")
+
+    partition_store(args.trajectories, args.students, args.partition, args.seed, args.out_dir)
+    return 0

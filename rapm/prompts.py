@@ -19,6 +19,7 @@ Because the draws in step 2 do not depend on n, a larger ``num_eval`` extends th
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rapm.cliargs import add_config_args, stage_config
 from rapm.coco import load_captions
 from rapm.config import ConfigError
 from rapm.io import atomic_path, sha256_file
@@ -149,3 +151,20 @@ def make_prompt_sets(prompts_cfg: Mapping[str, Any], captions_dir: str | Path, o
         outputs["eval.csv"]["sha256"][:12],
     )
     return manifest
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm prompts`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--captions-dir", required=True, help="directory with captions_{train,val}2014.json")
+    p.add_argument("--out-dir", required=True, help="where train.csv, eval.csv and manifest.json go")
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "prompts")
+
+    make_prompt_sets(cfg["prompts"], captions_dir=args.captions_dir, out_dir=args.out_dir)
+    return 0

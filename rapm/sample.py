@@ -17,6 +17,7 @@ seed, file) is written last: it is the rule's declared output.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from rapm.cliargs import add_config_args, set_threads, stage_config
 from rapm.io import atomic_path, sha256_file, write_json
 from rapm.manifests import num_images
 from rapm.pipeline import SamplingError, generate, load_row_pipeline
@@ -149,3 +151,37 @@ def sample_shard(
         "sampled": len(todo),
         "wall_time_s": round(time.time() - t0, 1),
     }
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm sample`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--row", required=True, help="the row's file (results/config/rows/<row>.yaml)")
+    p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
+    p.add_argument("--shard", type=int, required=True, help="shard index in [0, sampling.shards)")
+    p.add_argument("--out-dir", required=True, help="the shard's folder (images/ and settings.json go inside)")
+    p.add_argument("--manifest", required=True, help="the shard's manifest CSV, written once its images are complete")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def command(args: argparse.Namespace) -> int:
+    from rapm.rows import Row
+
+    cfg = stage_config(args, "teacher", "sampling")
+    row = Row.from_file(args.row)
+    set_threads(args.threads)
+
+    sample_shard(
+        row,
+        cfg["teacher"],
+        cfg["sampling"],
+        args.prompts,
+        args.shard,
+        args.out_dir,
+        args.manifest,
+        resolution=row.get("resolution"),
+    )
+    return 0

@@ -9,6 +9,7 @@ on the toy profile the published rows are a separate block that shares no protoc
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from rapm.cliargs import add_config_args, stage_config
 from rapm.config import split_replicate
 from rapm.io import write_text
 from rapm.protocol import READER_ATTRIBUTES, Protocol
@@ -483,3 +485,30 @@ def sync_results(readme: str | Path, block: str) -> None:
     head, rest = text.split(RESULTS_START, 1)
     _, tail = rest.split(RESULTS_END, 1)
     write_text(path, head + RESULTS_START + "\n" + block.strip() + "\n" + RESULTS_END + tail)
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm tables`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON of every row")
+    p.add_argument("--train-summaries", nargs="*", default=[], help="summary.json of every trained variant")
+    p.add_argument("--trajectory-manifests", nargs="*", default=[], help="manifest.json of every trajectory store")
+    p.add_argument("--out-dir", required=True, help="where main/ablations/resources .md/.csv/.tex go")
+    p.add_argument("--readme", default=None, help="also write the results section into this README")
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "profile", "evaluation")
+
+    write_tables(
+        cfg,
+        metrics=args.metrics,
+        train_summaries=args.train_summaries,
+        trajectory_manifests=args.trajectory_manifests,
+        out_dir=args.out_dir,
+        readme=args.readme,
+    )
+    return 0

@@ -32,10 +32,12 @@ records the sha256 of ``lora.safetensors`` (``sha256``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +45,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from rapm.cliargs import add_config_args, stage_config
+from rapm.config import ConfigError
 from rapm.errors import RapmError
 from rapm.io import NonFiniteTensorError, load_optimizer_tensors, optimizer_tensors, save_safetensors
 from rapm.progress import Progress
@@ -492,3 +496,73 @@ def train(
     )
     log.info("RAPM done: %d iterations, LoRA with %d modules in %s", total, n_modules, out_dir / "lora.safetensors")
     return summary
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm train`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--trajectories", required=True, help="trajectory directory results/trajectories/<key> (gathered)")
+    p.add_argument(
+        "--out-dir", required=True, help="where lora.safetensors, summary.json, losses.jsonl, validation.png go"
+    )
+    p.add_argument(
+        "--state-dir",
+        required=True,
+        help="checkpoints, loss log, validation grids, snapshots; keep it outside declared outputs",
+    )
+    p.add_argument(
+        "--max-iterations",
+        type=int,
+        default=None,
+        help="stop after this many iterations of this run (exit code 75, no outputs; rerun to resume)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; given, it wins over train.num_threads (the workflow passes the rule's threads)",
+    )
+    p.add_argument("--subset-file", default=None, help="groups.json of `rapm msd-partition` (train one MSD student)")
+    p.add_argument("--group", type=int, default=None, help="the student's group in --subset-file")
+    p.add_argument("--name", default=None, help="the run's name in summary.json (default: the out-dir's name)")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="train.csv of the data stage: the store must have been computed from it (hash and, with "
+        "trajectories.num_trajectories null, row count checked)",
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "teacher", "trajectories", "train")
+
+    subset = None
+    if args.subset_file is not None:
+        import json
+        from pathlib import Path
+
+        groups = json.loads(Path(args.subset_file).read_text())["groups"]
+        if args.group is None or not 0 <= args.group < len(groups):
+            raise ConfigError(f"--group must be in [0, {len(groups)}) with --subset-file {args.subset_file}")
+        subset = groups[args.group]
+    summary = train(
+        cfg,
+        args.trajectories,
+        args.out_dir,
+        args.state_dir,
+        max_iterations=args.max_iterations,
+        subset=subset,
+        name=args.name,
+        prompts=args.prompts,
+        threads=args.threads,
+    )
+    if summary is None:
+        print(
+            "rapm: training stopped before train.iterations; run the same command again to resume (no outputs written)",
+            file=sys.stderr,
+        )
+        return 75
+    return 0

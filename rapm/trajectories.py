@@ -22,10 +22,12 @@ guidance along the trajectory (``tests/test_trajectories.py`` measures both).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -33,6 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from rapm.cliargs import add_config_args, set_threads, stage_config
 from rapm.io import LIBRARIES, library_versions, resource_fields, sha256_file, write_summary
 from rapm.progress import Progress
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
@@ -459,3 +462,85 @@ def gather(directory: str | Path, shard_summaries: Sequence[str | Path], out: st
 
 
 # --- reader --------------------------------------------------------------------------------------
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def init_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm trajectories init`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument(
+        "--dir", required=True, help="trajectory directory results/trajectories/<key> (store.zarr goes inside)"
+    )
+    p.add_argument("--prompts", required=True, help="train.csv of the data stage")
+    p.add_argument(
+        "--manifest", required=True, help="manifest.json of the data stage (train.csv is checked against it)"
+    )
+    p.add_argument("--out", required=True, help="init.json: what was done (created, kept or reset)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def init_command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "teacher", "trajectories")
+    set_threads(args.threads)
+    from pathlib import Path
+
+    from rapm.io import write_json
+
+    info = init_store(
+        args.dir, cfg["teacher"], cfg["trajectories"], args.prompts, args.manifest, key=Path(args.dir).name
+    )
+    write_json(args.out, info)
+    return 0
+
+
+def compute_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm trajectories compute`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--dir", required=True, help="trajectory directory made by `init`")
+    p.add_argument("--shard", type=int, required=True, help="shard index in [0, trajectories.shards)")
+    p.add_argument("--summary", required=True, help="the shard's summary JSON, written once the shard is complete")
+    p.add_argument(
+        "--max-trajectories",
+        type=int,
+        default=None,
+        help="stop after this many trajectories (exit code 75, no summary; rerun to resume)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def compute_command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "teacher", "trajectories")
+    set_threads(args.threads)
+    from rapm.io import write_summary
+
+    summary = compute_shard(
+        args.dir, cfg["teacher"], cfg["trajectories"], args.shard, max_trajectories=args.max_trajectories
+    )
+    if summary["remaining"]:
+        print(
+            f"rapm: shard {args.shard} stopped with {summary['remaining']} trajectories left; run the same "
+            "command again to resume (no summary written)",
+            file=sys.stderr,
+        )
+        return 75
+    write_summary(args.summary, "trajectories-shard", summary)
+    return 0
+
+
+def gather_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm trajectories gather`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--dir", required=True, help="trajectory directory")
+    p.add_argument(
+        "--summaries", nargs="*", default=[], help="the shards' summary JSON files (recorded in the manifest)"
+    )
+    p.add_argument("--out", required=True, help="manifest.json to write")
+
+
+def gather_command(args: argparse.Namespace) -> int:
+    stage_config(args, "teacher", "trajectories")
+
+    gather(args.dir, args.summaries, args.out)
+    return 0

@@ -18,6 +18,7 @@ each metrics JSON (parses). Exit status 1 when something is damaged.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -122,3 +123,27 @@ def verify_results(results: str | Path = "results", *, full: bool = False, repai
                 path.unlink(missing_ok=True)
                 log.warning("removed %s (the job that repairs it reruns with `snakemake all`)", path)
     return damage
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm verify`` (registered in :mod:`rapm.cli`)."""
+    p.add_argument("--results", default="results", help="the results folder")
+    p.add_argument("--full", action="store_true", help="also read every trajectory chunk (CRC32C, finiteness)")
+    p.add_argument("--repair", action="store_true", help="delete the outputs of each damaged job")
+
+
+def command(args: argparse.Namespace) -> int:
+
+    damage = verify_results(args.results, full=args.full, repair=args.repair)
+    for d in damage:
+        print(f"damaged: {d.artefact}: {d.problem}")
+    if not damage:
+        print(f"{args.results}: every cached output checked, none damaged")
+    elif not args.repair:
+        print("run `python -m rapm verify --repair`, then `snakemake all`, to recompute them")
+    else:
+        print("removed their outputs; `snakemake all` recomputes them")
+    return 1 if damage else 0

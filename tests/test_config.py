@@ -1,5 +1,6 @@
 """The config schema and validator: every profile validates, typos fail loudly with the key named."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,21 @@ def test_section_defaults_are_the_schemas_and_what_validation_fills():
     a = section_defaults("train.lora")
     a["targets"].append("x")
     assert "x" not in section_defaults("train.lora")["targets"]  # a fresh copy each time
+
+
+def test_cli_registry_builds_every_command_and_finds_the_one_asked():
+    """Every registered command's module has its ``arguments`` / ``command`` pair (all built at once),
+    and the command a command line names is found past the global options."""
+    from rapm.cli import COMMANDS, build_parser, requested
+
+    parser = build_parser("*")
+    for name in COMMANDS:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        words = name.split(" ")
+        sub = action.choices[words[0]]
+        if len(words) == 2:
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[words[1]]
+        assert callable(sub.get_default("func")), name
+    assert requested(["--log", "train", "-v", "toy", "train-clip", "--config", "x"]) == "toy train-clip"
+    assert requested(["train", "--config", "x"]) == "train"
+    assert requested(["toy"]) is None and requested(["bogus"]) is None and requested([]) is None

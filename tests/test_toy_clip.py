@@ -170,10 +170,12 @@ def test_training_is_seeded_and_resumes(tmp_path, monkeypatch):
 
 
 def test_cli_parses_train_clip():
-    from rapm.cli import build_parser
+    from rapm.cli import build_parser, requested
+    from rapm.toy import clip
 
-    args = build_parser().parse_args(["toy", "train-clip", "--config", "config/config.yaml", "--out-dir", "x"])
-    assert args.func.__name__ == "_cmd_toy_train_clip" and args.threads == 1
+    argv = ["toy", "train-clip", "--config", "config/config.yaml", "--out-dir", "x"]
+    args = build_parser(requested(argv)).parse_args(argv)
+    assert args.func is clip.command and args.threads == 1  # the stage module owns its command
 
 
 PINNED_GRAY = [-0.08291143, 0.12454713, -0.08660951]  # image_features of a flat gray 32x32 image, shipped weights

@@ -8,6 +8,7 @@ stored: :func:`reference_image` renders image ``i`` from its caption on demand.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from rapm.cliargs import add_config_args, stage_config
 from rapm.io import write_json
 from rapm.toy.render import render
 from rapm.toy.scene import SPLITS, parse_caption, split_scenes, toy_settings
@@ -72,3 +74,19 @@ def reference_image(caption: str, image_id: int, size: int) -> np.ndarray:
     With the ids of the captions files this is exactly the image the caption was written for.
     """
     return render(parse_caption(caption), size, seed=image_id)
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm toy captions`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--out-dir", required=True)
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data.toy")
+
+    write_captions(cfg["data"]["toy"], out_dir=args.out_dir)
+    return 0

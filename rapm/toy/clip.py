@@ -15,6 +15,7 @@ are added as extra text columns of the image->text loss. Sample ``k`` (global in
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rapm.cliargs import add_config_args, stage_config
 from rapm.io import (
     library_versions,
     load_optimizer_tensors,
@@ -471,3 +473,22 @@ def train_toy_clip(
         weights,
     )
     return summary
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm toy train-clip`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument(
+        "--out-dir", required=True, help="where rapm-toyclip.{json,safetensors}, train_log.jsonl, summary.json go"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = stage_config(args, "data.toy", "toy_clip")
+
+    train_toy_clip(cfg["toy_clip"], cfg["data"]["toy"], out_dir=args.out_dir, threads=args.threads)
+    return 0

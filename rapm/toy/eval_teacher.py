@@ -10,6 +10,7 @@ read back by :mod:`rapm.toy.reader`. Writes ``metrics.json`` (accuracies and the
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from rapm.cliargs import add_config_args, stage_config
 from rapm.device import resolve_device
 from rapm.io import write_json
 
@@ -112,3 +114,20 @@ def eval_teacher(cfg: Mapping, teacher: str | Path, out_dir: str | Path, device:
         + f" (n={n}, {ecfg['steps']} DDIM steps, guidance {ecfg['guidance']})"
     )
     return result
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm toy eval-teacher`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--teacher", required=True, help="StableDiffusionPipeline directory (e.g. rapm/assets/tinysd)")
+    p.add_argument("--out-dir", required=True, help="where metrics.json and samples.png go")
+
+
+def command(args: argparse.Namespace) -> int:
+
+    cfg = stage_config(args, "data.toy", "toy_teacher")
+    eval_teacher(cfg, teacher=args.teacher, out_dir=args.out_dir)
+    return 0

@@ -25,6 +25,7 @@ an interrupted run resumes where it stopped: run the same command again.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -37,6 +38,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from rapm.cliargs import add_config_args, stage_config
 from rapm.device import resolve_device
 from rapm.io import library_versions, load_optimizer_tensors, optimizer_tensors, write_json
 
@@ -375,3 +377,26 @@ def train_teacher(
     write_json(out_dir / "training.json", summary, sort_keys=False)
     log.info("TinySD saved to %s (%.1f MB) in %.1f min", out_dir, summary["size_bytes"] / 1e6, wall / 60)
     return summary
+
+
+# --- command line (registered in rapm.cli) --------------------------------------------------
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``rapm toy train-teacher`` (registered in :mod:`rapm.cli`)."""
+    add_config_args(p)
+    p.add_argument("--out-dir", required=True, help="the pipeline directory to write (e.g. rapm/assets/tinysd)")
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="resumable training state (default: <out-dir>.state); keep it outside declared outputs",
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+
+    cfg = stage_config(args, "data.toy", "toy_teacher")
+    train_teacher(
+        cfg, out_dir=args.out_dir, state_dir=args.state_dir, command=" ".join(["python -m rapm"] + sys.argv[1:])
+    )
+    return 0
