@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rapm.config import load_config, select_keys  # noqa: E402
+from rapm.plan import rows, stage_keys, trajectory_store_key, variant_config  # noqa: E402
 from rapm.rows import TRAINED_KINDS  # noqa: E402
 from rapm.tables import write_tables  # noqa: E402
-from rapm.workflow import rows, stage_keys, trajectory_store_key, variant_config  # noqa: E402
 
 
 def study_rows(cfg: dict, variants: list[str]) -> dict[str, dict]:

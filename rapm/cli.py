@@ -31,7 +31,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "",
         "check every cached output under results/ (trajectory stores, sample shards, LoRAs, metrics); --repair deletes each damaged job's output so `snakemake all` reruns it",
     ),
-    "docs": ("rapm.docs", "", "regenerate (--write) or check (--check) docs/configuration.md's configuration table"),
+    "docs": (
+        "rapm.configdoc",
+        "",
+        "regenerate (--write) or check (--check) docs/configuration.md's configuration table",
+    ),
     "fetch-coco": ("rapm.coco", "", "download (or copy from data.coco.local_path) and verify the COCO 2014 captions"),
     "prompts": ("rapm.prompts", "", "select training and evaluation prompt sets from a captions directory"),
     "toy captions": (

@@ -1,6 +1,6 @@
 """A table row: what one line of a table measures, typed (imports only rapm.config).
 
-The workflow builds the rows (:func:`rapm.workflow.rows`) and writes each to
+The workflow builds the rows (:func:`rapm.plan.rows`) and writes each to
 ``results/config/rows/<name>.yaml`` (:meth:`Row.to_dict`); sampling, curves and evaluation read it
 back (:meth:`Row.from_file`). Kinds:
 
@@ -111,9 +111,7 @@ class Row(Mapping):
         """Read ``results/config/rows/<name>.yaml`` (``{"row": {...}}``, what the workflow writes)."""
         data = read_yaml(path)
         if not isinstance(data.get("row"), dict):
-            raise ConfigError(
-                f"{path}: not a row file (expected a mapping under 'row', as rapm.workflow.row_file writes)"
-            )
+            raise ConfigError(f"{path}: not a row file (expected a mapping under 'row', as rapm.plan.row_file writes)")
         return cls.from_dict(data["row"], source=str(path))
 
     # --- read as a mapping of the written keys -----------------------------------------------------

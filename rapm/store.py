@@ -3,7 +3,7 @@
 The precompute stage (:mod:`rapm.trajectories`) writes a store; training reads it through
 :class:`TrajectoryDataset`, which refuses a store that is not gathered, damaged, or computed for another
 teacher, grid or prompt set. Layout of ``results/trajectories/<key>/`` (``key``:
-:func:`rapm.workflow.trajectory_store_key`, a hash of the settings that change the arrays)::
+:func:`rapm.plan.trajectory_store_key`, a hash of the settings that change the arrays)::
 
     store.zarr/          zarr v3 group, attributes below; metadata consolidated by gather
       seed           (J,)               int64    trajectory j's noise seed = trajectories.seed + j

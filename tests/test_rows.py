@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from rapm.config import ConfigError, load_config
+from rapm.plan import row_file, rows
 from rapm.rows import Row
-from rapm.workflow import row_file, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from rapm.config import ConfigError, load_config, validate
+from rapm.plan import final_targets, rows, split_replicate, trained_variants, variant_config
 from rapm.stats import bootstrap_indices, seed_replicates
 from rapm.tables import _delta, _fmt, build_tables, combine_replicates, expand_intervals, group_replicates
-from rapm.workflow import final_targets, rows, split_replicate, trained_variants, variant_config
 
 
 def _cfg(*overrides):

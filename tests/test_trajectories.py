@@ -23,10 +23,10 @@ from rapm import store as TS
 from rapm import trajectories as T
 from rapm.cli import main
 from rapm.conditioning import encode_prompts
+from rapm.plan import trajectory_store_key
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
 from rapm.shards import shard_range
 from rapm.teacher import decode_latents, unet_eps
-from rapm.workflow import trajectory_store_key
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,4 +1,4 @@
-"""rapm.workflow: variants deep-merged onto the base sections, shared trajectory stores, table rows."""
+"""rapm.plan: variants deep-merged onto the base sections, shared trajectory stores, table rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rapm.config import ConfigError, load_config
-from rapm.workflow import (
+from rapm.plan import (
     final_targets,
     protocol_key,
     rows,

@@ -2,7 +2,7 @@
 import json
 
 from rapm.config import ConfigError, apply_command_line, select_keys, validate
-from rapm.workflow import (
+from rapm.plan import (
     final_targets,
     protocol_key,
     row_file,
