@@ -20,7 +20,7 @@ END = "<!-- config-table:end -->"
 
 def _type(node: dict) -> str:
     if "enum" in node:
-        return " \\| ".join(f"`{v}`" for v in node["enum"])
+        return " \\| ".join(f"`{str(v).lower() if isinstance(v, bool) else v}`" for v in node["enum"])  # YAML spelling
     kind = node.get("type", "")
     return " or ".join(kind) if isinstance(kind, list) else str(kind)
 

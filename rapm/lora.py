@@ -16,7 +16,7 @@ Two traps of the peft/diffusers stack (docs/platform-notes.md, "peft LoRA traps"
 
 Training passes may run on merged weights instead of peft's adapter branch (:func:`merged_student`,
 ``train.lora.merged``): the same function to float rounding, with a bare UNet's ops (the toy's update
-at about 1.2x its bare passes instead of 1.9x; not used for SD1.5/SDXL, where it would cost more).
+at 1.35x its bare passes instead of 1.55x; not used for SD1.5/SDXL, where it would cost more).
 
 peft's ``enable_adapters`` also sets ``requires_grad`` on adapter weights (True on enable, False on
 disable); :func:`teacher_mode` does not call it: it flips only each layer's disable flag (layers found
