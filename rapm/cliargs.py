@@ -30,6 +30,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch CPU threads of the command (default: torch's); the command passes it to
+    :func:`set_threads`. The workflow's rules pass their ``threads:``."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
 def stage_config(args: argparse.Namespace, *keys: str) -> dict:
     """Load and validate the stage's config; the (dotted) keys it needs must be present."""
     cfg = load_config(args.config, args.overrides, partial=True)

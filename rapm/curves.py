@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from rapm.cliargs import add_config_args, set_threads, stage_config
+from rapm.cliargs import add_config_args, add_threads_arg, set_threads, stage_config
 from rapm.io import write_json
 from rapm.protocol import Protocol, fd_label
 from rapm.rows import Row
@@ -131,7 +131,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-png", required=True)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_arg(p)
 
 
 def command(args: argparse.Namespace) -> int:

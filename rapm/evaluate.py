@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from rapm.cliargs import add_config_args, set_threads, stage_config
+from rapm.cliargs import add_config_args, add_threads_arg, set_threads, stage_config
 from rapm.manifests import num_images
 from rapm.metrics import (
     MetricsError,
@@ -243,7 +243,7 @@ def reference_stats_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
     p.add_argument("--out", required=True, help="the .npz to write")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_arg(p)
 
 
 def reference_stats_command(args: argparse.Namespace) -> int:
@@ -268,7 +268,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", required=True, help="reference statistics (.npz) of the protocol")
     p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
     p.add_argument("--out", required=True, help="metrics JSON to write")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_arg(p)
 
 
 def command(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from rapm.cliargs import add_config_args, set_threads, stage_config
+from rapm.cliargs import add_config_args, add_threads_arg, set_threads, stage_config
 from rapm.io import atomic_path, sha256_file, write_json
 from rapm.manifests import num_images
 from rapm.pipeline import SamplingError, generate, load_row_pipeline
@@ -164,7 +164,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", type=int, required=True, help="shard index in [0, sampling.shards)")
     p.add_argument("--out-dir", required=True, help="the shard's folder (images/ and settings.json go inside)")
     p.add_argument("--manifest", required=True, help="the shard's manifest CSV, written once its images are complete")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_arg(p)
 
 
 def command(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from rapm.cliargs import add_config_args, set_threads, stage_config
+from rapm.cliargs import add_config_args, add_threads_arg, set_threads, stage_config
 from rapm.io import LIBRARIES, library_versions, resource_fields, sha256_file, write_summary
 from rapm.progress import Progress
 from rapm.schedule import coarse_timesteps, ddim_sample, delta_timesteps, fine_timesteps
@@ -478,7 +478,7 @@ def init_arguments(p: argparse.ArgumentParser) -> None:
         "--manifest", required=True, help="manifest.json of the data stage (train.csv is checked against it)"
     )
     p.add_argument("--out", required=True, help="init.json: what was done (created, kept or reset)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_arg(p)
 
 
 def init_command(args: argparse.Namespace) -> int:
@@ -507,7 +507,7 @@ def compute_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="stop after this many trajectories (exit code 75, no summary; rerun to resume)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads_arg(p)
 
 
 def compute_command(args: argparse.Namespace) -> int:
