@@ -33,8 +33,10 @@ records the sha256 of ``lora.safetensors`` (``sha256``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -196,6 +198,9 @@ class Trainer:
         # (name, parameter) updated by each optimiser, same order as its param group: checked after every step
         self._named_g = [(f"lora.{k}", p) for k, p in _student_params(unet).items()]
         self._named_d = [(f"heads.{k}", p) for k, p in self.disc.named_parameters()]
+        # the moving average of the student LoRA (train.ema_decay > 0): what export, snapshots and validation use
+        self.ema_decay = float(tcfg["ema_decay"])
+        self._ema = [p.detach().clone() for _, p in self._named_g] if self.ema_decay > 0 else None
         self.counter = _EvalCounter(unet)
         self.step = 0
 
@@ -212,6 +217,8 @@ class Trainer:
 
         tensors = {f"lora.{k}": v.cpu().contiguous() for k, v in lora_state_dict(self.teacher.unet).items()}
         tensors.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()})
+        if self._ema is not None:
+            tensors.update({f"ema.{name[5:]}": e.cpu().contiguous() for (name, _), e in zip(self._named_g, self._ema)})
         tensors.update(optimizer_tensors("opt_g", self.opt_g))
         tensors.update(optimizer_tensors("opt_d", self.opt_d))
         path = self.state_dir / CHECKPOINT
@@ -250,6 +257,10 @@ class Trainer:
         self.disc.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
         load_optimizer_tensors("opt_g", self.opt_g, {k: v.to(device) for k, v in tensors.items()})
         load_optimizer_tensors("opt_d", self.opt_d, {k: v.to(device) for k, v in tensors.items()})
+        if self._ema is not None:
+            with torch.no_grad():
+                for (name, _), e in zip(self._named_g, self._ema):
+                    e.copy_(tensors[f"ema.{name[5:]}"])
         self.step = int(meta["step"])
         return True
 
@@ -286,6 +297,36 @@ class Trainer:
         self._check_weights(named, kind)
         return float(norm)
 
+    def student_lr(self) -> float:
+        """The student's learning rate at iteration ``self.step`` (``train.optim.student_lr_schedule``)."""
+        o = self.tcfg["optim"]
+        lr = float(o["student_lr"])
+        if o["student_lr_schedule"] == "cosine":
+            lr *= 0.5 * (1.0 + math.cos(math.pi * self.step / int(self.tcfg["iterations"])))
+        return lr
+
+    def _update_ema(self) -> None:
+        if self._ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self._ema, [p for _, p in self._named_g], 1.0 - self.ema_decay)
+
+    @contextlib.contextmanager
+    def averaged_student(self):
+        """The student LoRA holds its moving average inside (train.ema_decay > 0; else nothing changes)."""
+        if self._ema is None:
+            yield
+            return
+        with torch.no_grad():
+            raw = [p.detach().clone() for _, p in self._named_g]
+            for (_, p), e in zip(self._named_g, self._ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, p), r in zip(self._named_g, raw):
+                    p.copy_(r)
+
     def batch(self, indices: list[int]):
         """The trajectories ``indices`` as a :class:`rapm.objective.Batch` on the device; with
         ``sabotage: [shuffle_prompts]`` each one carries the conditioning of the next trajectory."""
@@ -317,7 +358,10 @@ class Trainer:
                 self.opt_g.zero_grad(set_to_none=True)
                 losses = self.rapm.generator_backward(batch, noise)
                 self._check_finite(losses, "student")
+                for group in self.opt_g.param_groups:
+                    group["lr"] = self.student_lr()
                 record["g_grad_norm"] = self._clip_and_step(self.opt_g, self._named_g, "student")
+                self._update_ema()
             for name, value in losses.items():
                 if name != "loss":
                     record[name] = float(value.detach())
@@ -333,7 +377,8 @@ class Trainer:
         from rapm.teacher import decode_latents
 
         batch = load_batch(self.dataset, self.subset[:num], self.teacher.device)
-        latents = self.rapm.sample(batch.coarse[:, 0], batch.cond)
+        with self.averaged_student():
+            latents = self.rapm.sample(batch.coarse[:, 0], batch.cond)
         images = decode_latents(self.teacher, latents).permute(0, 2, 3, 1).cpu().numpy()
         self.counter.take()
         return (images * 255).round().astype(np.uint8), [self.dataset[j]["prompt"] for j in batch.indices]
@@ -351,13 +396,14 @@ class Trainer:
             self.tcfg["export_dtype"]
         ]
         try:
-            return export_lora(
-                self.teacher.unet,
-                path,
-                self.tcfg["lora"],
-                {"rapm.config": self._config_json(), "rapm.step": str(self.step)},
-                dtype=dtype,
-            )
+            with self.averaged_student():
+                return export_lora(
+                    self.teacher.unet,
+                    path,
+                    self.tcfg["lora"],
+                    {"rapm.config": self._config_json(), "rapm.step": str(self.step)},
+                    dtype=dtype,
+                )
         except NonFiniteTensorError as err:
             raise TrainingError(
                 f"the LoRA after {self.step} iterations is not finite in train.export_dtype {self.tcfg['export_dtype']}: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -359,6 +360,46 @@ def test_train_writes_outputs_and_a_usable_summary(tiny_sd_dir, sd_store, tmp_pa
     train(make_cfg(tiny_sd_dir), sd_store, out, tmp_path / "state")
     meta2, again = read(out / "lora.safetensors")
     assert meta2 == meta and again.keys() == first.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_cosine_student_lr_and_the_moving_average_the_export_uses(tiny_sd_dir, sd_store, tmp_path):
+    from rapm.lora import lora_state_dict
+
+    tr = trainer(tiny_sd_dir, sd_store, tmp_path, iterations=8, ema_decay=0.5, optim={"student_lr_schedule": "cosine"})
+    assert [round(tr.student_lr() / 1e-3, 6) for tr.step in (0, 2, 4, 6)] == [1.0, 0.853553, 0.5, 0.146447]
+    tr.step = 0
+    ema = lora_state_dict(tr.teacher.unet)  # the average starts at the initial weights
+    for _ in range(4):  # d, g, d, g: the average moves after each student update only
+        before = lora_state_dict(tr.teacher.unet)
+        record = tr.run_iteration()
+        after = lora_state_dict(tr.teacher.unet)
+        if "g_rel" in record:
+            assert tr.opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * tr.step / 8)))
+            ema = {k: 0.5 * ema[k] + 0.5 * after[k] for k in ema}
+        else:
+            assert all(torch.equal(before[k], after[k]) for k in before)
+        tr.step += 1
+    got = {name[5:]: e for (name, _), e in zip(tr._named_g, tr._ema)}
+    assert got.keys() == ema.keys() and all(torch.allclose(got[k], ema[k], atol=1e-7, rtol=0) for k in ema)
+    assert any(not torch.allclose(after[k], ema[k]) for k in ema)  # raw and average differ here
+    # the export holds the average (lora_B scaled by alpha / r = 1 here); the raw weights come back after it
+    from safetensors.torch import load_file
+
+    tr.export(tmp_path / "lora.safetensors")
+    exported = load_file(tmp_path / "lora.safetensors")
+    assert all(torch.allclose(exported[f"unet.{k}"], ema[k], atol=1e-7, rtol=0) for k in ema)
+    assert all(torch.equal(v, after[k]) for k, v in lora_state_dict(tr.teacher.unet).items())
+
+
+def test_a_resumed_run_with_a_moving_average_equals_an_uninterrupted_one(tiny_sd_dir, sd_store, tmp_path):
+    cfg = make_cfg(tiny_sd_dir, iterations=8, ema_decay=0.9, optim={"student_lr_schedule": "cosine"})
+    train(cfg, sd_store, tmp_path / "a", tmp_path / "a.state")
+    assert train(cfg, sd_store, tmp_path / "b", tmp_path / "b.state", max_iterations=3) is None
+    train(cfg, sd_store, tmp_path / "b", tmp_path / "b.state")
+    assert (tmp_path / "a" / "lora.safetensors").read_bytes() == (tmp_path / "b" / "lora.safetensors").read_bytes()
+    plain = make_cfg(tiny_sd_dir, iterations=8)
+    train(plain, sd_store, tmp_path / "c", tmp_path / "c.state")
+    assert (tmp_path / "a" / "lora.safetensors").read_bytes() != (tmp_path / "c" / "lora.safetensors").read_bytes()
 
 
 def test_threads_given_win_over_train_num_threads(tiny_sd_dir, sd_store, tmp_path):
