@@ -7,6 +7,7 @@ these helpers keep the common options identical across them.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rapm.config import load_config, require
 
@@ -49,3 +50,12 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+RESUMABLE_EXIT = 75  # EX_TEMPFAIL: a stage stopped on request (--max-…) and resumes when run again
+
+
+def stopped(what: str, unwritten: str) -> int:
+    """Say on stderr that ``what`` stopped early and how to resume; the exit code of such a stop."""
+    print(f"rapm: {what}; run the same command again to resume (no {unwritten} written)", file=sys.stderr)
+    return RESUMABLE_EXIT

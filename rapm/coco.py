@@ -340,6 +340,5 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     cfg = stage_config(args, "data.coco")
-
     fetch_captions(cfg["data"]["coco"], out_dir=args.out_dir, cache_dir=args.cache_dir)
     return 0

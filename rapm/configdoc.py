@@ -73,7 +73,6 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-
     ok = sync_table(args.file, write=args.write)
     if not ok:
         print(
