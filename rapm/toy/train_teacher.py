@@ -205,7 +205,7 @@ def _diffusion_models(dcfg: Mapping, seed: int, device: torch.device):
     tokenizer = build_tokenizer()
     unet = build_unet().to(device)
     if dcfg.get("text_init") == "toyclip":
-        from rapm.toy.clip import load_toy_clip
+        from rapm.toy.clipmodel import load_toy_clip
         from rapm.toy.tinysd import text_encoder_from_open_clip
 
         text_encoder = text_encoder_from_open_clip(load_toy_clip("cpu")[0], tokenizer).to(device)
