@@ -1,7 +1,7 @@
 """Building blocks of the benchmarks (``benchmarks/*.py``): random-weight SD-shaped teachers, RAPM set-ups, timing.
 
 Nothing here downloads anything. The full-size models are built from the published configs with
-random weights: the UNets of :mod:`rapm.models.shapes`, plus the VAE and CLIP text encoders below (SD1.5:
+random weights: the UNets, VAE and CLIP text encoders of :mod:`rapm.models.shapes` (SD1.5:
 CLIP ViT-L/14; SDXL: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with projection), so a random pipeline
 costs what the real one costs per call. ``tiny=True`` gives the tiny pipelines of
 :mod:`rapm.models.tiny` instead (a CPU runs them in milliseconds).
@@ -27,39 +27,6 @@ from rapm.conditioning import Conditioning
 from rapm.teacher import Teacher
 
 MODEL_NAMES = ("sd15", "sdxl")
-
-#: The published AutoencoderKL of SD1.5 and SDXL (same architecture, 83.7M parameters).
-SD_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-)
-VAE_CONFIGS = {
-    "sd15": {**SD_VAE, "sample_size": 512, "scaling_factor": 0.18215},
-    "sdxl": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
-}
-#: CLIP ViT-L/14's text tower (SD1.5's encoder, SDXL's first) and OpenCLIP ViT-bigG/14's (SDXL's second).
-CLIP_L_TEXT = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-OPENCLIP_BIGG_TEXT = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    hidden_act="gelu",
-    projection_dim=1280,
-)
 
 
 # --- devices and timing --------------------------------------------------------------------------
@@ -177,7 +144,7 @@ def _full_pipeline(name: str, device: torch.device):
     """A random-weight pipeline of the published SD1.5 / SDXL architecture, its modules initialised on ``device``."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from rapm.models.shapes import build_unet
+    from rapm.models.shapes import CLIP_L_TEXT, OPENCLIP_BIGG_TEXT, VAE_CONFIGS, build_unet
     from rapm.tokenizer import clip_tokenizer
 
     with torch.device(device):  # initialise on the GPU: seconds instead of minutes for SDXL's 3.5B parameters

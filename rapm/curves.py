@@ -30,6 +30,25 @@ from rapm.shards import item_seed
 log = logging.getLogger(__name__)
 
 
+def _sample(teacher, row: Row, captions: list[str], seed: int, bs: int) -> np.ndarray:
+    """Images of ``captions`` from the teacher as it is, ``bs`` at a time; image k from ``item_seed(seed, k)``."""
+    from rapm.pipeline import generate
+
+    return np.concatenate(
+        [
+            generate(
+                teacher,
+                captions[i : i + bs],
+                [item_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
+                steps=row.steps,
+                guidance=row.guidance,
+                resolution=row.resolution,
+            )
+            for i in range(0, len(captions), bs)
+        ]
+    )
+
+
 def snapshot_curve(
     cfg: Mapping[str, Any],
     row: Mapping[str, Any],
@@ -40,7 +59,7 @@ def snapshot_curve(
     out_png: str | Path,
 ) -> dict[str, Any]:
     from rapm.metrics import frechet_distance, gaussian_stats, resize_all
-    from rapm.pipeline import base_weights, fuse_row_lora, generate, restore_base
+    from rapm.pipeline import base_weights, fuse_row_lora, restore_base
     from rapm.teacher import load_teacher
 
     row = Row.from_dict(row)
@@ -60,19 +79,7 @@ def snapshot_curve(
             restore_base(teacher, base)
         if snap["lora"]:
             fuse_row_lora(teacher, row.with_lora(snap["lora"]))
-        images = np.concatenate(
-            [
-                generate(
-                    teacher,
-                    captions[i : i + bs],
-                    [item_seed(seed, k) for k in range(i, min(i + bs, len(captions)))],
-                    steps=row.steps,
-                    guidance=row.guidance,
-                    resolution=row.resolution,
-                )
-                for i in range(0, len(captions), bs)
-            ]
-        )
+        images = _sample(teacher, row, captions, seed, bs)
         point = {
             "iteration": snap["iteration"],
             "fid": frechet_distance(*gaussian_stats(extract(resize_all(images, res))), *ref),

@@ -14,8 +14,8 @@ Two traps of the peft/diffusers stack (docs/platform-notes.md, "peft LoRA traps"
   scale alpha/r is folded into lora_B on export. ``tests/test_lora.py`` reloads the file with
   ``pipe.load_lora_weights`` + ``pipe.fuse_lora`` and checks module counts and 4-step samples.
 
-Training passes may run on merged weights instead of peft's adapter branch (:func:`merged_student`,
-``train.lora.merged``): the same function to float rounding, with a bare UNet's ops (the toy's update
+Training passes may run on merged weights instead of peft's adapter branch (``train.lora.merged``,
+:mod:`rapm.merged`): the same function to float rounding, with a bare UNet's ops (the toy's update
 at 1.35x its bare passes instead of 1.55x; not used for SD1.5/SDXL, where it would cost more).
 
 peft's ``enable_adapters`` also sets ``requires_grad`` on adapter weights (True on enable, False on
@@ -166,8 +166,8 @@ def teacher_mode(unet: nn.Module) -> Iterator[nn.Module]:
     Only each cached peft layer's ``_disable_adapters`` flag flips (what peft's ``enable_adapters``
     sets and its forward reads; written to the instance dict, skipping ``nn.Module.__setattr__``); ``requires_grad`` is never touched, so there is nothing to restore
     and the cost does not grow with the number of parameters (peft's ``disable_adapters`` walks every
-    module and rewrites every adapter weight's ``requires_grad``). Inside :func:`merged_student` the
-    base layers' weights are switched back to the teacher's instead.
+    module and rewrites every adapter weight's ``requires_grad``). Inside :func:`rapm.merged.merged_student`
+    the base layers' weights are switched back to the teacher's instead.
     """
     layers = _peft_layers(unet)
     if not layers:
@@ -195,122 +195,7 @@ def teacher_mode(unet: nn.Module) -> Iterator[nn.Module]:
             m.__dict__["_disable_adapters"] = off
 
 
-_MERGED = "_rapm_merged"  # the UNet's plain attribute holding the merged weights inside merged_student
-#: UNets above this many parameters train through peft's adapter forward under ``train.lora.merged: auto``
-MERGED_AUTO_MAX_PARAMETERS = 50_000_000
-
-
-def use_merged(setting: bool | str, unet: nn.Module, *, checkpointing: bool = False) -> bool:
-    """Whether the student's forward runs on merged weights (:func:`merged_student`), from ``train.lora.merged``.
-
-    ``auto``: yes for a float32 UNet of at most :data:`MERGED_AUTO_MAX_PARAMETERS` parameters without
-    gradient checkpointing. There every op is cheap and the adapter's extra ops and wrappers cost as much as
-    the network (the toy: a peft forward is 2.4x a bare one); on SD1.5/SDXL shapes the adapter costs a few
-    percent while the merged path's full-size weight gradients cost a third more backward FLOPs and a
-    copy of the adapted weights. ``true`` asks for it and is refused where it would be wrong: a UNet
-    whose weights are not float32 (the rank-1 update would be rounded away in the sum) or gradient
-    checkpointing (the recomputation would not see the weight switch of :func:`teacher_mode`).
-    """
-    if setting is False:
-        return False
-    dtypes = {p.dtype for n, p in unet.named_parameters() if ".lora_" not in n}
-    if setting == "auto":
-        size = sum(p.numel() for n, p in unet.named_parameters() if ".lora_" not in n)
-        return dtypes == {torch.float32} and not checkpointing and size <= MERGED_AUTO_MAX_PARAMETERS
-    if setting is not True:
-        raise ValueError(f"train.lora.merged must be auto, true or false, got {setting!r}")
-    if dtypes != {torch.float32}:
-        raise ValueError(
-            f"train.lora.merged: true needs a float32 UNet (its weights are {sorted(map(str, dtypes))}): "
-            "the LoRA update would be rounded away in W + BA; set it to auto or false"
-        )
-    if checkpointing:
-        raise ValueError(
-            "train.lora.merged: true cannot be combined with train.gradient_checkpointing; "
-            "set one of them to false (merged: auto turns itself off)"
-        )
-    return True
-
-
-def _merge_parts(unet: nn.Module) -> list[tuple]:
-    """(peft layer, base layer, teacher weight, lora_A, lora_B, scale) per adapted layer, cached like
-    :func:`_peft_layers` (the same objects for the UNet's life: optimisers update them in place)."""
-    layers = _peft_layers(unet)
-    cached = unet.__dict__.get("_rapm_merge_parts")
-    if cached is None or cached[0] is not layers:
-        parts = []
-        for m in layers:
-            base = m.get_base_layer()
-            if getattr(base, "groups", 1) != 1:
-                raise ValueError(f"merged_student: {type(base).__name__} with groups={base.groups} is not supported")
-            parts.append(
-                (m, base, base.weight, m.lora_A[STUDENT].weight, m.lora_B[STUDENT].weight, float(m.scaling[STUDENT]))
-            )
-        cached = (layers, parts)
-        unet.__dict__["_rapm_merge_parts"] = cached
-    return cached[1]
-
-
-@contextlib.contextmanager
-def merged_student(unet: nn.Module) -> Iterator[nn.Module]:
-    """Inside, each adapted layer computes with ONE merged weight W + s B A (s = alpha/r) instead of
-    peft's extra branch: the same function (to float rounding), with the ops and Python of a bare UNet.
-
-    The merged weights are computed once on entry. Under grad each is a leaf that collects the
-    gradient G of every student pass inside (several backward calls are fine); on a normal exit the
-    LoRA gradients follow from it, dL/dB = s G Aᵀ and dL/dA = s Bᵀ G (accumulated into ``.grad``), so
-    the optimiser step comes after the block. :func:`teacher_mode` inside switches the base layers back
-    to the teacher's weights. Nested calls are no-ops; nothing is left changed on exit (the
-    parameters, their order, the adapter flags). Float32 UNets without gradient checkpointing only
-    (:func:`use_merged` decides).
-    """
-    layers = _peft_layers(unet)
-    if not layers or unet.__dict__.get(_MERGED) is not None:
-        yield unet
-        return
-    grad = torch.is_grad_enabled()
-    if grad and any(getattr(m, "gradient_checkpointing", False) for m in _checkpointed_blocks(unet)):
-        raise RuntimeError("merged_student cannot run with gradient checkpointing (train.lora.merged)")
-    parts = _merge_parts(unet)
-    entries = []  # (base layer, teacher weight, merged leaf), the order of ``parts``
-    with torch.no_grad():
-        for _, base, weight, a, b, scale in parts:
-            merged = torch.addmm(
-                weight.view(weight.shape[0], -1), b.view(b.shape[0], -1), a.view(a.shape[0], -1), alpha=scale
-            ).view(weight.shape)
-            entries.append((base, weight, merged.requires_grad_(grad)))
-    flags = [m._disable_adapters for m in layers]
-    for m in layers:
-        m.__dict__["_disable_adapters"] = True
-    for base, _, leaf in entries:
-        base._parameters["weight"] = None  # hidden, key (and so the parameter order) kept
-        base.__dict__["weight"] = leaf
-    unet.__dict__[_MERGED] = entries
-    try:
-        yield unet
-    finally:
-        del unet.__dict__[_MERGED]
-        for base, weight, _ in entries:
-            del base.__dict__["weight"]
-            base._parameters["weight"] = weight
-        for m, off in zip(layers, flags):
-            m.__dict__["_disable_adapters"] = off
-    if not grad:
-        return
-    with torch.no_grad():
-        for (_, _, _, a, b, scale), (_, _, leaf) in zip(parts, entries):
-            if leaf.grad is None:
-                continue
-            g = leaf.grad.view(leaf.shape[0], -1).to(a.dtype)
-            a2, b2 = a.view(a.shape[0], -1), b.view(b.shape[0], -1)
-            for param, value in ((b, (g @ a2.t()).view(b.shape)), (a, (b2.t() @ g).view(a.shape))):
-                if not param.requires_grad:
-                    continue
-                value = value.mul_(scale) if scale != 1.0 else value
-                if param.grad is None:
-                    param.grad = value
-                else:
-                    param.grad.add_(value)
+_MERGED = "_rapm_merged"  # the UNet's plain attribute holding the merged weights inside rapm.merged.merged_student
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ Feature extractors map uint8 images (N, H, W, 3) to float64 features (N, D):
   TorchScript Inception of StyleGAN2-ADA), the FID of the SD profiles. clean-fid downloads the weights
   to ``/tmp/inception-2015-12-05.pt`` when missing; offline that fails, so we look first and say where
   to put the file (``evaluation.fid.inception_weights`` names another location);
-- ``toyclip`` - the toy evaluator CLIP's image embedding (:mod:`rapm.toy.clip`). Fréchet distances in
+- ``toyclip`` - the toy evaluator CLIP's image embedding (:mod:`rapm.toy.clipmodel`). Fréchet distances in
   these features are labelled "toy features, not Inception": they are not comparable to any
   published FID.
 
@@ -106,7 +106,7 @@ def feature_extractor(
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``f(uint8 images (N, H, W, 3)) -> float64 (N, D)`` for ``inception`` or ``toyclip``."""
     if name == "toyclip":
-        from rapm.toy.clip import image_features, load_toy_clip
+        from rapm.toy.clipmodel import image_features, load_toy_clip
 
         model = load_toy_clip(device)[0]
         return lambda images: image_features(images, model)
@@ -142,7 +142,7 @@ def load_clip(model: str, pretrained: str | None, device: str | torch.device = "
     import open_clip
 
     if model == TOY_CLIP:
-        from rapm.toy.clip import load_toy_clip
+        from rapm.toy.clipmodel import load_toy_clip
 
         return load_toy_clip(device, pretrained)
     try:

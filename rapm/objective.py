@@ -48,8 +48,8 @@ from torch import Tensor
 
 from rapm.conditioning import Conditioning
 from rapm.discriminator import Discriminator
-from rapm.lora import merged_student, use_merged
 from rapm.losses import d_hinge, g_hinge, pseudo_huber
+from rapm.merged import merged_student, use_merged
 from rapm.schedule import ddim_transfer, renoise
 from rapm.teacher import unet_eps
 
@@ -221,7 +221,7 @@ class RAPM:
         return torch.autocast(self.teacher.device.type, dtype=self.autocast_dtype)
 
     def student_weights(self):
-        """The context of every student pass: merged weights (:func:`rapm.lora.merged_student`) or peft's forward."""
+        """The context of every student pass: merged weights (:func:`rapm.merged.merged_student`) or peft's forward."""
         return merged_student(self.teacher.unet) if self.merged else contextlib.nullcontext()
 
     def student_step(self, z: Tensor, u: int, v: int, cond: Conditioning) -> Tensor:

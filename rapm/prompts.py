@@ -86,6 +86,28 @@ def _write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _draw_split(
+    prompts_cfg: Mapping[str, Any], captions_dir: Path, split: str, file_name: str, key: str, rng: np.random.Generator
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The prompts of ``split`` drawn from ``captions_dir / file_name`` with ``rng``, and its manifest source entry."""
+    path = captions_dir / file_name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: captions file not found (run `rapm fetch-coco` or `rapm toy captions` to create {captions_dir})"
+        )
+    captions = load_captions(path)
+    n = int(prompts_cfg[key])
+    frame = select_prompts(captions, n, rng, key=key, source=str(path))
+    source = {
+        "file": file_name,
+        "sha256": sha256_file(path),
+        "images": int(captions["image_id"].nunique()),
+        "captions": len(captions),
+    }
+    log.info("%s: %d prompts from %d images (%d captions) in %s", split, n, source["images"], source["captions"], path)
+    return frame, source
+
+
 def make_prompt_sets(prompts_cfg: Mapping[str, Any], captions_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Write ``train.csv``, ``eval.csv`` and ``manifest.json`` to ``out_dir``; return the manifest.
 
@@ -100,29 +122,7 @@ def make_prompt_sets(prompts_cfg: Mapping[str, Any], captions_dir: str | Path, o
     sets: dict[str, pd.DataFrame] = {}
     sources: dict[str, dict[str, Any]] = {}
     for (split, (file_name, key)), rng in zip(SPLITS.items(), generators):
-        path = captions_dir / file_name
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: captions file not found (run `rapm fetch-coco` or "
-                f"`rapm toy captions` to create {captions_dir})"
-            )
-        captions = load_captions(path)
-        n = int(prompts_cfg[key])
-        sets[split] = select_prompts(captions, n, rng, key=key, source=str(path))
-        sources[split] = {
-            "file": file_name,
-            "sha256": sha256_file(path),
-            "images": int(captions["image_id"].nunique()),
-            "captions": len(captions),
-        }
-        log.info(
-            "%s: %d prompts from %d images (%d captions) in %s",
-            split,
-            n,
-            sources[split]["images"],
-            sources[split]["captions"],
-            path,
-        )
+        sets[split], sources[split] = _draw_split(prompts_cfg, captions_dir, split, file_name, key, rng)
 
     outputs: dict[str, dict[str, Any]] = {}
     for split, frame in sets.items():

@@ -77,6 +77,31 @@ def _write_png(image: np.ndarray, path: Path) -> None:
         Image.fromarray(image).save(tmp, format="PNG")
 
 
+def _images_dir(out_dir: Path, settings: dict[str, Any]) -> Path:
+    """``<out_dir>/images``, emptied first when ``settings.json`` records other settings; writes ``settings``."""
+    images_dir = out_dir / "images"
+    settings_path = out_dir / "settings.json"
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        log.info("%s: settings changed; discarding its images", out_dir)
+        shutil.rmtree(images_dir, ignore_errors=True)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    write_json(settings_path, settings)
+    return images_dir
+
+
+def _write_manifest(prompts, lo: int, hi: int, seed: int, groups, images_dir: Path, manifest: Path) -> None:
+    """The shard's manifest CSV (index, prompt_id, image_id, caption, seed[, group], file), atomically."""
+    table = prompts.iloc[lo:hi][["prompt_id", "image_id", "caption"]].copy()
+    table.insert(0, "index", range(lo, hi))
+    table["seed"] = [item_seed(seed, i) for i in range(lo, hi)]
+    if groups is not None:
+        table["group"] = list(groups)
+    rel = os.path.relpath(images_dir, manifest.parent)
+    table["file"] = [f"{rel}/{i:06d}.png" for i in range(lo, hi)]
+    with atomic_path(manifest) as tmp:
+        table.to_csv(tmp, index=False)
+
+
 def sample_shard(
     row: Mapping[str, Any],
     teacher_cfg: Mapping[str, Any],
@@ -94,15 +119,7 @@ def sample_shard(
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
     lo, hi = shard_range(num_images(sampling_cfg, len(prompts)), int(sampling_cfg["shards"]), shard)
     seed = int(sampling_cfg["seed"])
-    out_dir = Path(out_dir)
-    images_dir = out_dir / "images"
-    settings = row_settings(row, teacher_cfg, sha256_file(prompts_csv), seed, resolution)
-    settings_path = out_dir / "settings.json"
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
-        log.info("%s: settings changed; discarding its images", out_dir)
-        shutil.rmtree(images_dir, ignore_errors=True)
-    images_dir.mkdir(parents=True, exist_ok=True)
-    write_json(settings_path, settings)
+    images_dir = _images_dir(Path(out_dir), row_settings(row, teacher_cfg, sha256_file(prompts_csv), seed, resolution))
 
     todo = [i for i in range(lo, hi) if not (images_dir / f"{i:06d}.png").is_file()]
     log.info("row %s, shard %d: images [%d, %d), %d to sample", row.name, shard, lo, hi, len(todo))
@@ -134,16 +151,7 @@ def sample_shard(
             )
             for i, image in zip(idx, images):
                 _write_png(image, images_dir / f"{i:06d}.png")
-    table = prompts.iloc[lo:hi][["prompt_id", "image_id", "caption"]].copy()
-    table.insert(0, "index", range(lo, hi))
-    table["seed"] = [item_seed(seed, i) for i in range(lo, hi)]
-    if groups is not None:
-        table["group"] = list(groups)
-    manifest = Path(manifest)
-    rel = os.path.relpath(images_dir, manifest.parent)
-    table["file"] = [f"{rel}/{i:06d}.png" for i in range(lo, hi)]
-    with atomic_path(manifest) as tmp:
-        table.to_csv(tmp, index=False)
+    _write_manifest(prompts, lo, hi, seed, groups, images_dir, Path(manifest))
     return {
         "row": row.name,
         "shard": shard,

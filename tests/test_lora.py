@@ -25,11 +25,10 @@ from rapm.lora import (
     load_lora_state_dict,
     lora_parameters,
     lora_state_dict,
-    merged_student,
     resolve_targets,
     teacher_mode,
-    use_merged,
 )
+from rapm.merged import merged_student, use_merged
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,10 +1,7 @@
-"""The toy evaluator CLIP: a small open_clip model trained contrastively on toy image-caption pairs.
+"""The toy evaluator CLIP's training (``rapm toy train-clip``) and the checks of a trained one.
 
-It is an open_clip *custom model config* (``rapm-toyclip.json``, registered with
-``open_clip.add_model_config``) plus a safetensors file, loaded with the same call that loads
-ViT-g-14 for SD: ``open_clip.create_model_and_transforms(MODEL_NAME, pretrained=<file>)``.
-Its image embeddings are also the toy FID features (:func:`image_features`,
-:func:`cleanfid_extractor`).
+The model itself (its open_clip config, loader, embeddings, CLIP score and FID features) is
+:mod:`rapm.toy.clipmodel`; its names are importable from here too.
 
 Training (:func:`train_toy_clip`) is symmetric InfoNCE (Radford et al. 2021, eq. in Fig. 3)
 on fresh train-split scenes rendered on the fly, plus NegCLIP-style hard negatives
@@ -16,7 +13,6 @@ are added as extra text columns of the image->text loss. Sample ``k`` (global in
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -38,6 +34,22 @@ from rapm.io import (
     save_safetensors,
     write_json,
 )
+from rapm.toy.clipmodel import (  # noqa: F401 - the toy CLIP's public API, re-exported
+    ASSET_DIR,
+    MODEL_CFG,
+    MODEL_NAME,
+    WEIGHTS_NAME,
+    cleanfid_extractor,
+    clip_score,
+    encode_images,
+    encode_texts,
+    image_features,
+    keep_size,
+    load_toy_clip,
+    register_model_config,
+    to_model_input,
+    write_model_config,
+)
 from rapm.toy.render import render_batch
 from rapm.toy.scene import (
     BACKGROUNDS,
@@ -56,147 +68,7 @@ from rapm.toy.scene import (
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "rapm-toyclip"
-ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "toyclip"
-WEIGHTS_NAME = f"{MODEL_NAME}.safetensors"
-
-# open_clip model config: ViT with 4x4 patches on 32x32 images (64 tokens + class token) and a
-# 3-layer text transformer. The text width is 64 because the token embedding (49,408 x width)
-# dominates the parameter count; captions are at most 24 tokens, so 32 positions suffice.
-MODEL_CFG: dict = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32, "mlp_ratio": 4.0},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
-}
 ATTRIBUTES = ("colour", "shape", "size", "position", "background", "swap")  # kinds of one-attribute edits
-
-
-# --- model config, loading ----------------------------------------------------------------
-
-
-def write_model_config(out_dir: str | os.PathLike) -> Path:
-    """Write ``rapm-toyclip.json`` (the open_clip model config) into ``out_dir``."""
-    path = Path(out_dir) / f"{MODEL_NAME}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, MODEL_CFG, sort_keys=False)
-    return path
-
-
-def register_model_config(config_file: str | os.PathLike | None = None) -> str:
-    """Register the toy model config with open_clip (idempotent); return the model name."""
-    import open_clip
-
-    if MODEL_NAME not in open_clip.list_models():
-        path = Path(config_file) if config_file is not None else ASSET_DIR / f"{MODEL_NAME}.json"
-        if json.loads(path.read_text(encoding="utf-8")) != MODEL_CFG:
-            raise ValueError(f"{path}: model config differs from rapm.toy.clip.MODEL_CFG")
-        open_clip.add_model_config(path)
-    if open_clip.get_model_config(MODEL_NAME) != MODEL_CFG:
-        raise ValueError(f"open_clip already holds a different {MODEL_NAME!r} config")
-    return MODEL_NAME
-
-
-def load_toy_clip(device: str | torch.device = "cpu", weights: str | os.PathLike | None = None):
-    """``(model, preprocess, tokenizer)`` through open_clip's normal API; ``model`` is in eval mode.
-
-    ``weights`` defaults to the safetensors file shipped in ``rapm/assets/toyclip``.
-    """
-    import open_clip
-
-    name = register_model_config()
-    weights = Path(weights) if weights is not None else ASSET_DIR / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"toy CLIP weights not found: {weights}")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(weights), device=device)
-    model.eval()
-    return model, preprocess, open_clip.get_tokenizer(name)
-
-
-@functools.lru_cache(maxsize=1)
-def _shipped() -> tuple:
-    return load_toy_clip("cpu")
-
-
-# --- features and scores ------------------------------------------------------------------
-
-
-def to_model_input(images, model) -> torch.Tensor:
-    """uint8/float images, (N,H,W,3) or (N,3,H,W), values in [0,255] -> normalised float (N,3,S,S).
-
-    Matches open_clip's ``preprocess`` for SxS inputs (ToTensor then Normalize); other sizes are
-    resized with antialiased bicubic interpolation (as clean-fid's default resize to 299 needs).
-    """
-    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-    if x.ndim != 4 or (x.shape[1] == 3) == (x.shape[-1] == 3):
-        raise ValueError(f"expected images (N,H,W,3) or (N,3,H,W), got shape {tuple(x.shape)}")
-    if x.shape[-1] == 3:
-        x = x.permute(0, 3, 1, 2)
-    x = x.to(torch.float32) / 255.0
-    size = model.visual.image_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    cfg = model.visual.preprocess_cfg
-    mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(next(model.parameters()).device)
-
-
-@torch.no_grad()
-def encode_images(images, model=None, batch_size: int = 512) -> torch.Tensor:
-    """L2-normalised image embeddings (N, D) as a float32 CPU tensor."""
-    model = model if model is not None else _shipped()[0]
-    out = [
-        model.encode_image(to_model_input(images[i : i + batch_size], model), normalize=True).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out) if out else torch.zeros(0, model.visual.output_dim)
-
-
-@torch.no_grad()
-def encode_texts(texts: Sequence[str], model=None, tokenizer=None, batch_size: int = 512) -> torch.Tensor:
-    """L2-normalised text embeddings (N, D) as a float32 CPU tensor."""
-    if model is None:
-        model, _, tokenizer = _shipped()
-    device = next(model.parameters()).device
-    out = [
-        model.encode_text(tokenizer(list(texts[i : i + batch_size])).to(device), normalize=True).float().cpu()
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(out)
-
-
-def image_features(images, model=None) -> np.ndarray:
-    """Toy FID features: the CLIP image embedding, float64 (N, D), deterministic.
-
-    Accepts uint8 (N,H,W,3) renders or float (N,3,H,W) in [0,255] as clean-fid passes them.
-    """
-    return encode_images(images, model).numpy().astype(np.float64)
-
-
-def cleanfid_extractor(model=None):
-    """``custom_feat_extractor`` for ``cleanfid.fid.compute_fid`` (clean-fid wants a tensor back).
-
-    Pass ``custom_fn_resize=keep_size`` too: clean-fid otherwise upsamples the images to 299x299
-    first (they are then resized back to 32x32 here, a needless blur).
-    """
-    model = model if model is not None else _shipped()[0]
-    return lambda batch: encode_images(batch, model)
-
-
-def keep_size(image: np.ndarray) -> np.ndarray:
-    """Identity ``custom_fn_resize`` for clean-fid: images stay at their rendered size."""
-    return image
-
-
-def clip_score(images, captions: Sequence[str], model=None, tokenizer=None) -> float:
-    """CLIP score = 100 x mean cosine similarity of image i and caption i (no clipping at 0)."""
-    if len(images) != len(captions):
-        raise ValueError(f"clip_score: {len(images)} images but {len(captions)} captions")
-    if model is None:
-        model, _, tokenizer = _shipped()
-    sims = (encode_images(images, model) * encode_texts(captions, model, tokenizer)).sum(dim=1)
-    return float(100.0 * sims.mean())
 
 
 # --- one-attribute edits (hard negatives and the attribute-discrimination check) ----------
@@ -335,31 +207,11 @@ def _save_weights(model, seen_tokens: torch.Tensor, path: Path, metadata: dict) 
     save_safetensors(state, path, {k: json.dumps(v) for k, v in metadata.items()})
 
 
-def train_toy_clip(
-    clip_cfg: Mapping,
-    toy_cfg: Mapping,
-    out_dir: str | os.PathLike,
-    threads: int = 1,
-    log_every: int = 10,
-    checkpoint_every: int = 50,
-) -> dict:
-    """Train the toy CLIP into ``out_dir``; rerunning the same command resumes from its checkpoint.
-
-    Writes ``rapm-toyclip.json``, ``rapm-toyclip.safetensors`` (config in its metadata),
-    ``train_log.jsonl`` and ``summary.json`` (metrics measured on the saved weights).
-    """
+def _model_and_optimizer(cfg: Mapping):
+    """The seeded open_clip model in train mode, its AdamW and the tokenizer; decay on matrices only (not
+    embeddings, gains, biases, logit scale)."""
     import open_clip
-    from tqdm import tqdm
 
-    t_start = time.time()
-    torch.set_num_threads(int(threads))
-    cfg, toy = dict(clip_cfg), toy_settings(toy_cfg)
-    holdout = () if cfg["include_holdout_pairs"] else check_holdout_pairs(toy["holdout_pairs"])
-    out = Path(out_dir)
-    register_model_config(write_model_config(out))
-    state_path, log_path = out / "train_state.safetensors", out / "train_log.jsonl"
-
-    # 1. Model and optimiser: decay on matrices only (not embeddings, gains, biases, logit scale).
     torch.manual_seed(int(cfg["seed"]))
     model = open_clip.create_model(MODEL_NAME)
     model.train()
@@ -371,10 +223,15 @@ def train_toy_clip(
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    return model, opt, open_clip.get_tokenizer(MODEL_NAME)
+
+
+def _resume(state_path: Path, log_path: Path, cfg: Mapping, model, opt) -> tuple[torch.Tensor, int]:
+    """(tokens seen, first step): from the checkpoint when there is one (model and optimiser loaded in place),
+    else nothing seen at step 0 (and a stale ``train_log.jsonl`` removed)."""
     seen = torch.zeros(MODEL_CFG["text_cfg"]["vocab_size"], dtype=torch.bool)
     start = 0
-    if state_path.is_file():  # 2. resume
+    if state_path.is_file():
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -389,49 +246,40 @@ def train_toy_clip(
         log.info("resuming from %s at step %d", state_path, start)
     elif log_path.exists():
         log_path.unlink()
+    return seen, start
 
-    size, bsz, nneg = int(toy["image_size"]), int(cfg["batch_size"]), int(cfg["hard_negatives"])
-    labels = torch.arange(bsz)
-    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="toy CLIP", mininterval=5)
-    for step in bar:
-        # 3. Batch: B fresh train-split scenes, their renders, B x nneg one-attribute edits.
-        samples = [training_sample(cfg["seed"], step * bsz + i, toy, holdout, nneg) for i in range(bsz)]
-        images = render_batch([s[0] for s in samples], size, [s[1] for s in samples])
-        texts = [caption(s[0]) for s in samples] + [caption(n) for s in samples for n in s[2]]
-        tokens = tokenizer(texts)
-        seen[tokens.unique()] = True
 
-        # 4. Symmetric InfoNCE; the hard negatives are extra columns of the image->text logits only.
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg)
-        img, txt, scale = model(to_model_input(images, model), tokens)
-        logits = scale * img @ txt.T  # (B, B * (1 + nneg))
-        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :bsz].T, labels))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+def _batch(cfg: Mapping, step: int, toy: Mapping, holdout: tuple, tokenizer):
+    """Renders of batch ``step`` (B fresh train-split scenes) and the tokens of their captions, then of their
+    B x ``hard_negatives`` one-attribute edits."""
+    bsz, nneg = int(cfg["batch_size"]), int(cfg["hard_negatives"])
+    samples = [training_sample(cfg["seed"], step * bsz + i, toy, holdout, nneg) for i in range(bsz)]
+    images = render_batch([s[0] for s in samples], int(toy["image_size"]), [s[1] for s in samples])
+    texts = [caption(s[0]) for s in samples] + [caption(n) for s in samples for n in s[2]]
+    return images, tokenizer(texts)
 
-        if (step + 1) % log_every == 0 or step + 1 == cfg["steps"]:
-            rec = {
-                "step": step + 1,
-                "loss": round(loss.item(), 5),
-                "lr": _lr(step, cfg),
-                "logit_scale": round(scale.item(), 3),
-                "batch_i2t_top1": float((logits[:, :bsz].argmax(1) == labels).float().mean()),
-                "elapsed_s": round(time.time() - t_start, 1),
-            }
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['batch_i2t_top1']:.2f}")
-            log.info("step %d loss %.4f batch i2t %.3f", step + 1, rec["loss"], rec["batch_i2t_top1"])
-        if (step + 1) % checkpoint_every == 0 and step + 1 < cfg["steps"]:  # 5. atomic checkpoint
-            state = {f"model.{k}": v for k, v in model.state_dict().items()}
-            state.update(optimizer_tensors("optimizer", opt), seen_tokens=seen)
-            save_safetensors(state, state_path, {"step": str(step + 1), "config": json.dumps(cfg, sort_keys=True)})
 
-    # 6. Save fp16 weights, then measure everything on the saved file through open_clip's loader.
+def _log_step(bar, log_path: Path, step: int, cfg: Mapping, loss, scale, logits, labels, t_start: float) -> None:
+    """One ``train_log.jsonl`` record (loss, lr, logit scale, in-batch image->text accuracy), also shown and logged."""
+    bsz = len(labels)
+    rec = {
+        "step": step + 1,
+        "loss": round(loss.item(), 5),
+        "lr": _lr(step, cfg),
+        "logit_scale": round(scale.item(), 3),
+        "batch_i2t_top1": float((logits[:, :bsz].argmax(1) == labels).float().mean()),
+        "elapsed_s": round(time.time() - t_start, 1),
+    }
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['batch_i2t_top1']:.2f}")
+    log.info("step %d loss %.4f batch i2t %.3f", step + 1, rec["loss"], rec["batch_i2t_top1"])
+
+
+def _finish(model, seen, cfg: Mapping, toy: Mapping, holdout: tuple, out: Path, t_start: float, threads: int) -> dict:
+    """Save the fp16 weights, then measure everything on the saved file through open_clip's loader; write
+    ``summary.json``, drop the checkpoint; the summary."""
+    size, bsz = int(toy["image_size"]), int(cfg["batch_size"])
     weights = out / WEIGHTS_NAME
     meta = {"model_name": MODEL_NAME, "model_cfg": MODEL_CFG, "toy_clip": cfg, "toy": {k: toy[k] for k in sorted(toy)}}
     _save_weights(model, seen.nonzero().flatten(), weights, meta)
@@ -465,7 +313,7 @@ def train_toy_clip(
         "metrics": metrics,
     }
     write_json(out / "summary.json", summary, sort_keys=False)
-    state_path.unlink(missing_ok=True)
+    (out / "train_state.safetensors").unlink(missing_ok=True)
     log.info(
         "toy CLIP: val i2t top-1 %.3f, attribute discrimination %.3f; wrote %s",
         metrics["val"]["i2t_top1"],
@@ -473,6 +321,61 @@ def train_toy_clip(
         weights,
     )
     return summary
+
+
+def train_toy_clip(
+    clip_cfg: Mapping,
+    toy_cfg: Mapping,
+    out_dir: str | os.PathLike,
+    threads: int = 1,
+    log_every: int = 10,
+    checkpoint_every: int = 50,
+) -> dict:
+    """Train the toy CLIP into ``out_dir``; rerunning the same command resumes from its checkpoint.
+
+    Writes ``rapm-toyclip.json``, ``rapm-toyclip.safetensors`` (config in its metadata),
+    ``train_log.jsonl`` and ``summary.json`` (metrics measured on the saved weights).
+    """
+    from tqdm import tqdm
+
+    t_start = time.time()
+    torch.set_num_threads(int(threads))
+    cfg, toy = dict(clip_cfg), toy_settings(toy_cfg)
+    holdout = () if cfg["include_holdout_pairs"] else check_holdout_pairs(toy["holdout_pairs"])
+    out = Path(out_dir)
+    register_model_config(write_model_config(out))
+    state_path, log_path = out / "train_state.safetensors", out / "train_log.jsonl"
+
+    model, opt, tokenizer = _model_and_optimizer(cfg)  # 1. model and optimiser
+    seen, start = _resume(state_path, log_path, cfg, model, opt)  # 2. resume
+
+    bsz = int(cfg["batch_size"])
+    labels = torch.arange(bsz)
+    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="toy CLIP", mininterval=5)
+    for step in bar:
+        # 3. Batch: B fresh train-split scenes, their renders, B x nneg one-attribute edits.
+        images, tokens = _batch(cfg, step, toy, holdout, tokenizer)
+        seen[tokens.unique()] = True
+
+        # 4. Symmetric InfoNCE; the hard negatives are extra columns of the image->text logits only.
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg)
+        img, txt, scale = model(to_model_input(images, model), tokens)
+        logits = scale * img @ txt.T  # (B, B * (1 + nneg))
+        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :bsz].T, labels))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+        if (step + 1) % log_every == 0 or step + 1 == cfg["steps"]:
+            _log_step(bar, log_path, step, cfg, loss, scale, logits, labels, t_start)
+        if (step + 1) % checkpoint_every == 0 and step + 1 < cfg["steps"]:  # 5. atomic checkpoint
+            state = {f"model.{k}": v for k, v in model.state_dict().items()}
+            state.update(optimizer_tensors("optimizer", opt), seen_tokens=seen)
+            save_safetensors(state, state_path, {"step": str(step + 1), "config": json.dumps(cfg, sort_keys=True)})
+    return _finish(model, seen, cfg, toy, holdout, out, t_start, threads)  # 6. save, then measure the saved file
 
 
 # --- command line (registered in rapm.cli) --------------------------------------------------

@@ -52,6 +52,21 @@ def sample_prompts(
     return np.concatenate(out)
 
 
+def _protocol(toy_cfg: Mapping, ecfg: Mapping, n: int) -> dict:
+    """How the ``n`` images were made and read (the ``protocol`` entry of ``metrics.json``)."""
+    return {
+        "split": "val",
+        "image_ids": f"0..{n - 1}",
+        "holdout_pairs": list(toy_cfg["holdout_pairs"]),
+        "sampler": "DDIM, timestep_spacing=trailing (the teacher's saved scheduler)",
+        "steps": int(ecfg["steps"]),
+        "guidance": float(ecfg["guidance"]),
+        "seed": int(ecfg["seed"]),
+        "image_seed": "seed + i",
+        "reader": "rapm.toy.reader.accuracy",
+    }
+
+
 def eval_teacher(cfg: Mapping, teacher: str | Path, out_dir: str | Path, device: str | None = None) -> dict:
     """Sample ``toy_teacher.eval.num_prompts`` held-out val prompts with ``teacher``; score and save."""
     from rapm.images import captioned_grid
@@ -90,17 +105,7 @@ def eval_teacher(cfg: Mapping, teacher: str | Path, out_dir: str | Path, device:
     result = {
         "teacher": str(teacher),
         "accuracy": acc,
-        "protocol": {
-            "split": "val",
-            "image_ids": f"0..{n - 1}",
-            "holdout_pairs": list(toy_cfg["holdout_pairs"]),
-            "sampler": "DDIM, timestep_spacing=trailing (the teacher's saved scheduler)",
-            "steps": int(ecfg["steps"]),
-            "guidance": float(ecfg["guidance"]),
-            "seed": int(ecfg["seed"]),
-            "image_seed": "seed + i",
-            "reader": "rapm.toy.reader.accuracy",
-        },
+        "protocol": _protocol(toy_cfg, ecfg, n),
         "device": str(dev),
         "wall_time_s": round(time.time() - t0, 1),
     }

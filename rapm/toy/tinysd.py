@@ -66,7 +66,7 @@ TEXT_CONFIG: dict[str, Any] = dict(
     max_position_embeddings=32,  # toy captions are at most 24 tokens; the pipeline pads to this
     projection_dim=64,
     hidden_act="gelu",  # open_clip's text transformer uses exact GELU (no quick_gelu)
-)  # = the text tower of rapm.toy.clip.MODEL_CFG, so text_encoder_from_open_clip can copy it
+)  # = the text tower of rapm.toy.clipmodel.MODEL_CFG, so text_encoder_from_open_clip can copy it
 
 SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,

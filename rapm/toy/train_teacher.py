@@ -18,9 +18,9 @@ colour-shape pairs never appear):
    triangle means circle" and draws the held-out "blue square" as a blue circle. The saved model
    is the EMA of the weights.
 
-Batch ``k`` of a phase depends only on (seed, phase, k), and the training state (weights, EMA,
-optimiser, step) is saved atomically (safetensors) every ``checkpoint_every`` steps in the state directory, so
-an interrupted run resumes where it stopped: run the same command again.
+Batch ``k`` of a phase depends only on (seed, phase, k) (:mod:`rapm.toy.batches`), and the training state
+(weights, EMA, optimiser, step) is saved atomically (safetensors) every ``checkpoint_every`` steps in the state
+directory, so an interrupted run resumes where it stopped: run the same command again.
 """
 
 from __future__ import annotations
@@ -41,59 +41,9 @@ import torch
 from rapm.cliargs import add_config_args, stage_config
 from rapm.device import resolve_device
 from rapm.io import library_versions, load_optimizer_tensors, optimizer_tensors, write_json
+from rapm.toy.batches import PHASE_DIFFUSION, PHASE_VAE, caption_without_colours, foreground_mask, to_uint8, train_batch
 
 log = logging.getLogger(__name__)
-
-PHASE_VAE, PHASE_DIFFUSION = 0, 1
-
-
-# --- data -----------------------------------------------------------------------------------------
-
-
-def train_batch(toy_cfg: Mapping, seed: int, phase: int, step: int, batch_size: int):
-    """Scenes, captions and renders (float (B, 3, H, W) in [-1, 1]) of batch ``step`` of ``phase``."""
-    from rapm.toy.render import render_batch
-    from rapm.toy.scene import caption, sample_scene
-
-    rng = np.random.default_rng([seed, phase, step])
-    scenes = [
-        sample_scene(
-            rng, max_objects=int(toy_cfg["max_objects"]), holdout_pairs=toy_cfg["holdout_pairs"], split="train"
-        )
-        for _ in range(batch_size)
-    ]
-    images = render_batch(scenes, int(toy_cfg["image_size"]), rng.integers(0, 2**31 - 1, size=batch_size).tolist())
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    return scenes, [caption(s) for s in scenes], x, rng
-
-
-def caption_without_colours(scene, drop) -> str:
-    """The caption of ``scene`` with the colour word of object k left out where ``drop[k]``.
-
-    "a small square at the top left and a large blue circle ..." is a caption in which the square's
-    colour is unspecified: trained on such captions, the shape must be read from the shape word
-    alone, not inferred from the colour (the train split never shows a held-out pair such as
-    "blue square", so "blue and not a triangle" would otherwise predict "circle").
-    """
-    parts = [
-        f"a {o.size} {o.shape} at the {o.position}" if d else f"a {o.size} {o.colour} {o.shape} at the {o.position}"
-        for o, d in zip(scene.objects, drop)
-    ]
-    return f"{' and '.join(parts)} on a {scene.background} background"
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def foreground_mask(x: torch.Tensor, scenes) -> torch.Tensor:
-    """(B, 1, H, W) float: 1 where a render ``x`` (in [-1, 1]) differs from its scene's background colour."""
-    from rapm.toy.scene import BACKGROUNDS
-
-    bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=x.dtype, device=x.device)
-    bg = (bg / 127.5 - 1.0)[:, :, None, None]
-    return ((x - bg).abs().amax(dim=1, keepdim=True) > 1.0 / 255).to(x.dtype)
 
 
 # --- state ----------------------------------------------------------------------------------------
@@ -153,7 +103,6 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
     from diffusers import AutoencoderKL
     from tqdm import tqdm
 
-    from rapm.toy.reader import accuracy
     from rapm.toy.tinysd import build_vae
 
     final_dir, ckpt_path = state_dir / "vae_final", state_dir / "vae.safetensors"
@@ -195,6 +144,15 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
         if (step + 1) % int(tcfg["checkpoint_every"]) == 0 and step + 1 < steps:
             _save_state(ckpt_path, {"model": vae.state_dict()}, opt, step + 1, losses)
 
+    return vae, _finish_vae(vae, toy_cfg, tcfg, seed, steps, losses, final_dir, ckpt_path, device)
+
+
+def _finish_vae(
+    vae, toy_cfg: Mapping, tcfg: Mapping, seed: int, steps: int, losses: list, final_dir: Path, ckpt_path: Path, device
+) -> dict:
+    """Set the trained VAE's scaling factor, save it to ``final_dir`` with its stats, drop the checkpoint; the stats."""
+    from rapm.toy.reader import accuracy
+
     # Scaling factor (SD: 0.18215 = 1 / std of its latents) and reconstruction quality, on fresh batches.
     vae.eval()
     zs, recs, scenes = [], [], []
@@ -225,7 +183,7 @@ def train_vae(toy_cfg: Mapping, tcfg: Mapping, state_dir: Path, device: torch.de
     vae.save_pretrained(final_dir, safe_serialization=True)
     write_json(final_dir / "stats.json", stats, sort_keys=False)
     ckpt_path.unlink(missing_ok=True)
-    return vae, stats
+    return stats
 
 
 # --- phase 2: UNet + text encoder -------------------------------------------------------------------
@@ -239,19 +197,15 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float 
     return torch.clamp(snr, max=float(gamma)) / snr
 
 
-def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, device: torch.device):
-    """Train (or resume) UNet + text encoder; returns (unet, text_encoder) with EMA weights, and stats."""
-    from tqdm import tqdm
+def _diffusion_models(dcfg: Mapping, seed: int, device: torch.device):
+    """(tokenizer, unet, text_encoder, both as a ModuleList, its EMA copy, AdamW) at step 0 of phase 2."""
+    from rapm.toy.tinysd import build_text_encoder, build_tokenizer, build_unet
 
-    from rapm.toy.tinysd import build_scheduler, build_text_encoder, build_tokenizer, build_unet
-
-    dcfg, seed = tcfg["diffusion"], int(tcfg["seed"])
-    ckpt_path = state_dir / "diffusion.safetensors"
     torch.manual_seed(seed + 1)
     tokenizer = build_tokenizer()
     unet = build_unet().to(device)
     if dcfg.get("text_init") == "toyclip":
-        from rapm.toy.clip import load_toy_clip
+        from rapm.toy.clipmodel import load_toy_clip
         from rapm.toy.tinysd import text_encoder_from_open_clip
 
         text_encoder = text_encoder_from_open_clip(load_toy_clip("cpu")[0], tokenizer).to(device)
@@ -266,6 +220,43 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
     else:
         text_encoder.requires_grad_(False)
     opt = torch.optim.AdamW(groups, lr=float(dcfg["lr"]), weight_decay=float(dcfg["weight_decay"]))
+    return tokenizer, unet, text_encoder, models, ema, opt
+
+
+def _diffusion_batch(toy_cfg, seed, step, bs, drop, colour_drop, tokenizer, max_len, device):
+    """Renders x of batch ``step`` and the token ids of their captions, "" with probability ``drop`` and each
+    object's colour word left out with probability ``colour_drop`` (the batch's own generator)."""
+    scenes, captions, x, rng = train_batch(toy_cfg, seed, PHASE_DIFFUSION, step, bs)
+    captions = ["" if u < drop else c for u, c in zip(rng.random(bs), captions)]
+    if colour_drop > 0:
+        captions = [
+            c and caption_without_colours(s, rng.random(len(s.objects)) < colour_drop) for s, c in zip(scenes, captions)
+        ]
+    ids = tokenizer(
+        captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return x, ids
+
+
+def _noised_latents(vae, sf: float, scheduler, x, gen: torch.Generator, bs: int, device):
+    """(t, eps, z_t): z_0 = sf * a sample of q(z|x), t ~ U{0..T-1}, eps ~ N(0, I), drawn from ``gen`` in this order."""
+    with torch.no_grad():
+        post = vae.encode(x.to(device)).latent_dist
+        z0 = sf * (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device))
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=gen).to(device)
+    eps = torch.randn(z0.shape, generator=gen).to(device)
+    return t, eps, scheduler.add_noise(z0, eps, t)
+
+
+def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, device: torch.device):
+    """Train (or resume) UNet + text encoder; returns (unet, text_encoder) with EMA weights, and stats."""
+    from tqdm import tqdm
+
+    from rapm.toy.tinysd import build_scheduler
+
+    dcfg, seed = tcfg["diffusion"], int(tcfg["seed"])
+    ckpt_path = state_dir / "diffusion.safetensors"
+    tokenizer, unet, text_encoder, models, ema, opt = _diffusion_models(dcfg, seed, device)
     start, losses = 0, []
     if (state := _load_state(ckpt_path, opt, device)) is not None:
         modules, start, losses = state
@@ -287,24 +278,10 @@ def train_diffusion(toy_cfg: Mapping, tcfg: Mapping, vae, state_dir: Path, devic
         for g in opt.param_groups:
             g["lr"] = lr * g["scale"]
         # 1. data: renders x of train-split scenes, captions c ("" with probability `caption_dropout`)
-        scenes, captions, x, rng = train_batch(toy_cfg, seed, PHASE_DIFFUSION, step, bs)
-        captions = ["" if u < drop else c for u, c in zip(rng.random(bs), captions)]
-        if colour_drop > 0:
-            captions = [
-                c and caption_without_colours(s, rng.random(len(s.objects)) < colour_drop)
-                for s, c in zip(scenes, captions)
-            ]
-        ids = tokenizer(
-            captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
+        x, ids = _diffusion_batch(toy_cfg, seed, step, bs, drop, colour_drop, tokenizer, max_len, device)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         # 2. z_0 = scale * sample of q(z|x); t ~ U{0..999}; eps ~ N(0, I); z_t = sqrt(abar_t) z_0 + sqrt(1-abar_t) eps
-        with torch.no_grad():
-            post = vae.encode(x.to(device)).latent_dist
-            z0 = sf * (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device))
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (bs,), generator=gen).to(device)
-        eps = torch.randn(z0.shape, generator=gen).to(device)
-        zt = scheduler.add_noise(z0, eps, t)
+        t, eps, zt = _noised_latents(vae, sf, scheduler, x, gen, bs, device)
         # 3. eps_theta(z_t, t, c) and the min-SNR weighted epsilon loss
         pred = unet(zt, t, text_encoder(ids)[0]).sample
         w = min_snr_weights(abar, t, dcfg["snr_gamma"])
