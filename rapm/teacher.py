@@ -9,8 +9,8 @@ Around the loaded pipeline this module offers exactly what the RAPM stages need:
 - :func:`unet_eps`: ε(z, t, c) with classifier-free guidance ε_w = ε_∅ + w (ε_c − ε_∅), conditional and
   unconditional in one batched forward (method.md, "Notation"), converted to ε whatever the
   model's ``prediction_type``;
-- :func:`decode_latents` / :func:`encode_images`: the VAE, with the scaling factor (and SDXL's
-  fp16 ``force_upcast``) handled as the pipelines do.
+- :func:`decode_latents` / :func:`encode_images` (from :mod:`rapm.vae`): the VAE, with the scaling
+  factor (and SDXL's fp16 ``force_upcast``) handled as the pipelines do.
 
 The scheduler is replaced by diffusers' DDIM with ``timestep_spacing="trailing"``,
 ``set_alpha_to_one=False``, ``clip_sample=False``: the inference sampler of method.md, whose
@@ -20,7 +20,6 @@ functions reproduces the pipeline's own output).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
@@ -35,6 +34,7 @@ from rapm.conditioning import Conditioning, unconditional
 from rapm.config import section_defaults
 from rapm.errors import RapmError
 from rapm.schedule import alphas_cumprod_from_scheduler, cfg, check_prediction_type, to_epsilon
+from rapm.vae import decode_latents, encode_images  # noqa: F401 - re-exported: the teacher's VAE
 
 #: ``teacher.path`` prefix naming a pipeline directory shipped inside the package (``rapm/assets/<name>``).
 ASSET_PREFIX = "rapm:"
@@ -221,14 +221,8 @@ def _dtype_keyword() -> str:
     return "dtype"
 
 
-def load_teacher(teacher_cfg: Mapping[str, Any] | None = None) -> Teacher:
-    """Load the teacher described by the ``teacher`` config section (keys: see ``TEACHER_DEFAULTS``).
-
-    Local directory, hub id or ``rapm:<asset>``; ``StableDiffusionPipeline`` or
-    ``StableDiffusionXLPipeline`` by ``type`` (``auto``: from model_index.json); safety checker and
-    watermarker off; weights in ``dtype`` on ``device`` (``auto``: cuda when available), frozen, in
-    eval mode; scheduler replaced by DDIM trailing (method.md, "Notation").
-    """
+def _teacher_settings(teacher_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``teacher`` section over the schema's defaults; unknown keys, dtypes and types refused."""
     cfg = section_defaults("teacher")
     unknown = set(teacher_cfg or {}) - set(cfg)
     if unknown:
@@ -238,6 +232,38 @@ def load_teacher(teacher_cfg: Mapping[str, Any] | None = None) -> Teacher:
         raise ValueError(f"unknown teacher.dtype {cfg['dtype']!r}; choose one of {sorted(DTYPES)}")
     if cfg["type"] not in ("auto", "sd15", "sdxl"):
         raise ValueError(f"unknown teacher.type {cfg['type']!r}; choose auto, sd15 or sdxl")
+    return cfg
+
+
+def _from_pretrained(location: str, is_local: bool, kind: str, dtype: torch.dtype, cfg: Mapping[str, Any]):
+    """The diffusers pipeline of ``kind`` at ``location``, safety checker and watermarker off."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    kwargs: dict[str, Any] = {_dtype_keyword(): dtype, "revision": cfg["revision"], "variant": cfg["variant"]}
+    if is_local or _hub_offline():
+        kwargs["local_files_only"] = True
+    if kind == "sd15":
+        pipeline_cls = StableDiffusionPipeline
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipeline_cls = StableDiffusionXLPipeline
+        kwargs.update(add_watermarker=False)
+    try:
+        pipe = pipeline_cls.from_pretrained(location, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised with the location and cause
+        raise TeacherLoadError(f"{location}: loading it as {pipeline_cls.__name__} failed: {err}") from err
+    return pipe
+
+
+def load_teacher(teacher_cfg: Mapping[str, Any] | None = None) -> Teacher:
+    """Load the teacher described by the ``teacher`` config section (keys: see ``TEACHER_DEFAULTS``).
+
+    Local directory, hub id or ``rapm:<asset>``; ``StableDiffusionPipeline`` or
+    ``StableDiffusionXLPipeline`` by ``type`` (``auto``: from model_index.json); safety checker and
+    watermarker off; weights in ``dtype`` on ``device`` (``auto``: cuda when available), frozen, in
+    eval mode; scheduler replaced by DDIM trailing (method.md, "Notation").
+    """
+    cfg = _teacher_settings(teacher_cfg)
     dtype, device = DTYPES[cfg["dtype"]], _resolve_device(str(cfg["device"]))
     if dtype == torch.float16 and device.type == "cpu":
         raise TeacherLoadError("teacher.dtype float16 on the CPU is unsupported (slow, inexact); use float32 there")
@@ -255,22 +281,9 @@ def load_teacher(teacher_cfg: Mapping[str, Any] | None = None) -> Teacher:
     if detected is not None and kind != detected:
         raise TeacherLoadError(f"{location}: teacher.type is {kind} but the pipeline is {detected} (model_index.json)")
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDIMScheduler
 
-    kwargs: dict[str, Any] = {_dtype_keyword(): dtype, "revision": cfg["revision"], "variant": cfg["variant"]}
-    if is_local or _hub_offline():
-        kwargs["local_files_only"] = True
-    if kind == "sd15":
-        pipeline_cls = StableDiffusionPipeline
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    else:
-        pipeline_cls = StableDiffusionXLPipeline
-        kwargs.update(add_watermarker=False)
-    try:
-        pipe = pipeline_cls.from_pretrained(location, **kwargs)
-    except Exception as err:  # noqa: BLE001 - re-raised with the location and cause
-        raise TeacherLoadError(f"{location}: loading it as {pipeline_cls.__name__} failed: {err}") from err
-
+    pipe = _from_pretrained(location, is_local, kind, dtype, cfg)
     pipe.scheduler = DDIMScheduler.from_config(
         pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False
     )
@@ -335,66 +348,3 @@ def unet_eps(
         out_uncond, out_cond = _forward(teacher, torch.cat([z, z]), t2, both).chunk(2)
         out = cfg(out_uncond, out_cond, guidance)
     return to_epsilon(out, z, t, teacher.alphas_cumprod, teacher.prediction_type)
-
-
-# --- VAE -----------------------------------------------------------------------------------------
-
-
-def _latent_stats(vae, like: Tensor) -> tuple[Tensor, Tensor] | None:
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is None or std is None:
-        return None
-    shape = (1, len(mean), 1, 1)
-    return (
-        torch.tensor(mean).view(shape).to(like.device, like.dtype),
-        torch.tensor(std).view(shape).to(like.device, like.dtype),
-    )
-
-
-@contextlib.contextmanager
-def _vae_for_decoding(teacher: Teacher):
-    """The VAE, upcast to float32 for the duration when SDXL's pipeline would upcast it.
-
-    ``StableDiffusionXLPipeline`` decodes a float16 VAE whose config says ``force_upcast`` (the SDXL VAE
-    overflows in float16) in float32 and casts it back afterwards; so do we, which keeps the
-    pipeline's own ``__call__`` working on the shared modules.
-    """
-    vae = teacher.vae
-    upcast = teacher.type == "sdxl" and vae.dtype == torch.float16 and vae.config.force_upcast
-    # torch's Module.to: ModelMixin.to would log a "keep in float32" warning at every decode
-    if upcast:
-        torch.nn.Module.to(vae, torch.float32)
-    try:
-        yield vae
-    finally:
-        if upcast:
-            torch.nn.Module.to(vae, torch.float16)
-
-
-@torch.no_grad()
-def decode_latents(teacher: Teacher, latents: Tensor) -> Tensor:
-    """Latents → float32 images in [0, 1], (B, 3, H, W), as the pipelines' ``output_type="pt"``.
-
-    Undoes the scaling factor (and the latent mean/std when the VAE config has them, as in the SDXL
-    pipeline) and decodes in the VAE's dtype, or in float32 where the SDXL pipeline upcasts (fp16 with
-    ``force_upcast``).
-    """
-    with _vae_for_decoding(teacher) as vae:
-        x = latents.to(teacher.device, vae.dtype)
-        stats = _latent_stats(vae, x)
-        x = x * stats[1] / vae.config.scaling_factor + stats[0] if stats else x / vae.config.scaling_factor
-        image = vae.decode(x, return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
-
-
-@torch.no_grad()
-def encode_images(
-    teacher: Teacher, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
-) -> Tensor:
-    """Images in [0, 1], (B, 3, H, W) → scaled float32 latents (the posterior mode, or a sample)."""
-    with _vae_for_decoding(teacher) as vae:
-        dist = vae.encode((images * 2 - 1).to(teacher.device, vae.dtype)).latent_dist
-        latents = (dist.sample(generator) if sample else dist.mode()).float()
-    stats = _latent_stats(vae, latents)
-    sf = vae.config.scaling_factor
-    return (latents - stats[0]) * sf / stats[1] if stats else latents * sf
