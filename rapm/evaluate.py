@@ -103,25 +103,92 @@ def evaluate_row(
     ``teacher_manifests``: the teacher row's images, for the same-noise distance and the Fréchet
     distance to the teacher's samples (None for the teacher row itself)."""
     from rapm.io import write_json
-    from rapm.manifests import read_row_images
     from rapm.metrics import clip_score, load_clip
 
     t0 = time.time()
     row = Row.from_dict(row)
     ecfg = cfg["evaluation"]
+    images, table = _row_images(cfg, row, manifests, prompts_csv)
+    protocol = Protocol.from_config(cfg)
+    extract = protocol.extractor()
+    resamples = int(ecfg.get("bootstrap", 0) or 0)
+    idx = bootstrap_indices(len(images), resamples) if resamples else None
+    replicates: dict[str, np.ndarray] = {}  # same image indices for every row: differences are paired
+    fids, feats_first = _fids(ecfg, reference, images, extract, idx, replicates)
+    clip = load_clip(ecfg["clip"]["model"], ecfg["clip"]["pretrained"])
+    captions = list(table["caption"])
+    result = _record(
+        cfg, row, prompts_csv, len(images), fids, clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"])
+    )
+    result["accuracy"] = _reader_accuracy(protocol, images, captions, idx, replicates)
+    if teacher_manifests:
+        result["teacher_distance"] = _teacher_distance(
+            row, ecfg, teacher_manifests, images, captions, extract, feats_first, idx, replicates
+        )
+    if idx is not None:
+        result["intervals"], result["bootstrap_replicates"] = _intervals(result, fids, replicates, resamples)
+    if "group" in table.columns:  # MSD: per-partition CLIP score and accuracy (FID needs the whole set)
+        result["partitions"] = _partitions(table, images, captions, clip, ecfg, protocol, result["accuracy"])
+    result["wall_time_s"] = round(time.time() - t0, 1)
+    validate_metrics(result)
+    write_json(out, result)
+    log.info(
+        "row %s: FID %s, CLIP %.2f%s",
+        row.name,
+        fids,
+        result["clip_score"],
+        f", accuracy {result['accuracy'].get('all', float('nan')):.3f}" if result["accuracy"] else "",
+    )
+    return result
+
+
+def _record(
+    cfg: Mapping[str, Any], row: Row, prompts_csv: str | Path, num: int, fids: Mapping, clip: float
+) -> dict[str, Any]:
+    """The metrics record of a row of ``num`` images with its FIDs and CLIP score; the other metrics are added
+    to it by :func:`evaluate_row`."""
+    return {
+        "format": METRICS_FORMAT,
+        "row": row.name,
+        "kind": row.kind,
+        "steps": int(row.steps),
+        "guidance": float(row.guidance),
+        "lora": row.lora,
+        "images": num,
+        "init": row.init,
+        "fid": fids,
+        "clip_score": clip,
+        "accuracy": None,
+        "protocol": {
+            **protocol_summary(cfg["evaluation"]),
+            "prompts": str(prompts_csv),
+            "images": num,
+            "sampling_seed": int(cfg["sampling"]["seed"]),
+            "image_seed": "sampling.seed + i",
+            "profile": cfg.get("profile"),
+        },
+        "wall_time_s": None,
+    }
+
+
+def _row_images(cfg: Mapping[str, Any], row: Row, manifests: list[str | Path], prompts_csv: str | Path):
+    """(images, table) of a row's shard manifests, refused when fewer than the protocol asks for."""
+    from rapm.manifests import read_row_images
+
     prompts = pd.read_csv(prompts_csv, keep_default_na=False)
-    required = ecfg["fid"]["min_images"] or num_images(cfg["sampling"], len(prompts))
+    required = cfg["evaluation"]["fid"]["min_images"] or num_images(cfg["sampling"], len(prompts))
     images, table = read_row_images(manifests)
     if len(images) < required:
         raise MetricsError(
             f"row {row.name!r}: {len(images)} images, the protocol asks for {required}; FID on fewer "
             "images is biased and not comparable (sample more, or lower evaluation.fid.min_images)"
         )
-    protocol = Protocol.from_config(cfg)
-    extract = protocol.extractor()
-    resamples = int(ecfg.get("bootstrap", 0) or 0)
-    idx = bootstrap_indices(len(images), resamples) if resamples else None
-    replicates: dict[str, np.ndarray] = {}  # same image indices for every row: differences are paired
+    return images, table
+
+
+def _fids(ecfg: Mapping[str, Any], reference: str | Path, images: np.ndarray, extract, idx, replicates: dict):
+    """FID at every protocol resolution against the reference statistics, and the features at the first one;
+    adds the bootstrap replicates ``fid_<res>`` to ``replicates`` (when ``idx`` is given)."""
     feats_first = None
     with np.load(reference, allow_pickle=False) as ref:
         if str(ref["protocol"]) != json.dumps(reference_protocol(ecfg), sort_keys=True):
@@ -134,92 +201,80 @@ def evaluate_row(
             fids[str(res)] = frechet_distance(mu, sigma, ref[f"mu_{res}"], ref[f"sigma_{res}"])
             if idx is not None:
                 replicates[f"fid_{res}"] = fd_replicates(feats, ref[f"mu_{res}"], ref[f"sigma_{res}"], idx)
-    clip = load_clip(ecfg["clip"]["model"], ecfg["clip"]["pretrained"])
-    captions = list(table["caption"])
-    result: dict[str, Any] = {
-        "format": METRICS_FORMAT,
-        "row": row.name,
-        "kind": row.kind,
-        "steps": int(row.steps),
-        "guidance": float(row.guidance),
-        "lora": row.lora,
-        "images": len(images),
-        "init": row.init,
-        "fid": fids,
-        "clip_score": clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"]),
-        "accuracy": None,
-        "protocol": {
-            **protocol_summary(ecfg),
-            "prompts": str(prompts_csv),
-            "images": len(images),
-            "sampling_seed": int(cfg["sampling"]["seed"]),
-            "image_seed": "sampling.seed + i",
-            "profile": cfg.get("profile"),
-        },
-        "wall_time_s": None,
-    }
+    return fids, feats_first
+
+
+def _reader_accuracy(protocol: Protocol, images: np.ndarray, captions: list[str], idx, replicates: dict):
+    """The attribute reader's mean accuracies (None where the protocol has no reader); adds the bootstrap
+    replicates ``accuracy_<attribute>`` to ``replicates`` (when ``idx`` is given)."""
     scores = protocol.reader_scores(images, captions)
-    if scores is not None:
-        result["accuracy"] = score_means(scores)
-        if idx is not None:
-            for k in ("all", *READER_ATTRIBUTES):
-                if k in scores:
-                    replicates[f"accuracy_{k}"] = scores[k][idx].mean(axis=1)
-    if teacher_manifests:
-        t_images, t_table = read_row_images(teacher_manifests)
-        if list(t_table["caption"]) != captions:
-            raise MetricsError(
-                f"row {row.name!r}: the teacher row's images are of other prompts (or another order); "
-                "resample the teacher row"
-            )
-        rmse = pixel_rmse(images, t_images)
-        res0 = int(ecfg["fid"]["resolutions"][0])
-        t_mu, t_sigma = gaussian_stats(extract(resize_all(t_images, res0)))
-        result["teacher_distance"] = {
-            "rmse": float(rmse.mean()),
-            "fd": frechet_distance(*gaussian_stats(feats_first), t_mu, t_sigma),
-            "resolution": res0,
-        }
-        if idx is not None:
-            replicates["teacher_rmse"] = rmse[idx].mean(axis=1)
-            replicates["teacher_fd"] = fd_replicates(feats_first, t_mu, t_sigma, idx)
+    if scores is None:
+        return None
     if idx is not None:
-        estimates = {
-            **{f"fid_{r}": v for r, v in fids.items()},
-            **{f"accuracy_{k}": v for k, v in (result["accuracy"] or {}).items()},
-            **(
-                {"teacher_rmse": result["teacher_distance"]["rmse"], "teacher_fd": result["teacher_distance"]["fd"]}
-                if "teacher_distance" in result
-                else {}
-            ),
+        for k in ("all", *READER_ATTRIBUTES):
+            if k in scores:
+                replicates[f"accuracy_{k}"] = scores[k][idx].mean(axis=1)
+    return score_means(scores)
+
+
+def _teacher_distance(
+    row: Row, ecfg: Mapping[str, Any], teacher_manifests, images, captions, extract, feats_first, idx, replicates: dict
+) -> dict[str, Any]:
+    """Same-noise pixel RMSE to the teacher row's images and the Fréchet distance to their features (first
+    protocol resolution); adds the bootstrap replicates ``teacher_rmse``, ``teacher_fd`` to ``replicates``."""
+    from rapm.manifests import read_row_images
+
+    t_images, t_table = read_row_images(teacher_manifests)
+    if list(t_table["caption"]) != captions:
+        raise MetricsError(
+            f"row {row.name!r}: the teacher row's images are of other prompts (or another order); "
+            "resample the teacher row"
+        )
+    rmse = pixel_rmse(images, t_images)
+    res0 = int(ecfg["fid"]["resolutions"][0])
+    t_mu, t_sigma = gaussian_stats(extract(resize_all(t_images, res0)))
+    distance = {
+        "rmse": float(rmse.mean()),
+        "fd": frechet_distance(*gaussian_stats(feats_first), t_mu, t_sigma),
+        "resolution": res0,
+    }
+    if idx is not None:
+        replicates["teacher_rmse"] = rmse[idx].mean(axis=1)
+        replicates["teacher_fd"] = fd_replicates(feats_first, t_mu, t_sigma, idx)
+    return distance
+
+
+def _intervals(result: Mapping[str, Any], fids: Mapping, replicates: Mapping, resamples: int) -> tuple[dict, dict]:
+    """The 95% intervals of every bootstrapped metric (distances clipped at 0) and the replicates, rounded."""
+    estimates = {
+        **{f"fid_{r}": v for r, v in fids.items()},
+        **{f"accuracy_{k}": v for k, v in (result["accuracy"] or {}).items()},
+        **(
+            {"teacher_rmse": result["teacher_distance"]["rmse"], "teacher_fd": result["teacher_distance"]["fd"]}
+            if "teacher_distance" in result
+            else {}
+        ),
+    }
+    cis = {k: interval(v, estimates.get(k)) for k, v in replicates.items()}
+    cis = {k: ([max(0.0, lo), max(0.0, hi)] if "fd" in k or "fid" in k else [lo, hi]) for k, (lo, hi) in cis.items()}
+    intervals = {"level": 0.95, "resamples": resamples, **cis}
+    return intervals, {k: [round(float(x), 6) for x in v] for k, v in replicates.items()}
+
+
+def _partitions(table: pd.DataFrame, images, captions, clip, ecfg: Mapping[str, Any], protocol: Protocol, accuracy):
+    """MSD: CLIP score (and reader accuracy, when the row has one) of each partition's images."""
+    from rapm.metrics import clip_score
+
+    partitions = {}
+    for k, idx in table.groupby("group").indices.items():
+        part = {
+            "images": len(idx),
+            "clip_score": clip_score(images[idx], [captions[i] for i in idx], clip, prefix=ecfg["clip"]["prefix"]),
         }
-        cis = {k: interval(v, estimates.get(k)) for k, v in replicates.items()}
-        cis = {
-            k: ([max(0.0, lo), max(0.0, hi)] if "fd" in k or "fid" in k else [lo, hi]) for k, (lo, hi) in cis.items()
-        }
-        result["intervals"] = {"level": 0.95, "resamples": resamples, **cis}
-        result["bootstrap_replicates"] = {k: [round(float(x), 6) for x in v] for k, v in replicates.items()}
-    if "group" in table.columns:  # MSD: per-partition CLIP score and accuracy (FID needs the whole set)
-        result["partitions"] = {}
-        for k, idx in table.groupby("group").indices.items():
-            part = {
-                "images": len(idx),
-                "clip_score": clip_score(images[idx], [captions[i] for i in idx], clip, prefix=ecfg["clip"]["prefix"]),
-            }
-            if result["accuracy"] is not None:
-                part["accuracy"] = protocol.reader_accuracy_of(images[idx], [captions[i] for i in idx])
-            result["partitions"][str(k)] = part
-    result["wall_time_s"] = round(time.time() - t0, 1)
-    validate_metrics(result)
-    write_json(out, result)
-    log.info(
-        "row %s: FID %s, CLIP %.2f%s",
-        row.name,
-        fids,
-        result["clip_score"],
-        f", accuracy {result['accuracy'].get('all', float('nan')):.3f}" if result["accuracy"] else "",
-    )
-    return result
+        if accuracy is not None:
+            part["accuracy"] = protocol.reader_accuracy_of(images[idx], [captions[i] for i in idx])
+        partitions[str(k)] = part
+    return partitions
 
 
 def validate_metrics(result: Mapping[str, Any]) -> None:

@@ -110,6 +110,18 @@ def delta_timesteps(num_steps: int, steps_per_slot: int, num_train_timesteps: in
     return [fine[k * steps_per_slot + 1] for k in range(num_steps)]
 
 
+def trajectory_grids(
+    num_steps: int, steps_per_slot: int, num_train_timesteps: int = 1000
+) -> tuple[list[int], list[int], list[int]]:
+    """The (fine, coarse, Δ) grids of one teacher trajectory (method.md §1): the times it steps through, the
+    coarse states and the Δ-states it keeps."""
+    return (
+        fine_timesteps(num_steps, steps_per_slot, num_train_timesteps),
+        coarse_timesteps(num_steps, num_train_timesteps),
+        delta_timesteps(num_steps, steps_per_slot, num_train_timesteps),
+    )
+
+
 # --- one DDIM step -----------------------------------------------------------------------------
 
 

@@ -5,8 +5,10 @@ import pytest
 
 from rapm.config import ConfigError, load_config, validate
 from rapm.plan import final_targets, rows, split_replicate, trained_variants, variant_config
+from rapm.replicates import combine_replicates, group_replicates
 from rapm.stats import bootstrap_indices, seed_replicates
-from rapm.tables import _delta, _fmt, build_tables, combine_replicates, expand_intervals, group_replicates
+from rapm.tableformat import _fmt, expand_intervals
+from rapm.tables import _delta, build_tables
 
 
 def _cfg(*overrides):
