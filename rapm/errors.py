@@ -9,3 +9,7 @@ class RapmError(Exception):
     """Base class of errors caused by the user's input, files or environment."""
 
     exit_code = 1
+
+
+class SamplingError(RapmError):
+    """A row cannot be sampled as configured (its LoRA, router or images missing or unreadable)."""

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from rapm.pipeline import SamplingError
+from rapm.errors import SamplingError
 
 
 def num_images(sampling_cfg: Mapping[str, Any], num_prompts: int) -> int:

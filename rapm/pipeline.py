@@ -10,11 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from rapm.errors import RapmError
-
-
-class SamplingError(RapmError):
-    """A row cannot be sampled as configured."""
+from rapm.errors import SamplingError
 
 
 def load_row_pipeline(row: Mapping[str, Any], teacher_cfg: Mapping[str, Any]):
