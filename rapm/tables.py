@@ -301,7 +301,10 @@ def _published_table(cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
 def build_tables(
     cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Sequence[dict], trajectories: Sequence[dict]
 ) -> dict[str, tuple[pd.DataFrame, list[str]]]:
-    """{name: (table, footnotes)} for main, ablations and resources."""
+    """{name: (table, footnotes, extra)} for main, ablations and resources.
+
+    extra is None, or for main (heading, table) of the published reference rows.
+    """
     variants = cfg.get("variants", {})
     resolutions = [str(r) for r in cfg["evaluation"]["fid"]["resolutions"]]
     protocol = Protocol.from_config(cfg)
@@ -323,7 +326,7 @@ def build_tables(
 
     resources, res_notes = _resources_table(traj_by_key, traj_hours, summary_by_variant)
     return {
-        "main": (main, notes, pub_table),
+        "main": (main, notes, (protocol.published_heading, pub_table)),
         "ablations": (ablations, abl_notes, None),
         "resources": (resources, res_notes, None),
     }
@@ -346,9 +349,10 @@ def write_tables(
         md = f"**{name}** ({cfg['profile']} profile)\n\n" + to_markdown(table)
         csv = expand_intervals(table)
         if extra is not None:
-            md += f"\n{Protocol.from_config(cfg).published_heading}\n\n" + to_markdown(extra)
+            heading, published = extra
+            md += f"\n{heading}\n\n" + to_markdown(published)
             csv = pd.concat(
-                [csv.assign(protocol=f"this run ({cfg['profile']})", source="measured"), extra], ignore_index=True
+                [csv.assign(protocol=f"this run ({cfg['profile']})", source="measured"), published], ignore_index=True
             )
         md += "\n" + "\n".join(f"{i + 1}. {n}" for i, n in enumerate(notes)) + "\n"
         write_text(out_dir / f"{name}.md", md)
