@@ -3,8 +3,7 @@
 # killed job resumes when it is run again.
 
 
-# Train the student LoRA of one variant on its trajectory store. Trainings are the longest jobs, so
-# they go first (priority) and the short sampling / evaluation jobs fill the other core around them.
+# Train the student LoRA of one variant on its trajectory store.
 rule train_rapm:
     input:
         config="results/config/variants/{variant}.yaml",
@@ -24,7 +23,6 @@ rule train_rapm:
         "logs/train/{variant}.log",
     benchmark:
         "logs/benchmarks/train/{variant}.tsv"
-    priority: 1
     conda:
         "../../environment.yml"
     threads: 2
@@ -98,7 +96,6 @@ rule train_msd_student:
         "logs/benchmarks/train/{variant}/students/{k}.tsv"
     wildcard_constraints:
         k=r"\d+",
-    priority: 1
     conda:
         "../../environment.yml"
     threads: 2
