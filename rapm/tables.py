@@ -300,7 +300,7 @@ def _published_table(cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str]:
 
 def build_tables(
     cfg: Mapping[str, Any], metrics: Sequence[dict], summaries: Sequence[dict], trajectories: Sequence[dict]
-) -> dict[str, tuple[pd.DataFrame, list[str]]]:
+) -> dict[str, tuple[pd.DataFrame, list[str], tuple[str, pd.DataFrame] | None]]:
     """{name: (table, footnotes, extra)} for main, ablations and resources.
 
     extra is None, or for main (heading, table) of the published reference rows.
