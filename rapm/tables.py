@@ -1,11 +1,10 @@
 """The paper's tables (``python -m rapm tables``): main, ablations, resources; Markdown, CSV, LaTeX.
 
-Every number in a measured row comes from this run's files (metrics JSON per row, training
-summaries, trajectory manifests); nothing is typed in. Published rows come from
-``rapm/assets/published_results.csv`` (copied from the sources named in its ``source`` column), each
-with its protocol in a footnote: numbers measured under different protocols are not comparable, and
-on the toy profile the published rows are a separate block that shares no protocol with ours. A variant's
-training seeds are merged into one row by :mod:`rapm.replicates`; :mod:`rapm.tableformat` renders the tables.
+Every number in a measured row comes from this run's files (metrics JSON per row, training summaries, trajectory
+manifests); nothing is typed in. Published rows come from ``rapm/assets/published_results.csv`` (copied from the
+sources in its ``source`` column), each with its protocol in a footnote: numbers measured under different protocols
+are not comparable; on the toy profile the published rows are a separate block that shares no protocol with ours.
+Seeds are merged into one row by :mod:`rapm.replicates`; :mod:`rapm.tableformat` renders the tables.
 """
 
 from __future__ import annotations
