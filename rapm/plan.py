@@ -11,7 +11,7 @@ from typing import Mapping
 
 from rapm.config import ConfigError, deep_merge, replicate_name, select_keys, split_replicate, validate
 from rapm.rows import Row
-from rapm.store import store_grid
+from rapm.schedule import store_grid
 
 # The config keys each CLI stage reads. The workflow writes exactly these to
 # results/config/<stage>.yaml, so editing a key reruns the stages that read it and no other.
@@ -247,7 +247,7 @@ TRAJECTORY_STORE_KEYS = [
 
 def trajectory_store_key(config: Mapping) -> str:
     """Short hash (12 hex digits) of :data:`TRAJECTORY_STORE_KEYS` in ``config`` (key order does not matter),
-    on the store's grid (:func:`rapm.store.store_grid`): a student on a sub-grid shares the store."""
+    on the store's grid (:func:`rapm.schedule.store_grid`): a student on a sub-grid shares the store."""
     config = {**config, "trajectories": store_grid(config["trajectories"])}
     text = json.dumps(select_keys(config, TRAJECTORY_STORE_KEYS), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

@@ -17,7 +17,7 @@ clip_sample=False)``; ``tests/test_schedule.py`` proves :func:`ddim_sample` equa
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -241,3 +241,32 @@ def ddim_sample(
         if callback is not None:
             callback(i, u, z)
     return z, kept
+
+
+def store_grid(traj_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``trajectories`` section of the STORE a config trains on: ``store_steps`` (null: ``num_steps``)
+    coarse slots of ``num_steps · steps_per_slot / store_steps`` fine steps each, the same fine grid.
+
+    A student with fewer steps trains on a coarser sub-grid of a store's grid: for N = 1 (M = 40) and
+    N = 2 (M = 20), the 40-step trailing grid, its coarse states and its Δ-states (Δ = one fine step)
+    are those of the N = 4, M = 10 store at every (4/N)-th slot, computed by the same teacher steps from
+    the same noise, so ``store_steps: 4`` reads them from that store instead of recomputing them.
+    """
+    out = {k: v for k, v in traj_cfg.items() if k != "store_steps"}
+    n, m = int(traj_cfg["num_steps"]), int(traj_cfg["steps_per_slot"])
+    ns = traj_cfg.get("store_steps") or n
+    if ns % n or (n * m) % ns:
+        raise ValueError(
+            f"trajectories.store_steps {ns} must be a multiple of num_steps {n} and divide "
+            f"num_steps x steps_per_slot = {n * m}"
+        )
+    out["num_steps"], out["steps_per_slot"] = int(ns), n * m // int(ns)
+    return out
+
+
+def subgrid_indices(store_steps: int, num_steps: int) -> tuple[list[int], list[int]]:
+    """Indices into a store's coarse (N_s + 1) and delta (N_s) axes of the sub-grid of ``num_steps`` slots."""
+    if store_steps % num_steps:
+        raise ValueError(f"a {num_steps}-step grid is not a sub-grid of the store's {store_steps} slots")
+    stride = store_steps // num_steps
+    return list(range(0, store_steps + 1, stride)), list(range(0, store_steps, stride))

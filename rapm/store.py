@@ -47,11 +47,13 @@ from torch.utils.data import Dataset
 
 from rapm.config import lookup
 from rapm.errors import RapmError
+from rapm.schedule import store_grid, subgrid_indices
 
 FORMAT = "rapm-trajectories"
 FORMAT_VERSION = 1
 STORE_NAME = "store.zarr"
 COND_ARRAYS = ("prompt_embeds", "pooled_embeds", "add_time_ids")
+CACHE_BYTES = 2 << 30  # TrajectoryDataset(cache=True) keeps the items of a store up to 2 GiB decoded (the toy: 17 MB)
 #: Attributes that define the arrays' content: a store whose values differ holds other trajectories.
 FINGERPRINT = (
     "format_version",
@@ -117,38 +119,9 @@ def weights_sha256(teacher) -> dict[str, str]:
     return digests
 
 
-def store_grid(traj_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``trajectories`` section of the STORE a config trains on: ``store_steps`` (null: ``num_steps``)
-    coarse slots of ``num_steps · steps_per_slot / store_steps`` fine steps each, the same fine grid.
-
-    A student with fewer steps trains on a coarser sub-grid of a store's grid: for N = 1 (M = 40) and
-    N = 2 (M = 20), the 40-step trailing grid, its coarse states and its Δ-states (Δ = one fine step)
-    are those of the N = 4, M = 10 store at every (4/N)-th slot, computed by the same teacher steps from
-    the same noise, so ``store_steps: 4`` reads them from that store instead of recomputing them.
-    """
-    out = {k: v for k, v in traj_cfg.items() if k != "store_steps"}
-    n, m = int(traj_cfg["num_steps"]), int(traj_cfg["steps_per_slot"])
-    ns = traj_cfg.get("store_steps") or n
-    if ns % n or (n * m) % ns:
-        raise ValueError(
-            f"trajectories.store_steps {ns} must be a multiple of num_steps {n} and divide "
-            f"num_steps x steps_per_slot = {n * m}"
-        )
-    out["num_steps"], out["steps_per_slot"] = int(ns), n * m // int(ns)
-    return out
-
-
-def subgrid_indices(store_steps: int, num_steps: int) -> tuple[list[int], list[int]]:
-    """Indices into a store's coarse (N_s + 1) and delta (N_s) axes of the sub-grid of ``num_steps`` slots."""
-    if store_steps % num_steps:
-        raise ValueError(f"a {num_steps}-step grid is not a sub-grid of the store's {store_steps} slots")
-    stride = store_steps // num_steps
-    return list(range(0, store_steps + 1, stride)), list(range(0, store_steps, stride))
-
-
 def expected_attrs(teacher_cfg: Mapping[str, Any], traj_cfg: Mapping[str, Any], teacher=None) -> dict[str, Any]:
     """Attribute values (dotted names) a store must have for this ``teacher``/``trajectories`` config
-    (the store's grid: :func:`store_grid`).
+    (the store's grid: :func:`rapm.schedule.store_grid`).
 
     With a loaded ``teacher``, its weights' hash is required too (a retrained teacher at the same path).
     """
@@ -328,6 +301,7 @@ class TrajectoryDataset(Dataset):
         *,
         verify: bool = True,
         num_steps: int | None = None,
+        cache: bool = False,
     ):
         zarr = import_zarr()
         self.path = store_path(directory)
@@ -348,6 +322,9 @@ class TrajectoryDataset(Dataset):
         # a coarser student reads every (N_s / N)-th slot of the store (store_grid)
         self.num_steps = int(num_steps or self.attrs["num_steps"])
         self._coarse_idx, self._delta_idx = subgrid_indices(int(self.attrs["num_steps"]), self.num_steps)
+        # ``cache``: each item is read from disk once and kept, if the decoded store fits in CACHE_BYTES
+        size = sum(math.prod(a.shape) * a.dtype.itemsize for n, a in self._arrays.items() if n != "prompt")
+        self._cache: dict[int, dict] | None = {} if cache and size <= CACHE_BYTES else None
 
     @classmethod
     def from_config(
@@ -377,6 +354,13 @@ class TrajectoryDataset(Dataset):
         if not -len(self) <= j < len(self):
             raise IndexError(f"trajectory {index} outside [0, {len(self)})")
         j %= len(self)
+        if self._cache is None:
+            return self._read(j)
+        if j not in self._cache:
+            self._cache[j] = self._read(j)
+        return dict(self._cache[j])  # the tensors are shared: callers copy (load_batch stacks them)
+
+    def _read(self, j: int) -> dict[str, Any]:
         item: dict[str, Any] = {"index": j}
         for name, arr in self._arrays.items():
             try:

@@ -120,7 +120,7 @@ class Trainer:
             )
         # the store must match this teacher (weights hash), grid and prompt set (cfg["prompts"] / the
         # ``prompts`` train.csv, when given): checked before the LoRA changes the UNet
-        self.dataset = TrajectoryDataset.from_config(trajectories, cfg, self.teacher, prompts=prompts)
+        self.dataset = TrajectoryDataset.from_config(trajectories, cfg, self.teacher, prompts=prompts, cache=True)
         # the trajectories this run trains on: all, or an MSD student's group (indices into the store)
         self.subset = list(range(len(self.dataset))) if subset is None else [int(j) for j in subset]
         if not self.subset or not all(0 <= j < len(self.dataset) for j in self.subset):

@@ -547,6 +547,26 @@ def test_corrupted_chunk_is_detected_by_its_checksum(damaged):
         T.gather(directory, [], directory / "manifest.json")
 
 
+def test_cached_reader_reads_each_item_once_and_returns_the_same_values(damaged, monkeypatch):
+    """``cache=True`` (training): an item comes from disk on its first read only, with the values of an uncached read."""
+    directory, chunk = damaged
+    plain, cached = TS.TrajectoryDataset(directory), TS.TrajectoryDataset(directory, cache=True)
+    first = cached[3]
+    for name, value in plain[3].items():
+        assert torch.equal(value, first[name]) if torch.is_tensor(value) else value == first[name], name
+    data = bytearray(chunk.read_bytes())
+    data[40] ^= 0xFF  # trajectory 3's coarse chunk is now corrupt: only the kept item can still be read
+    chunk.write_bytes(bytes(data))
+    assert torch.equal(cached[3]["coarse"], first["coarse"])
+    cached[3]["coarse"] = None  # a caller's change to the returned dict does not reach the cache
+    assert cached[3]["coarse"] is not None
+    with pytest.raises(TS.TrajectoryStoreError, match="trajectory 3: chunk unreadable"):
+        plain[3]
+    monkeypatch.setattr(TS, "CACHE_BYTES", 0)  # a store larger than the budget is read from disk every time
+    with pytest.raises(TS.TrajectoryStoreError, match="trajectory 3: chunk unreadable"):
+        TS.TrajectoryDataset(directory, verify=False, cache=True)[3]
+
+
 def test_ungathered_store_is_refused(sd_teacher, prompt_files, tmp_path):
     T.init_store(tmp_path, teacher_cfg(sd_teacher), CFG, *prompt_files, teacher=sd_teacher)
     with pytest.raises(TS.TrajectoryStoreError, match="not gathered"):
