@@ -135,6 +135,27 @@ def student_config(config: Mapping, name: str) -> dict:
     return vc
 
 
+def training_priority(config: Mapping, name: str) -> int:
+    """Scheduling priority of variant ``name``'s training and of the jobs that need its weights: its UNet work,
+    iterations x N per job (an N = 1 iteration costs about a quarter of an N = 4 one; an MSD student
+    trains iterations / K). With two job slots the longest training starts first and the short jobs fill
+    the other slot around it, instead of it starting last and running alone."""
+    vc = variant_config(config, name) if variant_msd(config, name) is None else student_config(config, name)
+    return int(vc["train"]["iterations"]) * int(vc["trajectories"]["num_steps"])
+
+
+def upstream_priority(config: Mapping) -> int:
+    """Priority of the jobs every training waits for (captions, prompt sets, trajectory stores): above
+    every :func:`training_priority`, so a free slot never goes to an evaluation while they are due."""
+    return 1 + max((training_priority(config, v) for v in trained_variants(config, every=True)), default=0)
+
+
+def row_priority(config: Mapping, row: Row) -> int:
+    """Priority of a row's sampling and evaluation: its training's (:func:`training_priority`) for a trained
+    row, so the longest training's row is sampled as soon as it exists; 0 for the teacher rows."""
+    return training_priority(config, row.name) if row.trained else 0
+
+
 def variant_outputs(config: Mapping, name: str) -> list[str]:
     """The trained artefacts of a variant: its LoRA, or the router and every student's LoRA."""
     msd = variant_msd(config, name)

@@ -10,10 +10,13 @@ from rapm.config import ConfigError, load_config
 from rapm.plan import (
     final_targets,
     protocol_key,
+    row_priority,
     rows,
     student_config,
+    training_priority,
     trajectory_store_key,
     trajectory_stores,
+    upstream_priority,
     variant_config,
     variant_names,
 )
@@ -96,3 +99,19 @@ def test_protocol_key_tracks_the_fid_protocol_only(cfg):
     assert protocol_key(cfg) == before  # the CLIP score does not use the reference statistics
     cfg["evaluation"]["fid"]["resolutions"] = [32, 16]
     assert protocol_key(cfg) != before
+
+
+def test_job_priorities_start_the_longest_training_first(cfg):
+    # UNet work per training job: iterations x N (an MSD student trains iterations / K)
+    assert training_priority(cfg, "n1") == 9000 * 1
+    assert training_priority(cfg, "rapm") == training_priority(cfg, "rapm-seed2") == 600 * 4
+    assert training_priority(cfg, "n2") == 600 * 2
+    assert training_priority(cfg, "msd4") == student_config(cfg, "msd4")["train"]["iterations"] * 4 == 600
+    cfg["variants"]["n1"]["train"]["iterations"] = 100
+    assert training_priority(cfg, "n1") == 100
+    # the jobs every training waits for come before any training; teacher rows after every trained row
+    top = upstream_priority(cfg)
+    assert top == 1 + max(training_priority(cfg, v) for v in cfg["variants"]) == 2401
+    table = rows(cfg)
+    assert row_priority(cfg, table["rapm"]) == 2400 and row_priority(cfg, table["n1"]) == 100
+    assert row_priority(cfg, table["teacher"]) == row_priority(cfg, table["init-4step"]) == 0

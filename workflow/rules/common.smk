@@ -6,12 +6,15 @@ from rapm.plan import (
     final_targets,
     protocol_key,
     row_file,
+    row_priority,
     rows,
     stage_keys,
     student_config,
     trajectory_store_key,
     trained_variants,
+    training_priority,
     trajectory_stores,
+    upstream_priority,
     variant_config,
     variant_msd,
     variant_names,
@@ -42,6 +45,9 @@ except ConfigError as err:
     raise WorkflowError(str(err))
 
 SHARDS = config["sampling"]["shards"]
+# Job priorities (rapm.plan.training_priority): the jobs every training waits for first, then the
+# longest training, and the jobs that need a training's weights as soon as they exist.
+UPSTREAM_PRIORITY = upstream_priority(config)
 
 
 wildcard_constraints:
@@ -116,6 +122,14 @@ def get_trajectory_shards(wildcards):
 def get_row_inputs(wildcards):
     """A student row's LoRA (MSD: router and students) trained by this workflow, so retraining resamples it."""
     return ROWS[wildcards.row].workflow_inputs()
+
+
+def get_training_priority(wildcards):
+    return training_priority(config, wildcards.variant)
+
+
+def get_row_priority(wildcards):
+    return row_priority(config, ROWS[wildcards.row])
 
 
 def get_msd(wildcards):

@@ -7,6 +7,7 @@ rule stage_config:
         "results/config/{stage}.yaml",
     log:
         "logs/config/{stage}.log",
+    priority: UPSTREAM_PRIORITY
     localrule: True
     params:
         values=get_stage_config,
@@ -23,6 +24,7 @@ rule named_config:
         "logs/config/{kind}/{name}.log",
     wildcard_constraints:
         kind="variants|students|trajectories|rows",
+    priority: UPSTREAM_PRIORITY
     localrule: True
     params:
         values=get_named_config,

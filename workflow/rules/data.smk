@@ -12,6 +12,7 @@ rule fetch_coco_captions:
         "logs/data/fetch_coco_captions.log",
     benchmark:
         "logs/benchmarks/data/fetch_coco_captions.tsv"
+    priority: UPSTREAM_PRIORITY
     localrule: True  # on a cluster it runs on the login node: compute nodes often have no internet
     conda:
         "../../environment.yml"
@@ -36,6 +37,7 @@ rule make_toy_captions:
         "logs/data/make_toy_captions.log",
     benchmark:
         "logs/benchmarks/data/make_toy_captions.tsv"
+    priority: UPSTREAM_PRIORITY
     conda:
         "../../environment.yml"
     params:
@@ -65,6 +67,7 @@ rule make_prompt_sets:
         "logs/prompts/make_prompt_sets.log",
     benchmark:
         "logs/benchmarks/prompts/make_prompt_sets.tsv"
+    priority: UPSTREAM_PRIORITY
     conda:
         "../../environment.yml"
     params:

@@ -15,6 +15,7 @@ rule sample_images:
         "logs/samples/{row}/shard-{shard}-of-{shards}.log",
     benchmark:
         "logs/benchmarks/samples/{row}/shard-{shard}-of-{shards}.tsv"
+    priority: get_row_priority
     conda:
         "../../environment.yml"
     threads: 2
@@ -65,6 +66,7 @@ rule evaluate:
         "logs/eval/{row}.log",
     benchmark:
         "logs/benchmarks/eval/{row}.tsv"
+    priority: get_row_priority
     conda:
         "../../environment.yml"
     threads: 2

@@ -106,6 +106,7 @@ rule curve:
         "logs/figures/curves/{variant}.log",
     benchmark:
         "logs/benchmarks/figures/curves/{variant}.tsv"
+    priority: get_training_priority
     conda:
         "../../environment.yml"
     threads: 2

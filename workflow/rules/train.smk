@@ -23,6 +23,7 @@ rule train_rapm:
         "logs/train/{variant}.log",
     benchmark:
         "logs/benchmarks/train/{variant}.tsv"
+    priority: get_training_priority
     conda:
         "../../environment.yml"
     threads: 2
@@ -66,6 +67,7 @@ rule msd_partition:
         "logs/train/{variant}/partition.log",
     benchmark:
         "logs/benchmarks/train/{variant}/partition.tsv"
+    priority: get_training_priority
     conda:
         "../../environment.yml"
     params:
@@ -96,6 +98,7 @@ rule train_msd_student:
         "logs/benchmarks/train/{variant}/students/{k}.tsv"
     wildcard_constraints:
         k=r"\d+",
+    priority: get_training_priority
     conda:
         "../../environment.yml"
     threads: 2

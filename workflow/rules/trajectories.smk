@@ -17,6 +17,7 @@ rule init_trajectories:
         "logs/trajectories/{key}/init.log",
     benchmark:
         "logs/benchmarks/trajectories/{key}/init.tsv"
+    priority: UPSTREAM_PRIORITY
     conda:
         "../../environment.yml"
     params:
@@ -37,6 +38,7 @@ rule precompute_trajectories:
         "logs/trajectories/{key}/shards/{shard}-of-{shards}.log",
     benchmark:
         "logs/benchmarks/trajectories/{key}/shards/{shard}-of-{shards}.tsv"
+    priority: UPSTREAM_PRIORITY
     conda:
         "../../environment.yml"
     threads: 2
@@ -60,6 +62,7 @@ rule gather_trajectories:
         "logs/trajectories/{key}/gather.log",
     benchmark:
         "logs/benchmarks/trajectories/{key}/gather.tsv"
+    priority: UPSTREAM_PRIORITY
     conda:
         "../../environment.yml"
     params:
