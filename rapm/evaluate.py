@@ -97,11 +97,16 @@ def evaluate_row(
     prompts_csv: str | Path,
     out: str | Path,
     teacher_manifests: list[str | Path] | None = None,
+    *,
+    teacher_stats: str | Path | None = None,
+    stats_out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of one row's images; writes ``out`` (JSON, validated against the metrics schema).
 
     ``teacher_manifests``: the teacher row's images, for the same-noise distance and the Fréchet
-    distance to the teacher's samples (None for the teacher row itself)."""
+    distance to the teacher's samples (None for the teacher row itself). ``stats_out``: where to write
+    the Gaussian statistics of the row's features at the first resolution (:func:`write_fd_stats`);
+    ``teacher_stats``: the teacher row's, read instead of encoding the teacher's images again."""
     from rapm.io import write_json
     from rapm.metrics import clip_score, load_clip
 
@@ -110,20 +115,22 @@ def evaluate_row(
     ecfg = cfg["evaluation"]
     images, table = _row_images(cfg, row, manifests, prompts_csv)
     protocol = Protocol.from_config(cfg)
-    extract = protocol.extractor()
+    clip = load_clip(ecfg["clip"]["model"], ecfg["clip"]["pretrained"])
+    extract = protocol.extractor(clip)
     resamples = int(ecfg.get("bootstrap", 0) or 0)
     idx = bootstrap_indices(len(images), resamples) if resamples else None
     replicates: dict[str, np.ndarray] = {}  # same image indices for every row: differences are paired
     fids, feats_first = _fids(ecfg, reference, images, extract, idx, replicates)
-    clip = load_clip(ecfg["clip"]["model"], ecfg["clip"]["pretrained"])
+    if stats_out is not None:
+        write_fd_stats(stats_out, ecfg, feats_first)
     captions = list(table["caption"])
-    result = _record(
-        cfg, row, prompts_csv, len(images), fids, clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"])
-    )
+    score = clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"], image_embeddings=feats_first)
+    result = _record(cfg, row, prompts_csv, len(images), fids, score)
     result["accuracy"] = _reader_accuracy(protocol, images, captions, idx, replicates)
     if teacher_manifests:
+        t_stats = read_fd_stats(teacher_stats, ecfg) if teacher_stats else None
         result["teacher_distance"] = _teacher_distance(
-            row, ecfg, teacher_manifests, images, captions, extract, feats_first, idx, replicates
+            row, ecfg, teacher_manifests, images, captions, extract, feats_first, idx, replicates, t_stats
         )
     if idx is not None:
         result["intervals"], result["bootstrap_replicates"] = _intervals(result, fids, replicates, resamples)
@@ -217,11 +224,39 @@ def _reader_accuracy(protocol: Protocol, images: np.ndarray, captions: list[str]
     return score_means(scores)
 
 
+def write_fd_stats(path: str | Path, ecfg: Mapping[str, Any], feats: np.ndarray) -> None:
+    """The mean and covariance (float64) of a row's features at the first protocol resolution, with the protocol."""
+    from rapm.io import atomic_path
+
+    mu, sigma = gaussian_stats(feats)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, protocol=np.array(json.dumps(reference_protocol(ecfg), sort_keys=True)))
+
+
+def read_fd_stats(path: str | Path, ecfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` written by :func:`write_fd_stats`, refused when of another protocol."""
+    with np.load(path, allow_pickle=False) as f:
+        if str(f["protocol"]) != json.dumps(reference_protocol(ecfg), sort_keys=True):
+            raise MetricsError(f"{path}: feature statistics of another protocol; evaluate the teacher row again")
+        return f["mu"], f["sigma"]
+
+
 def _teacher_distance(
-    row: Row, ecfg: Mapping[str, Any], teacher_manifests, images, captions, extract, feats_first, idx, replicates: dict
+    row: Row,
+    ecfg: Mapping[str, Any],
+    teacher_manifests,
+    images,
+    captions,
+    extract,
+    feats_first,
+    idx,
+    replicates: dict,
+    t_stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Same-noise pixel RMSE to the teacher row's images and the Fréchet distance to their features (first
-    protocol resolution); adds the bootstrap replicates ``teacher_rmse``, ``teacher_fd`` to ``replicates``."""
+    protocol resolution; ``t_stats``: their statistics, else computed here); adds the bootstrap replicates
+    ``teacher_rmse``, ``teacher_fd`` to ``replicates``."""
     from rapm.manifests import read_row_images
 
     t_images, t_table = read_row_images(teacher_manifests)
@@ -232,7 +267,7 @@ def _teacher_distance(
         )
     rmse = pixel_rmse(images, t_images)
     res0 = int(ecfg["fid"]["resolutions"][0])
-    t_mu, t_sigma = gaussian_stats(extract(resize_all(t_images, res0)))
+    t_mu, t_sigma = t_stats if t_stats is not None else gaussian_stats(extract(resize_all(t_images, res0)))
     distance = {
         "rmse": float(rmse.mean()),
         "fd": frechet_distance(*gaussian_stats(feats_first), t_mu, t_sigma),
@@ -320,9 +355,17 @@ def arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="the teacher row's shard manifests (same noise): distance to the teacher's images",
     )
+    p.add_argument(
+        "--teacher-stats",
+        nargs="?",
+        default=None,
+        const=None,
+        help="the teacher row's feature statistics (.npz, its --stats-out); none: encode its images",
+    )
     p.add_argument("--reference", required=True, help="reference statistics (.npz) of the protocol")
     p.add_argument("--prompts", required=True, help="eval.csv of the data stage")
     p.add_argument("--out", required=True, help="metrics JSON to write")
+    p.add_argument("--stats-out", default=None, help="write the row's feature statistics (.npz) here")
     add_threads_arg(p)
 
 
@@ -341,5 +384,7 @@ def command(args: argparse.Namespace) -> int:
         args.prompts,
         args.out,
         teacher_manifests=args.teacher_manifests or None,
+        teacher_stats=args.teacher_stats,
+        stats_out=args.stats_out,
     )
     return 0

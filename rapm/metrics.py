@@ -102,13 +102,19 @@ def inception_path(weights: str | None) -> Path:
 
 
 def feature_extractor(
-    name: str, *, device: str | torch.device = "cpu", inception_weights: str | None = None, batch_size: int = 64
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    inception_weights: str | None = None,
+    batch_size: int = 64,
+    model: torch.nn.Module | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """``f(uint8 images (N, H, W, 3)) -> float64 (N, D)`` for ``inception`` or ``toyclip``."""
+    """``f(uint8 images (N, H, W, 3)) -> float64 (N, D)`` for ``inception`` or ``toyclip``
+    (``model``: the shipped toy CLIP, already loaded; None loads it)."""
     if name == "toyclip":
         from rapm.toy.clipmodel import image_features, load_toy_clip
 
-        model = load_toy_clip(device)[0]
+        model = model if model is not None else load_toy_clip(device)[0]
         return lambda images: image_features(images, model)
     if name == "inception":
         from cleanfid.inception_torchscript import InceptionV3W
@@ -156,22 +162,53 @@ def load_clip(model: str, pretrained: str | None, device: str | torch.device = "
 
 
 @torch.no_grad()
-def clip_score(images: np.ndarray, captions: Sequence[str], clip, *, prefix: str = "", batch_size: int = 64) -> float:
-    """100 × mean cosine similarity of image i and ``prefix + caption i`` (``clip`` from :func:`load_clip`)."""
+def clip_score(
+    images: np.ndarray,
+    captions: Sequence[str],
+    clip,
+    *,
+    prefix: str = "",
+    batch_size: int = 64,
+    image_embeddings: np.ndarray | None = None,
+) -> float:
+    """100 × mean cosine similarity of image i and ``prefix + caption i`` (``clip`` from :func:`load_clip`).
+
+    ``image_embeddings``: the images' normalised embeddings by this CLIP, if already computed (the toy's
+    FD features are); used only where the first and the last batch equal a fresh encoding bit for bit,
+    otherwise every image is encoded here."""
     from PIL import Image
 
     model, preprocess, tokenizer = clip
     if len(images) != len(captions):
         raise MetricsError(f"clip_score: {len(images)} images but {len(captions)} captions")
     device = next(model.parameters()).device
+
+    def encode(start: int) -> torch.Tensor:
+        ims = torch.stack([preprocess(Image.fromarray(im)) for im in images[start : start + batch_size]]).to(device)
+        return model.encode_image(ims, normalize=True).float()
+
+    given = _checked_embeddings(image_embeddings, len(images), batch_size, encode)
     sims = []
     for start in range(0, len(images), batch_size):
-        ims = torch.stack([preprocess(Image.fromarray(im)) for im in images[start : start + batch_size]]).to(device)
         txt = tokenizer([prefix + c for c in captions[start : start + batch_size]]).to(device)
-        a = model.encode_image(ims, normalize=True).float()
+        a = given[start : start + batch_size].to(device) if given is not None else encode(start)
         b = model.encode_text(txt, normalize=True).float()
         sims.append((a * b).sum(dim=1).cpu())
     return float(100.0 * torch.cat(sims).mean())
+
+
+def _checked_embeddings(embeddings: np.ndarray | None, n: int, batch_size: int, encode) -> torch.Tensor | None:
+    """``embeddings`` as float32 when they are what ``encode`` gives for the first and the last batch, else None."""
+    if embeddings is None or n == 0 or len(embeddings) != n:
+        return None
+    given = torch.from_numpy(np.asarray(embeddings)).float()
+    for start in sorted({0, (n - 1) // batch_size * batch_size}):
+        fresh = encode(start).cpu()
+        if fresh.shape != given[start : start + batch_size].shape or not torch.equal(
+            fresh, given[start : start + batch_size]
+        ):
+            return None
+    return given
 
 
 def reference_protocol(eval_cfg: Mapping) -> dict:

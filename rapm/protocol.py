@@ -41,6 +41,8 @@ class Protocol:
     render_size: int | None  # data.toy.image_size on the toy profile
     images_dir: str | None  # evaluation.reference.images_dir
     reader_accuracy: bool  # the attribute reader scores prompt following
+    clip_model: str | None = None  # evaluation.clip.model
+    clip_pretrained: str | None = None  # evaluation.clip.pretrained
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Protocol:
@@ -55,17 +57,25 @@ class Protocol:
             render_size=None if size is None else int(size),
             images_dir=ecfg["reference"]["images_dir"],
             reader_accuracy=toy and bool(ecfg["reader_accuracy"]),
+            clip_model=ecfg["clip"]["model"],
+            clip_pretrained=ecfg["clip"]["pretrained"],
         )
 
     @property
     def fd_label(self) -> str:
         return fd_label(self.features)
 
-    def extractor(self):
-        """The feature extractor of the Fréchet distance (:func:`rapm.metrics.feature_extractor`)."""
-        from rapm.metrics import feature_extractor
+    def extractor(self, clip: tuple | None = None):
+        """The feature extractor of the Fréchet distance (:func:`rapm.metrics.feature_extractor`).
 
-        return feature_extractor(self.features, inception_weights=self.inception_weights)
+        ``clip``: the CLIP-score model already loaded (:func:`rapm.metrics.load_clip`); where the FD
+        features are that model's image embeddings (toy CLIP features, CLIP score by the shipped toy
+        CLIP) it is used instead of loading the same weights a second time."""
+        from rapm.metrics import TOY_CLIP, feature_extractor
+
+        shared = self.features == "toyclip" and (self.clip_model, self.clip_pretrained) == (TOY_CLIP, None)
+        model = clip[0] if clip is not None and shared else None
+        return feature_extractor(self.features, inception_weights=self.inception_weights, model=model)
 
     def reference_images(self, prompts: pd.DataFrame) -> np.ndarray:
         """uint8 (n, H, W, 3) reference images of the evaluation prompts (native size; resized later)."""

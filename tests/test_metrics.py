@@ -106,3 +106,18 @@ def test_toy_features_separate_real_from_shuffled_colours(toy_renders):
     a, b = M.gaussian_stats(extract(images[:20])), M.gaussian_stats(extract(images[20:]))
     shuffled = M.gaussian_stats(extract(images[20:, :, :, ::-1].copy()))  # RGB -> BGR: other colours
     assert M.frechet_distance(*a, *b) < M.frechet_distance(*a, *shuffled)
+
+
+def test_clip_score_takes_the_fd_features_when_they_are_its_embeddings(toy_renders):
+    """The toy's FD features are the shipped toy CLIP's image embeddings: given to clip_score they give
+    the same score bit for bit; embeddings that are not this CLIP's are checked and not used."""
+    images, captions = toy_renders
+    clip = M.load_clip(M.TOY_CLIP, None)
+    feats = M.feature_extractor("toyclip", model=clip[0])(images)
+    score = M.clip_score(images, captions, clip, batch_size=16)
+    assert M.clip_score(images, captions, clip, batch_size=16, image_embeddings=feats) == score
+    wrong = feats.copy()
+    wrong[-1] = wrong[0]  # the last batch differs from a fresh encoding
+    assert M.clip_score(images, captions, clip, batch_size=16, image_embeddings=wrong) == score
+    assert M.clip_score(images, captions, clip, batch_size=16, image_embeddings=feats[:, :7]) == score
+    assert M.clip_score(images, captions, clip, batch_size=16, image_embeddings=np.zeros_like(feats)) == score

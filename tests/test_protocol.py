@@ -67,3 +67,17 @@ def test_sd_protocol_uses_inception_and_coco_images(tmp_path):
 
 def test_fd_label():
     assert fd_label("inception") == "FID" and fd_label("toyclip") == "FD (toy CLIP features)"
+
+
+def test_the_toy_fd_features_reuse_the_loaded_clip_model():
+    """FD features by the shipped toy CLIP, CLIP score by the same weights: one model, loaded once."""
+    from rapm.metrics import load_clip
+
+    p = protocol("config.yaml")
+    clip = load_clip(p.clip_model, p.clip_pretrained)
+    images = p.reference_images(pd.DataFrame({"caption": CAPTIONS, "image_id": [0, 1]}))
+    shared, fresh = p.extractor(clip)(images), p.extractor()(images)
+    assert np.array_equal(shared, fresh)
+    clip[0].visual.proj.data = clip[0].visual.proj.data.flip(1)  # the extractor computes with the model it was given
+    assert not np.allclose(p.extractor(clip)(images), fresh) and np.array_equal(p.extractor()(images), fresh)
+    assert np.allclose(p.extractor(load_clip(p.clip_model, p.clip_pretrained))(images), fresh)

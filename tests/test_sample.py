@@ -215,3 +215,37 @@ def test_distance_to_the_teacher_from_the_same_noise_and_bootstrap_intervals(toy
         other = d / "reversed.csv"
         table.assign(caption=table["caption"][::-1].values).to_csv(other, index=False)
         evaluate_row(cfg, row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "c.json", teacher_manifests=[other])
+
+
+def test_the_teacher_rows_feature_statistics_replace_encoding_its_images(toy_rows, tmp_path):
+    """The teacher's evaluate job writes the statistics of its features (--stats-out); every other row
+    reads them for its FD to the teacher and gets the same metrics, bit for bit; statistics of another
+    protocol are refused."""
+    from rapm.evaluate import compute_reference_stats, evaluate_row, read_fd_stats
+
+    d, csv = toy_rows
+    cfg = _toy_cfg()
+    cfg["evaluation"]["bootstrap"] = 20
+    compute_reference_stats(cfg, csv, tmp_path / "ref.npz")
+    teacher = {"name": "teacher", "kind": "teacher", "steps": 2, "guidance": 3.0, "lora": None}
+    evaluate_row(
+        cfg, teacher, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "t.json", stats_out=tmp_path / "t.npz"
+    )
+    mu, sigma = read_fd_stats(tmp_path / "t.npz", cfg["evaluation"])
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (len(mu), len(mu))
+    row = {"name": "x", "kind": "student", "steps": 1, "guidance": 1.0, "lora": None, "init": "init-1step"}
+    common = (cfg, row, [d / "m.csv"], tmp_path / "ref.npz", csv)
+    encoded = evaluate_row(*common, tmp_path / "a.json", teacher_manifests=[d / "m.csv"])
+    read = evaluate_row(*common, tmp_path / "b.json", teacher_manifests=[d / "m.csv"], teacher_stats=tmp_path / "t.npz")
+    encoded.pop("wall_time_s"), read.pop("wall_time_s")
+    assert read == encoded and read["teacher_distance"]["fd"] == pytest.approx(0.0, abs=1e-3)
+    # the statistics really are used: a teacher of other statistics gives another FD
+    np.savez(tmp_path / "shifted.npz", mu=mu + 1.0, sigma=sigma, protocol=np.load(tmp_path / "t.npz")["protocol"])
+    moved = evaluate_row(
+        *common, tmp_path / "c.json", teacher_manifests=[d / "m.csv"], teacher_stats=tmp_path / "shifted.npz"
+    )
+    assert moved["teacher_distance"]["fd"] > read["teacher_distance"]["fd"] + 1.0
+    other = _toy_cfg()
+    other["evaluation"]["fid"]["resolutions"] = [16]
+    with pytest.raises(Exception, match="another protocol"):
+        read_fd_stats(tmp_path / "t.npz", other["evaluation"])

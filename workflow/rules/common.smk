@@ -150,6 +150,11 @@ def get_teacher_manifests(wildcards):
     return [f"results/samples/teacher/shard-{s}-of-{SHARDS}.csv" for s in range(SHARDS)]
 
 
+def get_teacher_stats(wildcards):
+    """The teacher row's feature statistics (its evaluate job's), for every other row's FD to the teacher."""
+    return [] if wildcards.row == "teacher" else ["results/eval/teacher/fd_stats.npz"]
+
+
 def get_reference_stats(wildcards):
     return f"results/eval/reference/{protocol_key(config)}.npz"
 

@@ -51,17 +51,20 @@ rule reference_stats:
 
 
 # FID, CLIP score, the distance to the teacher's images from the same noise (and the toy's
-# prompt-following accuracy) of one row, with bootstrap intervals over images.
+# prompt-following accuracy) of one row, with bootstrap intervals over images; fd_stats.npz: the
+# mean and covariance of the row's features (the teacher's serve every other row's FD to the teacher).
 rule evaluate:
     input:
         config="results/config/evaluation.yaml",
         row="results/config/rows/{row}.yaml",
         manifests=get_row_manifests,
         teacher=get_teacher_manifests,
+        teacher_stats=get_teacher_stats,
         reference=get_reference_stats,
         prompts="results/prompts/eval.csv",
     output:
         metrics="results/eval/{row}/metrics.json",
+        stats="results/eval/{row}/fd_stats.npz",
     log:
         "logs/eval/{row}.log",
     benchmark:
@@ -74,6 +77,6 @@ rule evaluate:
         gpu=1,
     shell:
         "python -m rapm --log {log} evaluate --config {input.config} --row {input.row} --manifests {input.manifests}"
-        " --teacher-manifests {input.teacher} --reference {input.reference}"
-        " --prompts {input.prompts} --out {output.metrics}"
+        " --teacher-manifests {input.teacher} --teacher-stats {input.teacher_stats} --reference {input.reference}"
+        " --prompts {input.prompts} --out {output.metrics} --stats-out {output.stats}"
         " --threads {threads}"
