@@ -53,22 +53,45 @@ def use_merged(setting: bool | str, unet: nn.Module, *, checkpointing: bool = Fa
 
 
 def _merge_parts(unet: nn.Module) -> list[tuple]:
-    """(peft layer, base layer, teacher weight, lora_A, lora_B, scale) per adapted layer, cached like
-    :func:`_peft_layers` (the same objects for the UNet's life: optimisers update them in place)."""
+    """(peft layer, base layer, teacher weight, lora_A, lora_B, scale, W, A, B as 2-D views) per adapted
+    layer, cached like :func:`_peft_layers` (optimisers update the parameters in place, so the views stay
+    theirs; rebuilt when a parameter's storage was replaced)."""
     layers = _peft_layers(unet)
     cached = unet.__dict__.get("_rapm_merge_parts")
-    if cached is None or cached[0] is not layers:
-        parts = []
+    if (
+        cached is not None
+        and cached[0] is layers
+        and all(t2.data_ptr() == t.data_ptr() for part in cached[1] for t, t2 in zip(part[2:5], part[6:9]))
+    ):
+        return cached[1]
+    parts = []
+    with torch.no_grad():
         for m in layers:
             base = m.get_base_layer()
             if getattr(base, "groups", 1) != 1:
                 raise ValueError(f"merged_student: {type(base).__name__} with groups={base.groups} is not supported")
-            parts.append(
-                (m, base, base.weight, m.lora_A[STUDENT].weight, m.lora_B[STUDENT].weight, float(m.scaling[STUDENT]))
-            )
-        cached = (layers, parts)
-        unet.__dict__["_rapm_merge_parts"] = cached
-    return cached[1]
+            w, a, b = base.weight, m.lora_A[STUDENT].weight, m.lora_B[STUDENT].weight
+            flat = [t.view(t.shape[0], -1) for t in (w, a, b)]
+            parts.append((m, base, w, a, b, float(m.scaling[STUDENT]), *flat))
+    unet.__dict__["_rapm_merge_parts"] = (layers, parts)
+    unet.__dict__.pop("_rapm_merged_values", None)
+    return parts
+
+
+def _merged_values(unet: nn.Module, parts: list[tuple]) -> list[torch.Tensor]:
+    """W + s B A of every part (no graph), recomputed only when a LoRA weight changed since the last call
+    (the in-place version counters of W, A and B): the D step's roll-out and the G step of one update see the
+    same LoRA and get the same tensors, computed once. Every writer must bump the counters: in-place ops
+    and ``load_state_dict`` do; PyTorch's fused AdamW does not (:func:`rapm.objective.optimizers` adds a hook that does);
+    a write through ``.data`` is not seen."""
+    versions = tuple(t._version for part in parts for t in part[2:5])
+    cached = unet.__dict__.get("_rapm_merged_values")
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    with torch.no_grad():
+        values = [torch.addmm(w2, b2, a2, alpha=scale).view(w.shape) for _, _, w, _, _, scale, w2, a2, b2 in parts]
+    unet.__dict__["_rapm_merged_values"] = (versions, values)
+    return values
 
 
 @contextlib.contextmanager
@@ -76,7 +99,7 @@ def merged_student(unet: nn.Module) -> Iterator[nn.Module]:
     """Inside, each adapted layer computes with ONE merged weight W + s B A (s = alpha/r) instead of
     peft's extra branch: the same function (to float rounding), with the ops and Python of a bare UNet.
 
-    The merged weights are computed once on entry. Under grad each is a leaf that collects the
+    The merged weights are computed on entry, or reused while W, A and B are unchanged. Under grad each is a leaf that collects the
     gradient G of every student pass inside (several backward calls are fine); on a normal exit the
     LoRA gradients follow from it, dL/dB = s G Aᵀ and dL/dA = s Bᵀ G (accumulated into ``.grad``), so
     the optimiser step comes after the block. :func:`rapm.lora.teacher_mode` inside switches the base layers back
@@ -92,13 +115,10 @@ def merged_student(unet: nn.Module) -> Iterator[nn.Module]:
     if grad and any(getattr(m, "gradient_checkpointing", False) for m in _checkpointed_blocks(unet)):
         raise RuntimeError("merged_student cannot run with gradient checkpointing (train.lora.merged)")
     parts = _merge_parts(unet)
-    entries = []  # (base layer, teacher weight, merged leaf), the order of ``parts``
-    with torch.no_grad():
-        for _, base, weight, a, b, scale in parts:
-            merged = torch.addmm(
-                weight.view(weight.shape[0], -1), b.view(b.shape[0], -1), a.view(a.shape[0], -1), alpha=scale
-            ).view(weight.shape)
-            entries.append((base, weight, merged.requires_grad_(grad)))
+    # (base layer, teacher weight, merged leaf), the order of ``parts``; under grad each leaf is a new
+    # tensor object (its own .grad) over the shared values, which nothing writes to
+    values = _merged_values(unet, parts)
+    entries = [(p[1], p[2], v.detach().requires_grad_(True) if grad else v) for p, v in zip(parts, values)]
     flags = [m._disable_adapters for m in layers]
     for m in layers:
         m.__dict__["_disable_adapters"] = True
@@ -118,11 +138,10 @@ def merged_student(unet: nn.Module) -> Iterator[nn.Module]:
     if not grad:
         return
     with torch.no_grad():
-        for (_, _, _, a, b, scale), (_, _, leaf) in zip(parts, entries):
+        for (_, _, _, a, b, scale, _, a2, b2), (_, _, leaf) in zip(parts, entries):
             if leaf.grad is None:
                 continue
             g = leaf.grad.view(leaf.shape[0], -1).to(a.dtype)
-            a2, b2 = a.view(a.shape[0], -1), b.view(b.shape[0], -1)
             for param, value in ((b, (g @ a2.t()).view(b.shape)), (a, (b2.t() @ g).view(a.shape))):
                 if not param.requires_grad:
                     continue

@@ -233,7 +233,7 @@ class Trainer:
     def _clip_and_step(self, opt: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]], kind: str) -> float:
         params = [p for _, p in named]
         norm = torch.nn.utils.clip_grad_norm_(params, float(self.tcfg["optim"]["grad_clip"]))
-        opt.step()
+        opt.step()  # bumps the parameters' version counters (rapm.objective.optimizers)
         opt.zero_grad(set_to_none=True)
         self._check_weights(named, kind)
         return float(norm)

@@ -488,3 +488,65 @@ def test_kohya_export_matches_diffusers_converter_and_reloads_to_the_same_weight
         kohya_path.read_bytes()
         == (export_kohya(ours_path, tmp_path / "again.safetensors"), (tmp_path / "again.safetensors").read_bytes())[1]
     )
+
+
+def test_merged_weights_are_reused_only_while_the_lora_is_unchanged():
+    """W + sBA is computed once per LoRA state: a second pass on the same weights reuses the tensors, an
+    in-place change, a fused AdamW step (whose missing version bump the trainer adds) or a replaced
+    storage recompute them (rapm.objective.optimizers' hook adds the missing bump); the results equal a fresh merge."""
+    from torch.autograd.graph import increment_version
+
+    unet = _unet("toy")
+    add_student_lora(unet, LORA)
+    _randomize(unet)
+    z, t, kw = _inputs(unet)
+    layer = next(m for m in unet.modules() if hasattr(m, "lora_A"))
+
+    def merged_weight():
+        with torch.no_grad(), merged_student(unet):
+            return layer.get_base_layer().weight
+
+    first = merged_weight()
+    assert merged_weight() is first  # unchanged LoRA: the same tensor
+    with merged_student(unet):  # under grad: a new leaf over the same values, gradients still reach the LoRA
+        leaf = layer.get_base_layer().weight
+        assert leaf is not first and leaf.requires_grad and torch.equal(leaf, first)
+        unet(z, t, **kw).sample.square().mean().backward()
+    params = lora_parameters(unet)
+    assert all(p.grad is not None for p in params)
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    opt.step()
+    assert merged_weight() is first  # fused AdamW wrote without bumping the versions: stale ...
+    increment_version(params)  # ... hence the optimisers' hook
+    second = merged_weight()
+    from rapm.objective import optimizers
+
+    optim = {"student_lr": 0.1, "student_betas": [0.9, 0.999], "student_weight_decay": 0.0}
+    optim.update(disc_lr=0.1, disc_betas=[0.9, 0.999], disc_weight_decay=0.0)
+    opt_g, _ = optimizers(optim, params, [torch.nn.Parameter(torch.zeros(1))])
+    versions = [p._version for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt_g.step()
+    assert all(p._version > v for p, v in zip(params, versions))
+    assert merged_weight() is not second  # the hook's bump: recomputed after the step
+    second = merged_weight()
+    b = layer.lora_B[STUDENT].weight
+    expected = torch.addmm(
+        layer.get_base_layer().weight.view(len(b), -1),
+        b.view(len(b), -1),
+        layer.lora_A[STUDENT].weight.view(layer.lora_A[STUDENT].weight.shape[0], -1),
+        alpha=float(layer.scaling[STUDENT]),
+    ).view(first.shape)
+    assert second is not first and torch.equal(second, expected) and not torch.equal(second, first)
+    with torch.no_grad():
+        b.add_(1.0)  # an ordinary in-place write bumps the version itself
+    third = merged_weight()
+    assert not torch.equal(third, second)
+    for p in params:
+        p.data = p.data.clone()  # new storage: the cached views are rebuilt and follow it
+    fourth = merged_weight()
+    assert fourth is not third and torch.equal(fourth, third)
+    with torch.no_grad():
+        layer.lora_B[STUDENT].weight.add_(1.0)
+    assert not torch.equal(merged_weight(), fourth)
