@@ -78,11 +78,17 @@ def _merge_parts(unet: nn.Module) -> list[tuple]:
     return parts
 
 
+def bump_versions(opt: torch.optim.Optimizer, *_) -> None:
+    """Optimiser step post-hook: bump the version counters of its parameters, which PyTorch's fused AdamW
+    leaves unchanged when it writes them (:func:`_merged_values` reuses merged weights on them)."""
+    torch.autograd.graph.increment_version([p for group in opt.param_groups for p in group["params"]])
+
+
 def _merged_values(unet: nn.Module, parts: list[tuple]) -> list[torch.Tensor]:
     """W + s B A of every part (no graph), recomputed only when a LoRA weight changed since the last call
     (the in-place version counters of W, A and B): the D step's roll-out and the G step of one update see the
     same LoRA and get the same tensors, computed once. Every writer must bump the counters: in-place ops
-    and ``load_state_dict`` do; PyTorch's fused AdamW does not (:func:`rapm.objective.optimizers` adds a hook that does);
+    and ``load_state_dict`` do; PyTorch's fused AdamW does not (:func:`rapm.objective.optimizers` adds the hook :func:`bump_versions`);
     a write through ``.data`` is not seen."""
     versions = tuple(t._version for part in parts for t in part[2:5])
     cached = unet.__dict__.get("_rapm_merged_values")
