@@ -249,3 +249,79 @@ def test_the_teacher_rows_feature_statistics_replace_encoding_its_images(toy_row
     other["evaluation"]["fid"]["resolutions"] = [16]
     with pytest.raises(Exception, match="another protocol"):
         read_fd_stats(tmp_path / "t.npz", other["evaluation"])
+
+
+def _stand_in_inception(directory: Path) -> Path:
+    """A TorchScript module with clean-fid's Inception interface (``layers``: (B, 3, 299, 299) in [-1, 1] ->
+    2048 features; ``forward(x, return_features)``), saved under clean-fid's file name: the real
+    ``inception`` code path runs on it offline. Fixed weights: average colours of a 4 x 4 grid, mixed."""
+    import torch
+    from torch import nn
+
+    from rapm.metrics import INCEPTION_FILE
+
+    class Layers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(4)
+            self.proj = nn.Linear(48, 2048)
+
+        def forward(self, x):
+            return torch.tanh(self.proj(self.pool(x).flatten(1)))
+
+    class StandIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = Layers()
+
+        def forward(self, x, return_features: bool = False):
+            return self.layers((x - 128) / 128)
+
+    torch.manual_seed(0)
+    path = directory / INCEPTION_FILE
+    torch.jit.script(StandIn().eval()).save(str(path))
+    return path
+
+
+def test_the_inception_fid_path_runs_end_to_end_on_a_stand_in_network(toy_rows, tmp_path):
+    """SD profiles' protocol (Inception features, COCO-style reference images by file_name), with a
+    stand-in network in clean-fid's format: reference statistics at two resolutions, FID of a row whose
+    images are the references (0 at both), statistics that move with the images, refusal below min_images."""
+    import shutil
+
+    from PIL import Image
+
+    from rapm.evaluate import compute_reference_stats, evaluate_row
+    from rapm.metrics import MetricsError
+
+    d, csv = toy_rows
+    weights = _stand_in_inception(tmp_path)
+    refs, shifted = tmp_path / "coco", tmp_path / "shifted"
+    refs.mkdir(), shifted.mkdir()
+    table = pd.read_csv(d / "m.csv")
+    for i, f in enumerate(table["file"]):
+        shutil.copy(d / f, refs / f"x{i}.png")  # eval.csv's file_name column names them
+        img = np.asarray(Image.open(d / f)).astype(np.int16)
+        Image.fromarray(np.clip(img - 60, 0, 255).astype(np.uint8)).save(shifted / f"x{i}.png")
+
+    def cfg(images_dir, min_images=None):
+        c = _toy_cfg(min_images=min_images)
+        c["data"] = {"source": "coco"}
+        c["evaluation"]["fid"].update(features="inception", resolutions=[32, 64], inception_weights=str(weights))
+        c["evaluation"].update(reference={"images_dir": str(images_dir)}, reader_accuracy=False, bootstrap=0)
+        return c
+
+    info = compute_reference_stats(cfg(refs), csv, tmp_path / "ref.npz")
+    compute_reference_stats(cfg(shifted), csv, tmp_path / "shifted.npz")
+    assert info["images"] == 12 and info["resolutions"] == [32, 64]
+    with np.load(tmp_path / "ref.npz") as ref, np.load(tmp_path / "shifted.npz") as moved:
+        assert ref["mu_32"].shape == (2048,) and ref["sigma_64"].shape == (2048, 2048)
+        assert not np.allclose(ref["mu_32"], ref["mu_64"])  # each resolution its own features
+        assert np.abs(ref["mu_32"] - moved["mu_32"]).max() > 1e-2  # darker images, other features
+    row = {"name": "real", "kind": "teacher", "steps": 1, "guidance": 1.0, "lora": None}
+    result = evaluate_row(cfg(refs), row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m.json")
+    assert set(result["fid"]) == {"32", "64"} and result["accuracy"] is None
+    assert result["fid"]["32"] == pytest.approx(0.0, abs=1e-6) and result["fid"]["64"] == pytest.approx(0.0, abs=1e-6)
+    assert result["protocol"]["fid_features"] == "inception" and "Inception" in result["protocol"]["fid_code"]
+    with pytest.raises(MetricsError, match="12 images, the protocol asks for 13"):
+        evaluate_row(cfg(refs, 13), row, [d / "m.csv"], tmp_path / "ref.npz", csv, tmp_path / "m2.json")
