@@ -66,6 +66,28 @@ def fd_replicates(feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, 
     return np.array([frechet_distance(*gaussian_stats(feats[i]), mu_ref, sigma_ref) for i in idx])
 
 
+def save_feature_stats(path: str | Path, ecfg: Mapping[str, Any], stats: Mapping[Any, tuple]) -> None:
+    """``{resolution: (mu, sigma)}`` as ``mu_<res>``, ``sigma_<res>`` (float64) and the protocol they were
+    computed under (.npz, atomic): the reference statistics and each row's ``fd_stats.npz``."""
+    from rapm.io import atomic_path
+
+    arrays = {}
+    for res, (mu, sigma) in stats.items():
+        arrays[f"mu_{res}"], arrays[f"sigma_{res}"] = mu, sigma
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays, protocol=np.array(json.dumps(reference_protocol(ecfg), sort_keys=True)))
+
+
+def load_feature_stats(path: str | Path, ecfg: Mapping[str, Any], what: str, fix: str) -> dict[str, tuple]:
+    """``{resolution: (mu, sigma)}`` of :func:`save_feature_stats`, refused (naming ``what`` and ``fix``)
+    when computed under another protocol."""
+    with np.load(path, allow_pickle=False) as f:
+        if str(f["protocol"]) != json.dumps(reference_protocol(ecfg), sort_keys=True):
+            raise MetricsError(f"{path}: {what} of another protocol; {fix}")
+        return {k[3:]: (f[k], f[f"sigma_{k[3:]}"]) for k in f.files if k.startswith("mu_")}
+
+
 def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the reference statistics (``mu_<res>``, ``sigma_<res>`` per resolution) to ``out`` (.npz)."""
     t0 = time.time()
@@ -75,15 +97,8 @@ def compute_reference_stats(cfg: Mapping[str, Any], prompts_csv: str | Path, out
     protocol = Protocol.from_config(cfg)
     extract = protocol.extractor()
     images = protocol.reference_images(prompts)
-    arrays = {}
-    for res in fid["resolutions"]:
-        mu, sigma = gaussian_stats(extract(resize_all(images, int(res))))
-        arrays[f"mu_{res}"], arrays[f"sigma_{res}"] = mu, sigma
-    from rapm.io import atomic_path
-
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays, protocol=np.array(json.dumps(reference_protocol(cfg["evaluation"]), sort_keys=True)))
+    stats = {res: gaussian_stats(extract(resize_all(images, int(res)))) for res in fid["resolutions"]}
+    save_feature_stats(out, cfg["evaluation"], stats)
     info = {"images": len(images), "resolutions": list(fid["resolutions"]), "wall_time_s": round(time.time() - t0, 1)}
     log.info("reference statistics of %d images written to %s", len(images), out)
     return info
@@ -105,7 +120,7 @@ def evaluate_row(
 
     ``teacher_manifests``: the teacher row's images, for the same-noise distance and the Fréchet
     distance to the teacher's samples (None for the teacher row itself). ``stats_out``: where to write
-    the Gaussian statistics of the row's features at the first resolution (:func:`write_fd_stats`);
+    the Gaussian statistics of the row's features at the first resolution (:func:`save_feature_stats`);
     ``teacher_stats``: the teacher row's, read instead of encoding the teacher's images again."""
     from rapm.io import write_json
     from rapm.metrics import clip_score, load_clip
@@ -120,17 +135,17 @@ def evaluate_row(
     resamples = int(ecfg.get("bootstrap", 0) or 0)
     idx = bootstrap_indices(len(images), resamples) if resamples else None
     replicates: dict[str, np.ndarray] = {}  # same image indices for every row: differences are paired
-    fids, feats_first = _fids(ecfg, reference, images, extract, idx, replicates)
+    fids, first = _fids(ecfg, reference, images, extract, idx, replicates)  # first: (features, (mu, sigma))
     if stats_out is not None:
-        write_fd_stats(stats_out, ecfg, feats_first)
+        save_feature_stats(stats_out, ecfg, {ecfg["fid"]["resolutions"][0]: first[1]})
     captions = list(table["caption"])
-    score = clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"], image_embeddings=feats_first)
+    score = clip_score(images, captions, clip, prefix=ecfg["clip"]["prefix"], image_embeddings=first[0])
     result = _record(cfg, row, prompts_csv, len(images), fids, score)
     result["accuracy"] = _reader_accuracy(protocol, images, captions, idx, replicates)
     if teacher_manifests:
         t_stats = read_fd_stats(teacher_stats, ecfg) if teacher_stats else None
         result["teacher_distance"] = _teacher_distance(
-            row, ecfg, teacher_manifests, images, captions, extract, feats_first, idx, replicates, t_stats
+            row, ecfg, teacher_manifests, images, captions, extract, first, idx, replicates, t_stats
         )
     if idx is not None:
         result["intervals"], result["bootstrap_replicates"] = _intervals(result, fids, replicates, resamples)
@@ -194,21 +209,18 @@ def _row_images(cfg: Mapping[str, Any], row: Row, manifests: list[str | Path], p
 
 
 def _fids(ecfg: Mapping[str, Any], reference: str | Path, images: np.ndarray, extract, idx, replicates: dict):
-    """FID at every protocol resolution against the reference statistics, and the features at the first one;
-    adds the bootstrap replicates ``fid_<res>`` to ``replicates`` (when ``idx`` is given)."""
-    feats_first = None
-    with np.load(reference, allow_pickle=False) as ref:
-        if str(ref["protocol"]) != json.dumps(reference_protocol(ecfg), sort_keys=True):
-            raise MetricsError(f"{reference}: reference statistics of another protocol; delete it to recompute")
-        fids = {}
-        for res in ecfg["fid"]["resolutions"]:
-            feats = extract(resize_all(images, int(res)))
-            feats_first = feats if feats_first is None else feats_first
-            mu, sigma = gaussian_stats(feats)
-            fids[str(res)] = frechet_distance(mu, sigma, ref[f"mu_{res}"], ref[f"sigma_{res}"])
-            if idx is not None:
-                replicates[f"fid_{res}"] = fd_replicates(feats, ref[f"mu_{res}"], ref[f"sigma_{res}"], idx)
-    return fids, feats_first
+    """FID at every protocol resolution against the reference statistics, and ``(features, (mu, sigma))`` at
+    the first one; adds the bootstrap replicates ``fid_<res>`` to ``replicates`` (when ``idx`` is given)."""
+    ref = load_feature_stats(reference, ecfg, "reference statistics", "delete it to recompute")
+    fids, first = {}, None
+    for res in ecfg["fid"]["resolutions"]:
+        feats = extract(resize_all(images, int(res)))
+        stats = gaussian_stats(feats)
+        first = (feats, stats) if first is None else first
+        fids[str(res)] = frechet_distance(*stats, *ref[str(res)])
+        if idx is not None:
+            replicates[f"fid_{res}"] = fd_replicates(feats, *ref[str(res)], idx)
+    return fids, first
 
 
 def _reader_accuracy(protocol: Protocol, images: np.ndarray, captions: list[str], idx, replicates: dict):
@@ -224,22 +236,10 @@ def _reader_accuracy(protocol: Protocol, images: np.ndarray, captions: list[str]
     return score_means(scores)
 
 
-def write_fd_stats(path: str | Path, ecfg: Mapping[str, Any], feats: np.ndarray) -> None:
-    """The mean and covariance (float64) of a row's features at the first protocol resolution, with the protocol."""
-    from rapm.io import atomic_path
-
-    mu, sigma = gaussian_stats(feats)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, protocol=np.array(json.dumps(reference_protocol(ecfg), sort_keys=True)))
-
-
 def read_fd_stats(path: str | Path, ecfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` written by :func:`write_fd_stats`, refused when of another protocol."""
-    with np.load(path, allow_pickle=False) as f:
-        if str(f["protocol"]) != json.dumps(reference_protocol(ecfg), sort_keys=True):
-            raise MetricsError(f"{path}: feature statistics of another protocol; evaluate the teacher row again")
-        return f["mu"], f["sigma"]
+    """``(mu, sigma)`` of a row's ``fd_stats.npz`` (the first protocol resolution), refused when of another protocol."""
+    stats = load_feature_stats(path, ecfg, "feature statistics", "evaluate the teacher row again")
+    return stats[str(ecfg["fid"]["resolutions"][0])]
 
 
 def _teacher_distance(
@@ -249,14 +249,15 @@ def _teacher_distance(
     images,
     captions,
     extract,
-    feats_first,
+    first: tuple[np.ndarray, tuple],
     idx,
     replicates: dict,
     t_stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Same-noise pixel RMSE to the teacher row's images and the Fréchet distance to their features (first
-    protocol resolution; ``t_stats``: their statistics, else computed here); adds the bootstrap replicates
-    ``teacher_rmse``, ``teacher_fd`` to ``replicates``."""
+    protocol resolution; ``first``: the row's features there and their (mu, sigma); ``t_stats``: the
+    teacher's statistics, else computed here); adds the bootstrap replicates ``teacher_rmse``,
+    ``teacher_fd`` to ``replicates``."""
     from rapm.manifests import read_row_images
 
     t_images, t_table = read_row_images(teacher_manifests)
@@ -270,12 +271,12 @@ def _teacher_distance(
     t_mu, t_sigma = t_stats if t_stats is not None else gaussian_stats(extract(resize_all(t_images, res0)))
     distance = {
         "rmse": float(rmse.mean()),
-        "fd": frechet_distance(*gaussian_stats(feats_first), t_mu, t_sigma),
+        "fd": frechet_distance(*first[1], t_mu, t_sigma),
         "resolution": res0,
     }
     if idx is not None:
         replicates["teacher_rmse"] = rmse[idx].mean(axis=1)
-        replicates["teacher_fd"] = fd_replicates(feats_first, t_mu, t_sigma, idx)
+        replicates["teacher_fd"] = fd_replicates(first[0], t_mu, t_sigma, idx)
     return distance
 
 

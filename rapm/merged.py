@@ -88,8 +88,8 @@ def _merged_values(unet: nn.Module, parts: list[tuple]) -> list[torch.Tensor]:
     """W + s B A of every part (no graph), recomputed only when a LoRA weight changed since the last call
     (the in-place version counters of W, A and B): the D step's roll-out and the G step of one update see the
     same LoRA and get the same tensors, computed once. Every writer must bump the counters: in-place ops
-    and ``load_state_dict`` do; PyTorch's fused AdamW does not (:func:`rapm.objective.optimizers` adds the hook :func:`bump_versions`);
-    a write through ``.data`` is not seen."""
+    and ``load_state_dict`` do; PyTorch's fused AdamW does not (:func:`rapm.objective.optimizers` adds
+    the hook :func:`bump_versions`); a write through ``.data`` is not seen."""
     versions = tuple(t._version for part in parts for t in part[2:5])
     cached = unet.__dict__.get("_rapm_merged_values")
     if cached is not None and cached[0] == versions:
@@ -105,13 +105,13 @@ def merged_student(unet: nn.Module) -> Iterator[nn.Module]:
     """Inside, each adapted layer computes with ONE merged weight W + s B A (s = alpha/r) instead of
     peft's extra branch: the same function (to float rounding), with the ops and Python of a bare UNet.
 
-    The merged weights are computed on entry, or reused while W, A and B are unchanged. Under grad each is a leaf that collects the
-    gradient G of every student pass inside (several backward calls are fine); on a normal exit the
-    LoRA gradients follow from it, dL/dB = s G Aᵀ and dL/dA = s Bᵀ G (accumulated into ``.grad``), so
-    the optimiser step comes after the block. :func:`rapm.lora.teacher_mode` inside switches the base layers back
-    to the teacher's weights. Nested calls are no-ops; nothing is left changed on exit (the
-    parameters, their order, the adapter flags). Float32 UNets without gradient checkpointing only
-    (:func:`use_merged` decides).
+    The merged weights are computed on entry, or reused while W, A and B are unchanged. Under grad each
+    is a leaf that collects the gradient G of every student pass inside (several backward calls are
+    fine); on a normal exit the LoRA gradients follow from it, dL/dB = s G Aᵀ and dL/dA = s Bᵀ G
+    (accumulated into ``.grad``), so the optimiser step comes after the block.
+    :func:`rapm.lora.teacher_mode` inside switches the base layers back to the teacher's weights. Nested
+    calls are no-ops; nothing is left changed on exit (the parameters, their order, the adapter flags).
+    Float32 UNets without gradient checkpointing only (:func:`use_merged` decides).
     """
     layers = _peft_layers(unet)
     if not layers or unet.__dict__.get(_MERGED) is not None:

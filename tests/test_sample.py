@@ -221,7 +221,7 @@ def test_the_teacher_rows_feature_statistics_replace_encoding_its_images(toy_row
     """The teacher's evaluate job writes the statistics of its features (--stats-out); every other row
     reads them for its FD to the teacher and gets the same metrics, bit for bit; statistics of another
     protocol are refused."""
-    from rapm.evaluate import compute_reference_stats, evaluate_row, read_fd_stats
+    from rapm.evaluate import compute_reference_stats, evaluate_row, read_fd_stats, save_feature_stats
 
     d, csv = toy_rows
     cfg = _toy_cfg()
@@ -240,7 +240,7 @@ def test_the_teacher_rows_feature_statistics_replace_encoding_its_images(toy_row
     encoded.pop("wall_time_s"), read.pop("wall_time_s")
     assert read == encoded and read["teacher_distance"]["fd"] == pytest.approx(0.0, abs=1e-3)
     # the statistics really are used: a teacher of other statistics gives another FD
-    np.savez(tmp_path / "shifted.npz", mu=mu + 1.0, sigma=sigma, protocol=np.load(tmp_path / "t.npz")["protocol"])
+    save_feature_stats(tmp_path / "shifted.npz", cfg["evaluation"], {32: (mu + 1.0, sigma)})
     moved = evaluate_row(
         *common, tmp_path / "c.json", teacher_manifests=[d / "m.csv"], teacher_stats=tmp_path / "shifted.npz"
     )
