@@ -156,7 +156,10 @@ def copy_workflow(dest: Path) -> Path:
 def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     wd = copy_workflow(tmp_path)
     cfg = ".test/config/config.yaml"
-    snakemake("all", "--cores", "1", "--resources", "gpu=1", "--configfile", cfg, cwd=wd)
+    run = snakemake("all", "--cores", "1", "--resources", "gpu=1", "--configfile", cfg, cwd=wd)
+    # The profile prints each shell job's command, and nothing for the run: jobs (the config writers).
+    terminal = run.stdout + run.stderr
+    assert "Shell command: python -m rapm" in terminal and "Shell command: None" not in terminal
     train = (wd / "results/prompts/train.csv").read_text().splitlines()
     evals = (wd / "results/prompts/eval.csv").read_text().splitlines()
     assert len(train) == 64 + 1 and len(evals) == 100 + 1

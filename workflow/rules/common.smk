@@ -1,6 +1,8 @@
 # Helpers shared by all rules: config validation, stage configs, input functions, targets.
 import json
 
+from snakemake.logging import LogEvent, logger
+
 from rapm.config import ConfigError, apply_command_line, select_keys, validate
 from rapm.plan import (
     final_targets,
@@ -43,6 +45,15 @@ try:
     STORES = trajectory_stores(config, every=True)
 except ConfigError as err:
     raise WorkflowError(str(err))
+
+# printshellcmds shows each shell job's command; Snakemake also logs "Shell command: None" for every
+# run: job (the config writers), which is noise: drop exactly those records.
+logger.addFilter(
+    lambda record: not (
+        getattr(record, "event", None) == LogEvent.SHELLCMD
+        and getattr(record, "shellcmd", "") is None
+    )
+)
 
 SHARDS = config["sampling"]["shards"]
 # Job priorities (rapm.plan.training_priority): the jobs every training waits for first, then the
