@@ -65,7 +65,6 @@ def test_rows_cover_teachers_students_msd_and_external(cfg):
         "teacher-1step",
         "init-1step",
         "rapm",
-        "pure_adversarial",
         "broken",
         "n1",
         "pcm",
