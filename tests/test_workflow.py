@@ -160,6 +160,8 @@ def test_whole_dag_runs_end_to_end_and_caches(tmp_path):
     # The profile prints each shell job's command, and nothing for the run: jobs (the config writers).
     terminal = run.stdout + run.stderr
     assert "Shell command: python -m rapm" in terminal and "Shell command: None" not in terminal
+    config_logs = sorted((wd / "logs/config").rglob("*.log"))
+    assert config_logs and all(log.read_text().startswith("wrote results/config/") for log in config_logs)
     train = (wd / "results/prompts/train.csv").read_text().splitlines()
     evals = (wd / "results/prompts/eval.csv").read_text().splitlines()
     assert len(train) == 64 + 1 and len(evals) == 100 + 1
