@@ -94,7 +94,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "write a trained LoRA in the kohya-ss form (sd-scripts, AUTOMATIC1111, ComfyUI) beside diffusers' one",
     ),
     "loss-curves": ("rapm.losscurves", "", "loss terms against iteration of trained runs (one PNG)"),
-    "grid": ("rapm.images", "", "image grid: the same prompts and seeds across table rows (one line per row)"),
+    "grid": ("rapm.grid", "", "image grid: the same prompts and seeds across table rows (one line per row)"),
 }
 #: commands with sub-commands ("toy captions", "trajectories init", ...) and their help
 GROUPS = {

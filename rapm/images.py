@@ -1,8 +1,8 @@
-"""Image files the pipeline writes for people to look at: captioned sample grids."""
+"""Image files the pipeline writes for people to look at: captioned sample grids (drawn here; the
+``grid`` stage is :mod:`rapm.grid`, the validation grids :mod:`rapm.trainer`)."""
 
 from __future__ import annotations
 
-import argparse
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -71,30 +71,3 @@ def comparison_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
-
-
-# --- command line (registered in rapm.cli) --------------------------------------------------
-
-
-def arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``rapm grid`` (registered in :mod:`rapm.cli`)."""
-    p.add_argument("--manifests", nargs="+", required=True, help="shard manifests results/samples/<row>/shard-*.csv")
-    p.add_argument("--num", type=int, default=8, help="prompts (columns)")
-    p.add_argument("--out", required=True, help="the PNG to write")
-
-
-def command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from rapm.manifests import read_row_images
-
-    by_row: dict[str, list[str]] = {}
-    for m in args.manifests:  # results/samples/<row>/shard-*.csv
-        by_row.setdefault(Path(m).parent.name, []).append(m)
-    rows, captions = {}, None
-    for name, manifests in by_row.items():
-        images, table = read_row_images(manifests)
-        rows[name] = images[: args.num]
-        captions = list(table["caption"][: args.num])
-    comparison_grid(rows, captions, args.out)
-    return 0

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rapm.captions import load_captions
 from rapm.cliargs import add_config_args, stage_config
-from rapm.coco import load_captions
 from rapm.config import ConfigError
 from rapm.io import atomic_path, sha256_file
 
@@ -55,14 +55,14 @@ def select_prompts(
 ) -> pd.DataFrame:
     """Pick ``n`` distinct images and one caption of each, with ``rng``.
 
-    ``captions`` is a :func:`rapm.coco.load_captions` frame (sorted by image_id, caption_id).
+    ``captions`` is a :func:`rapm.captions.load_captions` frame (sorted by image_id, caption_id).
     ``key`` and ``source`` name the config key and the file in the error raised when ``n``
     exceeds the number of distinct images. Returns the chosen rows, in draw order, with a
     ``prompt_id`` column 0..n-1 first.
     """
     image_ids = captions["image_id"].to_numpy()
     if len(image_ids) and np.any(np.diff(image_ids) < 0):
-        raise ValueError("captions must be sorted by (image_id, caption_id); use rapm.coco.load_captions")
+        raise ValueError("captions must be sorted by (image_id, caption_id); use rapm.captions.load_captions")
     _, first_row, counts = np.unique(image_ids, return_index=True, return_counts=True)
     if n > len(counts):
         raise PromptSetError(

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rapm import coco, download
-from rapm.coco import CaptionsFormatError, FetchError, fetch_captions, load_captions
+from rapm import captions, coco, download
+from rapm.captions import CaptionsFormatError, load_captions
+from rapm.coco import FetchError, fetch_captions
 
 # --- fixtures ------------------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ def test_load_captions_sorts_normalises_and_is_silent(tmp_path, capsys):
 
 
 def test_load_captions_without_utf8_locale(tmp_path, monkeypatch):
-    monkeypatch.setattr(coco.locale, "getpreferredencoding", lambda do_setlocale=True: "ISO-8859-1")
+    monkeypatch.setattr(captions.locale, "getpreferredencoding", lambda do_setlocale=True: "ISO-8859-1")
     path = tmp_path / "c.json"
     write_json(
         path,
