@@ -138,6 +138,29 @@ def library_versions(libraries: Iterable[str] = LIBRARIES) -> dict[str, str]:
     return out
 
 
+#: CPU features whose presence changes which MKL / oneDNN kernels run, and so the last bits of a result
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "sve")
+
+
+def machine() -> dict[str, Any]:
+    """The processor a result was computed on: ``cpu`` (its model name), ``isa`` (which of :data:`ISA_FLAGS` it
+    has), ``torch_cpu_capability`` (the kernels torch dispatches to; only where torch is imported). Results are
+    bit-identical run to run on one kind of CPU, not across kinds (docs/findings.md)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    out = {"cpu": model, "isa": [f for f in ISA_FLAGS if f in flags]}
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch.backends, "cpu"):
+        out["torch_cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
+    return out
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -165,14 +188,15 @@ def write_summary(
     """Write a stage's summary to ``path`` (:func:`write_json`) and return it.
 
     The summary is ``fields`` plus, where ``fields`` does not set them already: ``stage``, the
-    :func:`resource_fields` of ``device`` and ``versions`` (:func:`library_versions` of
-    ``libraries``); ``sha256`` gains ``{file name: sha256}`` of each path in ``outputs``.
+    :func:`resource_fields` of ``device``, ``versions`` (:func:`library_versions` of
+    ``libraries``) and ``machine`` (:func:`machine`); ``sha256`` gains ``{file name: sha256}`` of each path in ``outputs``.
     """
     summary = {"stage": stage, **fields}
     for key, value in resource_fields(device).items():
         summary.setdefault(key, value)
     if "versions" not in summary:
         summary["versions"] = library_versions(libraries)
+    summary.setdefault("machine", machine())
     outputs = [Path(p) for p in outputs]
     if outputs:
         summary["sha256"] = {**summary.get("sha256", {}), **{p.name: sha256_file(p) for p in outputs}}

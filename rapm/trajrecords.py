@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from rapm.io import LIBRARIES, library_versions, resource_fields, sha256_file
+from rapm.io import LIBRARIES, library_versions, machine, resource_fields, sha256_file
 from rapm.schedule import trajectory_grids
 from rapm.shards import index_runs
 from rapm.store import FORMAT, FORMAT_VERSION, STORE_NAME, TrajectoryStoreError, jsonable, weights_sha256
@@ -99,6 +99,7 @@ def build_attrs(
             "state_dtype": "float32",
             "prompts": dict(prompt_hashes),
             "versions": library_versions(LIBRARIES),
+            "machine": machine(),
             "complete": False,
         }
     )
@@ -141,6 +142,7 @@ def shard_summary(
         **resource_fields(device),
         "teacher_weights_sha256": attrs["teacher"]["weights_sha256"],
         "versions": library_versions(LIBRARIES),
+        "machine": machine(),
     }
 
 
@@ -170,4 +172,5 @@ def gather_manifest(path: Path, group, report: Mapping, summaries: Sequence[Mapp
         "bytes_on_disk": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
         "shards": [{k: s.get(k) for k in SHARD_FIELDS} for s in summaries],
         "versions": attrs["versions"],
+        "machine": attrs.get("machine"),
     }

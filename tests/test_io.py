@@ -137,12 +137,24 @@ def test_library_versions_and_peak_rss():
     assert 10 < peak_rss_mb() < 1e6
 
 
+def test_machine_names_the_cpu_and_the_instruction_sets_that_pick_kernels(monkeypatch, tmp_path):
+    from rapm import io
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse avx2 avx512f amx_tile\n")
+    real_path = io.Path
+    monkeypatch.setattr(io, "Path", lambda p, *a: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p, *a))
+    m = io.machine()
+    assert m["cpu"] == "Test CPU 9000" and m["isa"] == ["avx2", "avx512f", "amx_tile"]
+    assert m["torch_cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
+
+
 def test_write_summary_adds_the_common_fields_and_keeps_the_stages_own(tmp_path):
     import hashlib
     import json
     import platform
 
-    from rapm.io import write_summary
+    from rapm.io import machine, write_summary
 
     out = tmp_path / "lora.safetensors"
     out.write_bytes(b"weights")
@@ -159,6 +171,7 @@ def test_write_summary_adds_the_common_fields_and_keeps_the_stages_own(tmp_path)
     assert summary["versions"] == {"python": platform.python_version(), "numpy": np.__version__}
     assert summary["sha256"] == {"x": "y", "lora.safetensors": hashlib.sha256(b"weights").hexdigest()}
     assert summary["peak_gpu_mb"] is None and 10 < summary["peak_rss_mb"] < 1e6
+    assert summary["machine"] == machine() and summary["machine"]["cpu"]
     kept = write_summary(tmp_path / "s2.json", "shard", {"peak_rss_mb": 1.5, "versions": {"zarr": "3"}})
     assert kept["peak_rss_mb"] == 1.5 and kept["versions"] == {"zarr": "3"}  # the stage's own values win
     assert "sha256" not in kept

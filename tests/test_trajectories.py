@@ -139,6 +139,7 @@ def test_store_layout_and_attributes(sd_store, sd_teacher, prompt_files):
     assert attrs["coarse_timesteps"] == [999, 749, 499, 249, 0] and attrs["delta_timesteps"] == [874, 624, 374, 124]
     assert attrs["prompts"]["manifest_sha256"] == hashlib.sha256(prompt_files[1].read_bytes()).hexdigest()
     assert {"torch", "diffusers", "transformers", "zarr", "numpy", "rapm"} <= set(attrs["versions"])
+    assert attrs["machine"]["cpu"] and manifest["machine"] == attrs["machine"]  # the CPU kind picks the last bits
     assert manifest["arrays"]["coarse"]["sha256"] == attrs["content_sha256"]["coarse"]
 
     # z̃_N is each trajectory's own seeded noise; the conditioning is the teacher's, bitwise.
