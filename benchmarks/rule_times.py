@@ -3,7 +3,6 @@
     python benchmarks/rule_times.py [--root .]
     python benchmarks/rule_times.py --timeline .snakemake/log/<run>.snakemake.log
 
-
 Each rule writes one TSV per job under ``logs/benchmarks/<stage>/...`` (mirroring ``results/``); the first
 path component after ``logs/benchmarks/`` names the stage. Prints, per stage folder: jobs, summed wall
 seconds (``s`` column), the longest job, and the share of the summed time. The sum over jobs is CPU

@@ -188,15 +188,16 @@ def write_summary(
     """Write a stage's summary to ``path`` (:func:`write_json`) and return it.
 
     The summary is ``fields`` plus, where ``fields`` does not set them already: ``stage``, the
-    :func:`resource_fields` of ``device``, ``versions`` (:func:`library_versions` of
-    ``libraries``) and ``machine`` (:func:`machine`); ``sha256`` gains ``{file name: sha256}`` of each path in ``outputs``.
+    :func:`resource_fields` of ``device``, ``versions`` (:func:`library_versions` of ``libraries``) and
+    ``machine`` (:func:`machine`); ``sha256`` gains ``{file name: sha256}`` of each path in ``outputs``.
     """
     summary = {"stage": stage, **fields}
     for key, value in resource_fields(device).items():
         summary.setdefault(key, value)
     if "versions" not in summary:
         summary["versions"] = library_versions(libraries)
-    summary.setdefault("machine", machine())
+    if "machine" not in summary:
+        summary["machine"] = machine()
     outputs = [Path(p) for p in outputs]
     if outputs:
         summary["sha256"] = {**summary.get("sha256", {}), **{p.name: sha256_file(p) for p in outputs}}

@@ -142,7 +142,6 @@ def shard_summary(
         **resource_fields(device),
         "teacher_weights_sha256": attrs["teacher"]["weights_sha256"],
         "versions": library_versions(LIBRARIES),
-        "machine": machine(),
     }
 
 
